@@ -1,0 +1,94 @@
+"""
+Rollout speed: our rollout.generate against transformers' generate, on the same random-weight model.
+
+    python bench.py                      # Qwen2.5-0.5B's shape, fp32, batch 8, 64-token prompts, 64 new tokens
+    python bench.py --layers 4 --new 16  # a quicker look
+
+Both sides sample (temperature 1, top-p 1) from the same weights; neither may stop early (no EOS can match),
+so both produce exactly batch * new tokens. The two are timed alternately, several rounds, and the median is
+reported. Besides tokens/s and their ratio, it prints how near our decode step is to the memory-bandwidth
+floor: every decode step must read every weight once, so a step can take no less than
+(weight bytes) / (copy bandwidth measured here).
+"""
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+import model as M
+import rollout as R
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--hidden", type=int, default=896)
+parser.add_argument("--layers", type=int, default=24)
+parser.add_argument("--heads", type=int, default=14)
+parser.add_argument("--kv-heads", type=int, default=2)
+parser.add_argument("--intermediate", type=int, default=4864)
+parser.add_argument("--vocab", type=int, default=151936)
+parser.add_argument("--batch", type=int, default=8)
+parser.add_argument("--prompt", type=int, default=64)
+parser.add_argument("--new", type=int, default=64)
+parser.add_argument("--rounds", type=int, default=3)
+args = parser.parse_args()
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def copy_bandwidth(nbytes=1 << 29):
+    """Bytes moved per second by a large tensor copy (it reads and writes each byte)."""
+    src, dst = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
+    dst.copy_(src)
+    return 2 * nbytes / min(timed(lambda: dst.copy_(src)) for _ in range(5))
+
+
+def main():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                      intermediate_size=args.intermediate, tie_word_embeddings=True)
+    with tempfile.TemporaryDirectory() as d:
+        Qwen2ForCausalLM(cfg).save_pretrained(d)
+        hf = Qwen2ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        ours = M.load_model(d, dtype=torch.float32, device="cpu")
+    n_params = M.num_params(ours)
+    prompts = torch.randint(0, args.vocab, (args.batch, args.prompt))
+    ids = prompts.tolist()
+    no_eos = args.vocab + 1                                   # an id no model can emit: nobody stops early
+
+    def run_ours(new):
+        R.generate(ours, ids, new, temperature=1.0, eos_token_id=no_eos, generator=torch.Generator().manual_seed(0))
+
+    def run_hf(new):
+        with torch.no_grad():
+            hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
+                        top_p=1.0, top_k=0, max_new_tokens=new, min_new_tokens=new, eos_token_id=None,
+                        pad_token_id=0)
+
+    run_ours(2), run_hf(2)                                    # warm-up
+    t_ours, t_hf, t_prefill = [], [], []
+    for _ in range(args.rounds):
+        t_ours.append(timed(lambda: run_ours(args.new)))
+        t_hf.append(timed(lambda: run_hf(args.new)))
+        t_prefill.append(timed(lambda: run_ours(1)))
+    ours_s, hf_s, prefill_s = map(statistics.median, (t_ours, t_hf, t_prefill))
+    tokens = args.batch * args.new
+    step_s = (ours_s - prefill_s) / (args.new - 1)            # one decode step of ours, prefill excluded
+    floor_s = n_params * 4 / copy_bandwidth()
+    print(f"model: {n_params / 1e6:.0f}M params, fp32, {torch.get_num_threads()} threads; batch {args.batch}, "
+          f"prompt {args.prompt}, new {args.new}, sampling")
+    print(f"ours         {tokens / ours_s:8.1f} tok/s  ({ours_s:.2f} s; prefill {prefill_s:.2f} s, "
+          f"decode step {step_s * 1e3:.0f} ms)")
+    print(f"transformers {tokens / hf_s:8.1f} tok/s  ({hf_s:.2f} s)")
+    print(f"ratio        {hf_s / ours_s:8.2f}x")
+    print(f"bandwidth floor per decode step {floor_s * 1e3:.0f} ms -> ours at {floor_s / step_s:.0%} of the floor")
+
+
+if __name__ == "__main__":
+    main()

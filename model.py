@@ -1,0 +1,380 @@
+"""
+Qwen2 / Qwen2.5 decoder, written out by hand, plus the value head PPO's critic needs.
+
+One file, read top to bottom:
+  1. Qwen2Config  - read from an HF checkpoint's config.json (both the released Qwen2.5 spelling,
+                    `rope_theta` / `torch_dtype`, and the transformers-5 spelling, `rope_parameters` / `dtype`).
+  2. the modules  - RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP, the decoder block.
+                    Their attribute names equal the checkpoint's tensor names (model.layers.0.self_attn.q_proj...),
+                    so loading is one strict `load_state_dict(..., assign=True)`: no renaming table.
+  3. Qwen2ForCausalLM (the policy, the reference) and Qwen2Critic (the same backbone + Linear(hidden, 1)).
+  4. load_model / save_model - safetensors in and out; the files we write load in transformers.
+
+Numerics follow transformers' Qwen2 exactly: RMSNorm in fp32, non-interleaved ("rotate_half") RoPE computed in
+fp32, biases on q/k/v only, torch's scaled_dot_product_attention. Deliberate simplifications: no sliding-window
+attention (Qwen2.5 ships with it switched off; we refuse configs that switch it on), no RoPE scaling, no dropout.
+
+Left padding: every forward may take `attention_mask` [B, S] (1 = real token, 0 = pad) covering the cached
+tokens plus the new ones. Positions are counted over real tokens only, so a left-padded prompt sees exactly the
+positions it would see alone.
+"""
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. config
+
+@dataclass
+class Qwen2Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    torch_dtype: str = "bfloat16"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    architecture: str = "Qwen2ForCausalLM"    # or "Qwen2Critic" for a saved value model
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "Qwen2Config":
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no config.json (is {path} a Hugging Face checkpoint folder?)")
+        try:
+            raw = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from None
+        archs = raw.get("architectures") or []
+        if raw.get("model_type") != "qwen2" or any(a not in ("Qwen2ForCausalLM", "Qwen2Critic") for a in archs):
+            raise ValueError(f"{file}: model_type={raw.get('model_type')!r}, architectures={archs}; "
+                             "only Qwen2ForCausalLM (model_type 'qwen2') is supported")
+        if raw.get("use_sliding_window"):
+            raise ValueError(f"{file}: use_sliding_window=true is not supported (Qwen2.5 ships with it off)")
+        if "head_dim" in raw and raw["head_dim"] != raw["hidden_size"] // raw["num_attention_heads"]:
+            raise ValueError(f"{file}: head_dim != hidden_size / num_attention_heads is not supported")
+        # transformers >= 5 writes rope_parameters={"rope_theta": ..., "rope_type": "default"} and "dtype";
+        # the released Qwen2.5 checkpoints write "rope_theta" and "torch_dtype".
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"{file}: rope scaling {rope} is not supported")
+        theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))  # 10000 is transformers' Qwen2 default
+        try:
+            return cls(
+                vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
+                intermediate_size=raw["intermediate_size"], num_hidden_layers=raw["num_hidden_layers"],
+                num_attention_heads=raw["num_attention_heads"],
+                num_key_value_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
+                rms_norm_eps=raw.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+                tie_word_embeddings=raw.get("tie_word_embeddings", False),
+                max_position_embeddings=raw.get("max_position_embeddings", 32768),
+                torch_dtype=raw.get("dtype") or raw.get("torch_dtype") or "bfloat16",
+                bos_token_id=raw.get("bos_token_id"), eos_token_id=raw.get("eos_token_id"),
+                architecture=archs[0] if archs else "Qwen2ForCausalLM")
+        except KeyError as e:
+            raise ValueError(f"{file}: missing field {e.args[0]!r}") from None
+
+    def to_json(self, architecture: str) -> dict:
+        """The Qwen2.5 release spelling, which both transformers 4 and 5 read."""
+        return {"architectures": [architecture], "model_type": "qwen2", "hidden_act": "silu",
+                "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+                "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+                "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+                "tie_word_embeddings": self.tie_word_embeddings,
+                "max_position_embeddings": self.max_position_embeddings, "torch_dtype": self.torch_dtype,
+                "use_sliding_window": False, "sliding_window": None, "attention_dropout": 0.0,
+                "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. the modules
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()  # the variance is computed in fp32 even for a bf16 model, as in the reference
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
+    """positions [B, T] (int) -> cos, sin [B, 1, T, head_dim], computed in fp32 then cast, as the reference."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    freqs = positions.float()[..., None] * inv_freq                # [B, T, head_dim/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]               # [B, 1, T, head_dim]: halves, not interleaved
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, H, T, D]; rotates the pair (x[i], x[i + D/2]) by the angle of position * inv_freq[i]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """A preallocated (static) cache: k, v [L, B, n_kv, max_len, head_dim]; `length` slots are filled.
+
+    Allocated once per rollout, so decoding never reallocates or concatenates: each step writes one slot."""
+
+    def __init__(self, config: Qwen2Config, batch: int, max_len: int, device, dtype):
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer: int, k, v):
+        """Write k, v [B, n_kv, T, D] after the filled slots; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # [B, H_kv, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)                                     # [B, H_kv, S, D]
+        # mask None means plain causal attention; for one new token and no padding, attend to everything
+        is_causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv != self.n_head)    # [B, H, T, D]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, kv_cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def positions_and_mask(attention_mask, T: int, past: int):
+    """attention_mask [B, S=past+T] (1 real, 0 pad) -> positions [B, T] and a bool mask [B, 1, T, S].
+
+    Positions count real tokens only (a left-padded row starts at 0 on its first real token). A query may see
+    a key that is real and not in its future. A pad query would see nothing, which makes softmax NaN and the
+    NaN leaks into real rows through later layers; so every query also sees itself (its output is ignored)."""
+    attention_mask = attention_mask.bool()
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]      # [B, T]
+    q_pos = torch.arange(past, past + T, device=attention_mask.device)[:, None]     # absolute query index
+    k_pos = torch.arange(past + T, device=attention_mask.device)[None, :]
+    mask = (k_pos <= q_pos)[None] & attention_mask[:, None, :]                    # causal & real key
+    mask = mask | (k_pos == q_pos)[None]                                          # ... or itself
+    return positions, mask[:, None]
+
+
+class Qwen2Model(nn.Module):
+    """The backbone: embeddings, decoder blocks, final norm. Returns hidden states [B, T, hidden]."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, attention_mask=None, kv_cache: KVCache | None = None):
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if attention_mask is None:          # no padding: positions past..past+T-1, plain causal attention
+            positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+            mask = None if past == 0 or T == 1 else positions_and_mask(
+                torch.ones(B, past + T, device=input_ids.device), T, past)[1]
+        else:
+            assert attention_mask.shape == (B, past + T), \
+                f"attention_mask {tuple(attention_mask.shape)} must cover cache + new tokens {(B, past + T)}"
+            positions, mask = positions_and_mask(attention_mask, T, past)
+        x = self.embed_tokens(input_ids)                                            # [B, T, hidden]
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. the policy and the critic
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, attention_mask=None, kv_cache=None, return_hidden=False):
+        """input_ids [B, T] -> logits [B, T, V] (and the final hidden states [B, T, hidden])."""
+        hidden = self.model(input_ids, attention_mask, kv_cache)
+        logits = self.lm_head(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+
+class Qwen2Critic(nn.Module):
+    """PPO's value model: the same backbone with Linear(hidden, 1) in place of the LM head (as OpenRLHF)."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.value_head = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, input_ids, attention_mask=None):
+        """input_ids [B, T] -> values [B, T] in fp32: values[:, t] estimates the return after token t."""
+        return self.value_head(self.model(input_ids, attention_mask)).squeeze(-1).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. safetensors in and out
+
+def default_device_dtype(device=None, dtype=None):
+    """bf16 on CUDA, fp32 on CPU (bf16 matmuls on CPU are two orders of magnitude slower)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype
+
+
+def read_safetensors(path: Path, device) -> dict[str, tuple[torch.Tensor, str]]:
+    """All tensors of a checkpoint folder: name -> (tensor, file it came from); single file or sharded."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+    tensors = {}
+    for name in files:
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name}: listed in {index.name} but missing")
+        with safe_open(path / name, framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                tensors[key] = (f.get_tensor(key), name)
+    return tensors
+
+
+def load_model(path, dtype=None, device=None, value_head=False) -> nn.Module:
+    """Build the model on the meta device and fill it from the checkpoint's safetensors.
+
+    value_head=False: the policy (Qwen2ForCausalLM). value_head=True: the critic; from a base checkpoint its
+    value head is freshly initialised (normal, std 1/(hidden+1), as OpenRLHF), from a critic checkpoint it loads."""
+    path = Path(path)
+    config = Qwen2Config.from_json(path)
+    if config.architecture == "Qwen2Critic" and not value_head:
+        raise ValueError(f"{path}: is a critic checkpoint (Qwen2Critic), not a Qwen2ForCausalLM policy; "
+                         "load it with value_head=True")
+    device, dtype = default_device_dtype(device, dtype)
+    with torch.device("meta"):
+        model = (Qwen2Critic if value_head else Qwen2ForCausalLM)(config)
+    tensors = read_safetensors(path, device)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)        # tied: the LM head is the embedding matrix
+        tensors.pop("lm_head.weight", None)         # (some exports store the copy anyway)
+    if value_head:
+        tensors.pop("lm_head.weight", None)         # a base checkpoint's LM head is not the critic's
+        if "value_head.weight" not in tensors:
+            std = 1.0 / (config.hidden_size + 1)
+            tensors["value_head.weight"] = (torch.randn(1, config.hidden_size, device=device) * std, "(new)")
+    for name, (t, file) in tensors.items():
+        if name not in expected:
+            raise ValueError(f"{path / file}: unexpected tensor {name!r} for this config")
+        if t.shape != expected[name]:
+            raise ValueError(f"{path / file}: tensor {name!r} has shape {tuple(t.shape)}, "
+                             f"config.json implies {tuple(expected[name])}")
+    for name in expected:
+        if name not in tensors:
+            raise ValueError(f"{path}: tensor {name!r} is missing from the checkpoint's safetensors")
+    state = {name: t.to(dtype) for name, (t, _) in tensors.items()}
+    tied = config.tie_word_embeddings and not value_head
+    if tied:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight     # assign=True made two Parameters: share one
+    return model.eval()
+
+
+def save_model(model: nn.Module, path, state_dict: dict | None = None):
+    """Write config.json + model.safetensors (HF layout; transformers' from_pretrained loads the policy).
+
+    state_dict: pass a full (gathered) state dict when the model itself is sharded. Files are written under a
+    temporary name and renamed, so a crash never leaves a half-written checkpoint in place."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config: Qwen2Config = model.config
+    state = dict(state_dict if state_dict is not None else model.state_dict())
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)           # stored once, as in the released checkpoints
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    dtype = next(iter(state.values())).dtype
+    config_json = config.to_json("Qwen2Critic" if isinstance(model, Qwen2Critic) else "Qwen2ForCausalLM")
+    config_json["torch_dtype"] = str(dtype).removeprefix("torch.")
+    save_file(state, path / "model.safetensors.tmp", metadata={"format": "pt"})
+    (path / "config.json.tmp").write_text(json.dumps(config_json, indent=2))
+    os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
+    os.replace(path / "config.json.tmp", path / "config.json")
+    stale_index = path / "model.safetensors.index.json"
+    if stale_index.exists():                        # an older sharded export would shadow the new file
+        stale_index.unlink()
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -1,0 +1,146 @@
+"""
+PPO math for RL on language models: small pure functions of tensors and masks.
+
+All per-token tensors are right-padded [B, T] over the *response* tokens only (the prompt is not
+here); `mask` is 1.0 on real response tokens and 0.0 on the padding after them. The pieces, in the
+order a training step uses them:
+
+  logprobs_from_logits -> kl_penalty -> token_rewards -> compute_gae -> masked_whiten
+  -> policy_loss / value_loss  (+ entropy_from_logits as a metric)
+
+Modelled on OpenRLHF (models/utils.py, models/loss.py, experience_maker.py), which Med-RLVR used, and
+TinyZero's verl/trainer/ppo/core_algos.py. Deliberate simplifications: a fixed KL coefficient beta
+(no adaptive KL controller), no dual-clip PPO, no reward clipping or value normalisation.
+"""
+import torch
+
+# -----------------------------------------------------------------------------
+# masked statistics
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x over the entries where mask is 1. x, mask: [B, T]; dim=None -> scalar."""
+    # torch.where (not x * mask) so that inf/NaN garbage on padding cannot leak into the sum
+    total = torch.where(mask.bool(), x, torch.zeros_like(x)).sum(dim=dim)
+    return total / mask.sum(dim=dim).clamp(min=1)  # an empty row gives 0, not NaN
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x - mean) / sqrt(var + 1e-8) over the masked entries of the whole batch; padding -> 0.
+    Uses the *biased* variance (divide by N), as OpenRLHF's advantage normalisation does;
+    TinyZero/verl's masked_whiten uses the unbiased one (N-1). The difference is negligible
+    for thousands of tokens. Call it on the whole rollout batch, before splitting into minibatches."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+# -----------------------------------------------------------------------------
+# log-probs, entropy, KL
+
+def logprobs_from_logits(logits, tokens, temperature=1.0):
+    """log softmax(logits / temperature) at `tokens`. logits: [B, T, V], tokens: [B, T] -> [B, T] fp32.
+    The training log-probs must use the same temperature as the rollout: the tokens were sampled
+    from softmax(logits / temperature), so that is the policy whose ratio and KL we measure."""
+    out = []
+    for row_logits, row_tokens in zip(logits, tokens):  # one row at a time: bounds the fp32 copy to [T, V]
+        row = row_logits.float() / temperature  # out of place: never modify the caller's logits
+        picked = row.gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1)  # [T]
+        out.append(picked - torch.logsumexp(row, dim=-1))  # log_softmax(x)_i = x_i - logsumexp(x), no [T, V] output
+    return torch.stack(out)  # [B, T]
+
+def entropy_from_logits(logits):
+    """Entropy of softmax(logits) per position. logits: [B, T, V] -> [B, T]. For the metric only.
+    H = logsumexp(z) - sum_i p_i z_i, which is stable for large logits (no log of a tiny p)."""
+    logits = logits.float()
+    p = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(dim=-1)
+
+def kl_penalty(logprobs, ref_logprobs, kind="k1"):
+    """Per-token estimate of KL(policy || ref) from the sampled tokens (Schulman, 'Approximating KL
+    divergence'). logprobs, ref_logprobs: [B, T] -> [B, T]. (k2 = 0.5 * log_ratio^2 is not needed.)
+      k1 = logp - ref_logp                  unbiased, can be negative per token; OpenRLHF's default
+      k3 = exp(ref - logp) - (ref - logp) - 1   unbiased and always >= 0, lower variance"""
+    if kind == "k1":
+        return logprobs.float() - ref_logprobs.float()
+    if kind == "k3":
+        # clamp the log-ratio so exp() cannot overflow to inf when the policies have drifted far apart
+        log_ratio = (ref_logprobs.float() - logprobs.float()).clamp(-20.0, 20.0)
+        return torch.exp(log_ratio) - log_ratio - 1.0
+    raise ValueError(f"kl_penalty: unknown kind {kind!r}, expected 'k1' or 'k3'")
+
+# -----------------------------------------------------------------------------
+# rewards and advantages
+
+def token_rewards(scores, kl, mask, beta):
+    """Per-token rewards [B, T]: -beta * kl on every response token, plus the scalar score [B] of each
+    response on its last real token (found from the mask, not from token ids, so a response truncated
+    at max length without EOS still gets its score). This is where the KL penalty goes: into the
+    reward, as OpenRLHF does (k1 by default), so the critic and GAE see it; it is not a loss term."""
+    if not mask.bool().any(dim=1).all():
+        raise ValueError("token_rewards: some row of `mask` has no response token to put its score on")
+    T = mask.size(1)
+    last = T - 1 - mask.long().flip(1).argmax(dim=1, keepdim=True)  # [B, 1] index of the last 1 in each row
+    score_tok = torch.zeros_like(kl, dtype=torch.float32).scatter(1, last, scores.float().unsqueeze(1))  # [B, T]
+    return torch.where(mask.bool(), score_tok - beta * kl.float(), torch.zeros_like(score_tok))
+
+@torch.no_grad()
+def compute_gae(rewards, values, mask, gamma, lam):
+    """Generalised Advantage Estimation on right-padded rows. rewards, values, mask: [B, T].
+    Returns raw (un-whitened) advantages [B, T] and returns = advantages + values [B, T]; both are 0
+    on padding. Values after the last real token count as 0: the episode ends there, so there is
+    nothing to bootstrap from."""
+    if not (rewards.shape == values.shape == mask.shape):
+        raise ValueError(f"compute_gae: shapes differ: rewards {tuple(rewards.shape)}, "
+                         f"values {tuple(values.shape)}, mask {tuple(mask.shape)}")
+    m = mask.bool()
+    rewards = torch.where(m, rewards.float(), 0.0)  # [B, T]
+    values = torch.where(m, values.float(), 0.0)  # [B, T], zeroed after the end -> V(terminal) = 0
+    B, T = rewards.shape
+    next_value = torch.zeros(B, device=rewards.device)  # [B]
+    next_adv = torch.zeros(B, device=rewards.device)  # [B]
+    advantages = torch.zeros_like(rewards)
+    for t in reversed(range(T)):  # loop over time, vectorised over the batch
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # TD error, [B]
+        next_adv = delta + gamma * lam * next_adv  # on padding r = V = 0, so delta = 0 and it stays 0
+        advantages[:, t] = next_adv
+        next_value = values[:, t]
+    return advantages, advantages + values
+
+# -----------------------------------------------------------------------------
+# losses
+#
+# How the losses are averaged: a token-mean over every response token of the (mini)batch,
+# masked_mean(per_token_loss, mask) over all of [B, T]. Every token weighs the same, so a long
+# response weighs more than a short one in total. This is verl/TinyZero's "token-mean", DAPO's
+# token-level loss and OpenRLHF's token_level_loss=True (the default in its later versions).
+# The alternative, seq_mean=True, averages within each response first and then over responses, so
+# every response weighs the same whatever its length; that is what OpenRLHF 0.5.x's PolicyLoss and
+# ValueLoss do (masked_mean(loss, mask, dim=-1).mean()).
+
+def _aggregate(per_token, mask, seq_mean):
+    return masked_mean(per_token, mask, dim=-1).mean() if seq_mean else masked_mean(per_token, mask)
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, seq_mean=False):
+    """PPO clipped surrogate: -min(r * A, clip(r, 1 - eps, 1 + eps) * A) with r = pi / pi_old.
+    logprobs (with grad), old_logprobs, advantages, mask: [B, T].
+    Returns (loss, clip_frac, approx_kl): scalar loss, the fraction of tokens where the clip is
+    active (zero gradient there), and the k1 KL(old || new) as a metric."""
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)  # as TinyZero: keep exp() finite
+    ratio = torch.exp(log_ratio)  # [B, T]
+    surr1 = ratio * advantages
+    surr2 = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    loss = _aggregate(-torch.min(surr1, surr2), mask, seq_mean)
+    with torch.no_grad():
+        clip_frac = masked_mean((surr2 < surr1).float(), mask)
+        approx_kl = masked_mean(-log_ratio, mask)
+    return loss, clip_frac, approx_kl
+
+def value_loss(values, old_values, returns, mask, clip_eps=0.2, seq_mean=False):
+    """Clipped value loss 0.5 * max((v - R)^2, (v_clip - R)^2), v_clip = v_old + clamp(v - v_old, -eps, eps).
+    values (with grad), old_values, returns, mask: [B, T] -> scalar. clip_eps=None: plain 0.5 * (v - R)^2."""
+    err = (values - returns) ** 2  # [B, T]
+    if clip_eps is not None:
+        v_clip = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+        err = torch.max(err, (v_clip - returns) ** 2)
+    return 0.5 * _aggregate(err, mask, seq_mean)

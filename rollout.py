@@ -1,0 +1,122 @@
+"""
+KV-cached sampling for a batch of prompts of unequal lengths: PPO's rollout.
+
+    result = generate(model, prompts, max_new_tokens=1024, temperature=1.0, eos_token_id=151643, generator=g)
+    result.responses[i]  # sampled token ids of prompt i (ending with the EOS when it stopped on one)
+    result.logprobs[i]   # log-prob of each sampled token: PPO's "old" log-probs
+    result.finished[i]   # stopped on EOS (False: ran out of max_new_tokens, i.e. truncated)
+
+How it works:
+  - prompts are left-padded to a common length, so every row's next token is written at the same column;
+    the padding mask gives each row its own positions (counted over real tokens) and hides the pads;
+  - one prefill forward fills a preallocated (static) KV cache; then one forward per new token, each writing a
+    single cache slot - nothing is reallocated or re-concatenated while decoding;
+  - the LM head runs on the last position only (the prompt's other logits are never needed here);
+  - on CPU, every Linear runs through oneDNN with its weight packed once per rollout (see packed_linears):
+    decoding a batch of 8 multiplies [8, hidden] by each weight, a shape where the default (MKL) path reaches
+    a third of the speed; the packed path is 2-4x faster and equal within fp32 rounding.
+
+The log-probs are those of the temperature-scaled distribution, log_softmax(logits / temperature), which is
+what a fresh training forward recomputes for the same tokens. With top_p < 1 the token is drawn from the
+renormalised nucleus, but the reported log-prob is still of the untruncated distribution (what PPO's ratio
+compares against); keep top_p = 1 for training, as Med-RLVR does. Temperature 0 is greedy decoding, and then
+the log-probs are those of the plain softmax.
+"""
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from model import KVCache
+
+
+@dataclass
+class Rollout:
+    responses: list[list[int]]
+    logprobs: list[torch.Tensor]   # each 1-D float32, one entry per response token
+    finished: list[bool]
+
+
+def sample(logits, temperature: float, top_p: float, generator):
+    """logits [B, V] (fp32) -> (tokens [B], logprobs [B]) under the temperature-scaled distribution."""
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)                     # [B, V]
+    probs = logprobs.exp()
+    if top_p < 1.0:
+        # nucleus: keep the most likely tokens whose cumulative probability reaches top_p (at least one)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p                          # mass before it already >= top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
+    # Inverse-CDF sampling: one uniform number per row, found in the cumulative distribution. Exact, and ~10x
+    # cheaper on CPU than torch.multinomial, which draws a random number for every vocabulary entry.
+    cdf = probs.double().cumsum(-1)                                                # [B, V], fp64: no drift
+    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, u, right=True).squeeze(-1)                    # first cdf > u: p > 0
+    tokens = tokens.clamp(max=cdf.shape[-1] - 1)                                   # guards u == total
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+@contextmanager
+def packed_linears(model: nn.Module):
+    """On CPU, swap each nn.Linear's forward for oneDNN's linear on a pre-packed copy of its weight.
+
+    The copies live only for the rollout (the training weights are untouched, and reading them back is the
+    point of the next rollout re-packing them). Elsewhere (CUDA, or a torch without oneDNN) it does nothing."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if linears[0].weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        yield
+        return
+    try:
+        for m in linears:
+            packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 8)   # 8: decode batch hint
+            m.forward = (lambda x, w=packed, b=m.bias:
+                         torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""))
+        yield
+    finally:
+        for m in linears:
+            m.__dict__.pop("forward", None)    # back to nn.Linear.forward
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
+             top_p: float = 1.0, eos_token_id: int | list[int], generator: torch.Generator | None = None) -> Rollout:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    device = model.lm_head.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+
+    # Left padding. Pad id 0 is arbitrary: pads are hidden by the mask, never by their id (Qwen's EOS is its pad).
+    input_ids = torch.zeros(B, P, dtype=torch.long, device=device)
+    mask = torch.zeros(B, P + max_new_tokens, dtype=torch.long, device=device)    # [B, S]: 1 = real token
+    for i, p in enumerate(prompts):
+        input_ids[i, P - len(p):] = torch.tensor(p, device=device)
+        mask[i, P - len(p):P] = 1
+    cache = KVCache(model.config, B, P + max_new_tokens, device, model.lm_head.weight.dtype)
+
+    tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)      # [B, N]
+    logprobs = torch.zeros(B, max_new_tokens, device=device)                       # [B, N]
+    lengths = torch.full((B,), max_new_tokens, device=device)                      # response length per row
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    with packed_linears(model):
+        hidden = model.model(input_ids, mask[:, :P], cache)[:, -1]                 # prefill -> [B, hidden]
+        for t in range(max_new_tokens):
+            token, logprob = sample(model.lm_head(hidden).float(), temperature, top_p, generator)
+            tokens[:, t], logprobs[:, t] = token, logprob
+            # A finished row keeps riding along in the batch (its later tokens are computed and thrown away):
+            # rows never attend to each other, so this cannot disturb the others, and the batch keeps its shape.
+            newly_done = ~done & torch.isin(token, eos)
+            lengths = torch.where(newly_done, t + 1, lengths)
+            done |= newly_done
+            if t == max_new_tokens - 1 or bool(done.all()):
+                break
+            mask[:, P + t] = 1
+            hidden = model.model(token[:, None], mask[:, :P + t + 1], cache)[:, -1]
+
+    tokens, logprobs, lengths, done = tokens.cpu(), logprobs.float().cpu(), lengths.tolist(), done.tolist()
+    return Rollout(responses=[tokens[i, :n].tolist() for i, n in enumerate(lengths)],
+                   logprobs=[logprobs[i, :n] for i, n in enumerate(lengths)],
+                   finished=done)

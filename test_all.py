@@ -1,0 +1,849 @@
+"""
+The test suite. Every test checks real behaviour against an independent reference: transformers' Qwen2 for the
+model and the sampler, naive loops and hand computations for the PPO math and the reward, the released files and
+llama.cpp's tokenizer vectors for the data. Tests that need ../shared (real data, the Qwen2.5 tokenizer) skip with
+a message when it is absent (a fresh clone).
+
+    python -m pytest -q test_all.py
+"""
+import json
+import math
+import random
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import model
+import ppo
+import rollout
+from reward import parse, read_letter, score
+
+SHARED = Path(__file__).resolve().parent.parent / "shared"
+MEDQA = SHARED / "data" / "medqa"
+MMLU_PRO = SHARED / "data" / "mmlu_pro"
+QWEN = SHARED / "tokenizers" / "qwen2.5"
+
+
+# ================================================================================================================
+# model.py and rollout.py against transformers' Qwen2ForCausalLM (the reference)
+
+def make_checkpoint(path, *, tied=True, heads=4, kv_heads=2, hidden=56, layers=2, vocab=97, sharded=False,
+                    legacy_config=False, seed=0):
+    """A tiny random Qwen2 saved by transformers. Every tensor is randomised (biases and norms too), so a
+    forgotten bias or a norm applied in the wrong place shows. legacy_config rewrites config.json in the
+    released Qwen2.5 spelling (rope_theta, torch_dtype) instead of transformers 5's (rope_parameters, dtype)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 8,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      tie_word_embeddings=tied, rms_norm_eps=1e-5, max_position_embeddings=512,
+                      rope_parameters={"rope_type": "default", "rope_theta": 5000.0})   # not the default theta
+    ref = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+    ref.save_pretrained(path, max_shard_size="30KB" if sharded else "5GB")
+    if legacy_config:
+        c = json.loads((Path(path) / "config.json").read_text())
+        c["rope_theta"] = c.pop("rope_parameters")["rope_theta"]
+        c["torch_dtype"] = c.pop("dtype", "float32")
+        (Path(path) / "config.json").write_text(json.dumps(c))
+    return Qwen2ForCausalLM.from_pretrained(path).eval()   # the reference reads the files we will read
+
+
+CONFIGS = {  # tied, heads, kv_heads (head ratio 1, 2, 7), sharded, legacy config.json spelling
+    "tied-mha-single-v5": dict(tied=True, heads=4, kv_heads=4),
+    "untied-gqa2-sharded-legacy": dict(tied=False, heads=4, kv_heads=2, sharded=True, legacy_config=True),
+    "tied-gqa7-sharded-v5": dict(tied=True, heads=7, kv_heads=1, sharded=True),
+    "untied-gqa7-single-legacy": dict(tied=False, heads=14, kv_heads=2, hidden=112, legacy_config=True),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(path, reference) of one small untied GQA checkpoint shared by the rollout tests."""
+    path = tmp_path_factory.mktemp("tiny")
+    return path, make_checkpoint(path, tied=False, heads=4, kv_heads=2, layers=2, vocab=61)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_equal_transformers(tmp_path, name):
+    ref = make_checkpoint(tmp_path, **CONFIGS[name])
+    if CONFIGS[name].get("sharded"):
+        assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = model.load_model(tmp_path)
+    assert next(ours.parameters()).dtype == torch.float32           # fp32 on CPU by default
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == CONFIGS[name].get("tied", True)
+    x = torch.randint(0, 97, (3, 11))
+    with torch.no_grad():
+        assert (ours(x) - ref(x).logits).abs().max() <= 1e-4
+
+
+def test_left_padding_and_kv_cache(tiny):
+    """A left-padded row gives the logits its prompt gives alone; prefill + cached steps equal one forward."""
+    path, ref = tiny
+    ours = model.load_model(path)
+    prompts = [[5, 9, 2, 7, 1, 3], [4, 4], [8, 1, 6, 60]]
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        logits = ours(ids, attention_mask=mask)
+        for i, p in enumerate(prompts):
+            alone = ref(torch.tensor([p])).logits[0]
+            assert (logits[i, T - len(p):] - alone).abs().max() <= 1e-4
+        # the same batch fed through the static cache in pieces of 4, 1 and 2 tokens
+        more = torch.randint(0, 61, (3, 3))
+        full_ids, full_mask = torch.cat([ids, more], 1), torch.cat([mask, torch.ones(3, 3, dtype=torch.long)], 1)
+        full = ours(full_ids, attention_mask=full_mask)
+        cache = model.KVCache(ours.config, 3, T + 3, "cpu", torch.float32)
+        pieces = []
+        for a, b in [(0, 4), (4, 5), (5, T + 3)]:
+            pieces.append(ours(full_ids[:, a:b], attention_mask=full_mask[:, :b], kv_cache=cache))
+        cached = torch.cat(pieces, 1)
+        assert ((cached - full).abs() * full_mask[..., None]).max() <= 1e-4
+        # no query row is fully masked (a pad query sees itself): an all-masked softmax row is NaN on some backends
+        assert model.positions_and_mask(full_mask, T + 3, 0)[1].any(-1).all()
+        logits, hidden = ours(ids, return_hidden=True)
+        assert torch.allclose(ours.lm_head(hidden), logits)
+        assert (hidden - ref(ids, output_hidden_states=True).hidden_states[-1]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_model_loads_in_transformers(tmp_path, tied):
+    from transformers import AutoModelForCausalLM
+    make_checkpoint(tmp_path / "src", tied=tied, legacy_config=True)
+    ours = model.load_model(tmp_path / "src")
+    model.save_model(ours, tmp_path / "out")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    again = model.load_model(tmp_path / "out")
+    x = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert (theirs(x).logits - ours(x)).abs().max() <= 1e-4
+        assert torch.equal(again(x), ours(x))
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_value_head_from_base_checkpoint(tmp_path):
+    ref = make_checkpoint(tmp_path / "base", tied=True)
+    critic = model.load_model(tmp_path / "base", value_head=True)
+    assert isinstance(critic, model.Qwen2Critic) and not hasattr(critic, "lm_head")
+    x = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        hidden = ref(x, output_hidden_states=True).hidden_states[-1]        # [B, T, hidden] after the final norm
+        values = critic(x)
+        assert values.shape == (2, 7)
+        assert (values - hidden @ critic.value_head.weight[0]).abs().max() <= 1e-4
+        model.save_model(critic, tmp_path / "critic")                       # a critic checkpoint keeps its head
+        again = model.load_model(tmp_path / "critic", value_head=True)
+        assert torch.equal(again(x), values)
+    with pytest.raises(ValueError, match="Qwen2ForCausalLM"):
+        model.load_model(tmp_path / "critic")                               # a critic is not a policy
+
+
+def test_bad_checkpoints_give_one_clear_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        model.load_model(tmp_path)
+    make_checkpoint(tmp_path / "m", tied=False)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({**cfg, "model_type": "llama",
+                                                                "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ValueError, match="LlamaForCausalLM"):
+        model.load_model(tmp_path / "llama")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "use_sliding_window": True}))
+    with pytest.raises(ValueError, match="sliding"):
+        model.load_model(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(tmp_path / "m" / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.bias"]
+    save_file(tensors, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.bias.*missing"):
+        model.load_model(tmp_path / "m")
+    tensors["model.layers.1.self_attn.k_proj.bias"] = torch.zeros(3)
+    save_file(tensors, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.1\.self_attn\.k_proj\.bias' has shape"):
+        model.load_model(tmp_path / "m")
+
+
+def test_greedy_batch_equals_transformers_alone_and_stops_at_eos(tiny):
+    path, ref = tiny
+    ours = model.load_model(path)
+    prompts = [[5, 9, 2, 7, 1, 3], [4], [8, 1, 6, 60], [33, 12]]
+    alone = [ref.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    eos = alone[0][3]                 # a token the model really emits: row 0 must stop on it (if it is new there)
+    assert eos not in alone[0][:3]
+    out = rollout.generate(ours, prompts, 10, temperature=0, eos_token_id=[eos, 1000])
+    for p, resp, fin in zip(prompts, out.responses, out.finished):
+        want = ref.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=eos,
+                            pad_token_id=0)[0, len(p):].tolist()
+        want = want[:want.index(eos) + 1] if eos in want else want       # transformers pads after the stop
+        assert resp == want
+        assert fin == (eos in resp)
+    assert out.finished[0] and out.responses[0][-1] == eos and len(out.responses[0]) == 4
+
+
+def test_cached_decoding_equals_uncached(tiny):
+    """generate (prefill + one cached step per token) equals re-running the whole sequence every step."""
+    ours = model.load_model(tiny[0])
+    prompt = [7, 3, 9]
+    out = rollout.generate(ours, [prompt], 12, temperature=0, eos_token_id=1000)
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            seq.append(int(ours(torch.tensor([seq]))[0, -1].argmax()))
+    assert out.responses[0] == seq[len(prompt):] and out.finished == [False]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_equal_a_fresh_forward(tiny, temperature):
+    ours = model.load_model(tiny[0])
+    prompts = [[5, 9, 2, 7, 1, 3], [4], [8, 1, 6, 60]]
+    g = torch.Generator().manual_seed(0)
+    out = rollout.generate(ours, prompts, 15, temperature=temperature, eos_token_id=[2, 3], generator=g)
+    again = rollout.generate(ours, prompts, 15, temperature=temperature, eos_token_id=[2, 3],
+                             generator=torch.Generator().manual_seed(0))
+    other = rollout.generate(ours, prompts, 15, temperature=temperature, eos_token_id=[2, 3],
+                             generator=torch.Generator().manual_seed(1))
+    assert out.responses == again.responses and out.responses != other.responses   # seeded = reproducible
+    with torch.no_grad():
+        for p, resp, lp, fin in zip(prompts, out.responses, out.logprobs, out.finished):
+            assert len(lp) == len(resp) and fin == (resp[-1] in (2, 3))
+            logits = ours(torch.tensor([p + resp]))[0, len(p) - 1:-1] / temperature   # [n, V]
+            fresh = torch.log_softmax(logits, -1).gather(-1, torch.tensor(resp)[:, None])[:, 0]
+            assert (fresh - lp).abs().max() <= 1e-3
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    seen = {int(rollout.sample(logits, 1.0, 0.7, g)[0]) for _ in range(400)}
+    assert seen == {0, 1}             # 0.5 < 0.7 needs token 1; 0.8 >= 0.7: tokens 2, 3 are outside
+    seen = {int(rollout.sample(logits, 1.0, 1.0, g)[0]) for _ in range(400)}
+    assert seen == {0, 1, 2, 3}
+
+
+# ================================================================================================================
+# reward.py
+
+def W(ans, think="The drug blocks cell wall synthesis."):
+    """A well-formed completion with the given answer-block content."""
+    return f"<think>{think}</think>\n<answer>{ans}</answer>"
+
+
+# (text, valid_format, letter, score with gold "C" and the default incorrect_reward=0.0)
+CASES = [
+    # readable answers
+    (W("C"), True, "C", 1.0),
+    (W("B"), True, "B", 0.0),
+    (W("J"), True, "J", 0.0),
+    (W("(C)"), True, "C", 1.0),
+    (W("[C]"), True, "C", 1.0),
+    (W("C."), True, "C", 1.0),
+    (W("C)"), True, "C", 1.0),
+    (W("C. Cross-linking of DNA"), True, "C", 1.0),
+    (W("C: Cross-linking of DNA"), True, "C", 1.0),
+    (W("C) Cross-linking of DNA"), True, "C", 1.0),
+    (W("(C) Cross-linking of DNA"), True, "C", 1.0),
+    (W("C.Cross-linking"), True, "C", 1.0),
+    (W("A. Gentamicin"), True, "A", 0.0),
+    (W("  \n C \n"), True, "C", 1.0),
+    (W("C. A and B"), True, "C", 1.0),  # a real option text, not a hedge
+    (W("C. E. coli infection"), True, "C", 1.0),  # option text is not inspected
+    (W("D. E. coli infection"), True, "D", 0.0),
+    (W("C. Oral amoxicillin or doxycycline"), True, "C", 1.0),  # "or" later in the text is fine
+    (W("C. Orange discharge"), True, "C", 1.0),  # starts with "Or", but the word is not "or"
+    # unreadable answers: valid format, letter None
+    (W(""), True, None, 0.0),
+    (W("   \n "), True, None, 0.0),
+    (W("c"), True, None, 0.0),
+    (W("(c)"), True, None, 0.0),
+    (W("K"), True, None, 0.0),
+    (W("( C )"), True, None, 0.0),
+    (W("(C"), True, None, 0.0),
+    (W("CD"), True, None, 0.0),
+    (W("C/A"), True, None, 0.0),
+    (W("C - Cross-linking"), True, None, 0.0),
+    (W("A or C"), True, None, 0.0),
+    (W("C or A"), True, None, 0.0),  # a hedge never earns +1, even with the gold letter first
+    (W("A, B, C, D"), True, None, 0.0),
+    (W("C, A"), True, None, 0.0),
+    (W("A and B"), True, None, 0.0),
+    (W("C and A"), True, None, 0.0),
+    (W("(C) or (A)"), True, None, 0.0),
+    (W("(C) OR (A)"), True, None, 0.0),
+    (W("(C), (A)"), True, None, 0.0),
+    (W("(C)/(A)"), True, None, 0.0),
+    (W("(C) & (A)"), True, None, 0.0),
+    (W("C. or A."), True, None, 0.0),
+    (W("C: and D"), True, None, 0.0),
+    (W("The answer is C"), True, None, 0.0),
+    (W("Answer: C"), True, None, 0.0),
+    # format edge cases that stay valid
+    (W("C", think=""), True, "C", 1.0),
+    ("<think>x</think><answer>C</answer>", True, "C", 1.0),
+    ("<think>x</think><answer>C</answer><|endoftext|>", True, "C", 1.0),
+    ("<think>x</think><answer>C</answer><|im_end|>", True, "C", 1.0),
+    ("<think>x</think><answer>C</answer>\n<|im_end|>\n<|endoftext|>\n", True, "C", 1.0),
+    ("  \n<think>x</think>\n\n<answer>C</answer>\n\n", True, "C", 1.0),
+    ("<think>x</think><|im_end|><answer>C</answer>", True, "C", 1.0),
+    ("<think>a <|endoftext|> b</think><answer>C</answer>", True, "C", 1.0),  # inside a block: free text
+    ("<think>x</think><answer>B</answer><|endoftext|>", True, "B", 0.0),
+    # invalid format
+    (W("C") + " So the answer is C.", False, None, -1.0),
+    ("Sure. " + W("C"), False, None, -1.0),
+    ("<think>x</think> so <answer>C</answer>", False, None, -1.0),
+    ("<answer>C</answer>", False, None, -1.0),
+    ("<think>C</think>", False, None, -1.0),
+    ("C", False, None, -1.0),
+    ("", False, None, -1.0),
+    ("<answer>C</answer><think>x</think>", False, None, -1.0),
+    ("<think>a</think><think>b</think><answer>C</answer>", False, None, -1.0),
+    ("<think>x</think><answer>C</answer><answer>C</answer>", False, None, -1.0),
+    ("<think>x</think><answer>A</answer><answer>C</answer>", False, None, -1.0),
+    ("<think>a<think>b</think>c</think><answer>C</answer>", False, None, -1.0),
+    ("<think>x</think><answer><answer>C</answer></answer>", False, None, -1.0),
+    ("<think>I will write <answer>C</answer></think><answer>C</answer>", False, None, -1.0),
+    ("<think>x</think><answer>C<think></answer>", False, None, -1.0),
+    ("<think>x<answer>C</answer>", False, None, -1.0),
+    ("<think>x</think><answer>C", False, None, -1.0),
+    ("<think>x<answer>C</think></answer>", False, None, -1.0),
+    ("</think>x<think><answer>C</answer>", False, None, -1.0),
+    ("<THINK>x</THINK><ANSWER>C</ANSWER>", False, None, -1.0),
+    (W("C") + "<|endoftext|>junk", False, None, -1.0),
+    (W("C") + "<|endoftext", False, None, -1.0),
+    (W("C") + "<|endo<|im_end|>ftext|>", False, None, -1.0),  # removing a token must not glue a new one
+    (W("C") + "<|im_<|endoftext|>end|>", False, None, -1.0),
+]
+
+
+@pytest.mark.parametrize("text,valid,letter,expected", CASES)
+def test_parse_and_score_table(text, valid, letter, expected):
+    got_valid, got_letter, _, _ = parse(text)
+    assert (got_valid, got_letter) == (valid, letter)
+    assert score(text, "C") == expected
+    # the paper's ablation: -1 for a wrong or unreadable answer; +1 and the format penalty are unchanged
+    assert score(text, "C", incorrect_reward=-1.0) == (-1.0 if expected == 0.0 else expected)
+    assert score(text, "C", incorrect_reward=0.25) == (0.25 if expected == 0.0 else expected)
+
+
+def test_parse_returns_stripped_blocks():
+    text = "<think>\n Gram-negative diplococci. \n</think>\n<answer> C. Ceftriaxone \n</answer><|endoftext|>"
+    assert parse(text) == (True, "C", "Gram-negative diplococci.", "C. Ceftriaxone")
+    assert parse("<think>x</think><answer>or</answer>") == (True, None, "x", "or")
+    assert parse("<answer>C</answer>") == (False, None, "", "")
+
+
+@pytest.mark.parametrize("gold", list("ABCDEFGHIJ"))
+def test_every_gold_letter(gold):
+    for letter in "ABCDEFGHIJ":
+        want = 1.0 if letter == gold else 0.0
+        assert score(W(letter), gold) == want
+        assert score(W(f"({letter}) some option"), gold) == want
+
+
+@pytest.mark.parametrize("gold", ["K", "c", "", "CD", None, 3])
+def test_bad_gold_answer_raises(gold):
+    with pytest.raises(ValueError, match="gold answer"):
+        score(W("C"), gold)
+
+
+def _reference_valid(text):
+    """Independent formulation of the format rule: one regex over the whole text (fine for short texts)."""
+    tags = "<think>|</think>|<answer>|</answer>"
+    inner = rf"(?:(?!{tags}).)*"  # any text that contains no tag
+    blank = r"(?:\s|<\|endoftext\|>|<\|im_end\|>)*"
+    return re.fullmatch(rf"{blank}<think>{inner}</think>{blank}<answer>{inner}</answer>{blank}", text, re.S) is not None
+
+
+def test_format_matches_reference_on_random_texts():
+    pieces = ["<think>", "</think>", "<answer>", "</answer>", "<|endoftext|>", "<|im_end|>", "<|endo", "ftext|>",
+              "<thi", "nk>", " ", "\n", "C", "x", "(A)"]
+    rng = random.Random(0)
+    seen_valid = 0
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
+        if rng.random() < 0.5:  # bias towards near-valid texts so both outcomes are well covered
+            text = rng.choice(["", " ", "<|im_end|>"]) + "<think>" + text[:6] + "</think>" + text[6:] + \
+                   "<answer>C</answer>" + rng.choice(["", "\n", "<|endoftext|>", "x"])
+        assert parse(text)[0] == _reference_valid(text), repr(text)
+        seen_valid += _reference_valid(text)
+    assert 100 < seen_valid < 2900  # the sample exercised both valid and invalid texts
+
+
+ADVERSARIAL = [  # ~1 MB each, with the outcome for gold "C" worked out by hand
+    ("<think>" * 150_000, -1.0),
+    ("<think>" + "<answer>" * 120_000, -1.0),
+    ("<think>" + "</think" * 150_000 + "</think><answer>C</answer>", 1.0),
+    ("<think>" + "<" * 1_000_000 + "</think><answer>C</answer>", 1.0),
+    ("<think>x</think><answer>" + "A " * 500_000 + "</answer>", 0.0),
+    ("<think>x</think><answer>" + "C" * 1_000_000 + "</answer>", 0.0),
+    ("<think>x</think><answer>C. " + "or " * 300_000 + "</answer>", 0.0),
+    ("<think>x</think><answer>C. Drug" + " or" * 300_000 + "</answer>", 1.0),
+    ("<think>x</think><answer>(C)" + " " * 1_000_000 + "or (A)</answer>", 0.0),
+    ("<think>x</think><answer>(C)" + "." * 1_000_000 + "</answer>", 1.0),
+    ("<think>x</think><answer>C</answer>" + "<|endoftext|>" * 80_000, 1.0),
+    ("<think>x</think><answer>C</answer>" + "<|endoftext" * 90_000, -1.0),
+    ("\n" * 1_000_000 + "<think>x</think>" + " " * 1_000_000 + "<answer>C</answer>", 1.0),
+]
+
+
+@pytest.mark.parametrize("i", range(len(ADVERSARIAL)))
+def test_linear_time_on_adversarial_megabyte(i):
+    text, expected = ADVERSARIAL[i]
+    assert len(text) >= 900_000
+    t0 = time.perf_counter()
+    got = score(text, "C")
+    assert time.perf_counter() - t0 < 0.5
+    assert got == expected
+
+
+def test_real_option_texts_read_as_their_letter():
+    """Every real MedQA / MMLU-Pro health option, written "X. text" or "(X) text", reads as X."""
+    if not SHARED.exists():
+        pytest.skip("../shared not found: real option texts unavailable")
+    options = []
+    for name in ["medqa/dev.jsonl", "medqa/test.jsonl", "mmlu_pro/health_test.jsonl"]:
+        for line in open(SHARED / "data" / name):
+            opts = json.loads(line)["options"]
+            options += opts.items() if isinstance(opts, dict) else zip("ABCDEFGHIJ", opts)
+    assert len(options) > 10_000
+    for letter, text in options:
+        assert read_letter(f"{letter}. {text}") == letter, text
+        assert read_letter(f"({letter}) {text}") == letter, text
+
+
+# ================================================================================================================
+# data.py
+
+def need(path):
+    if not path.exists():
+        pytest.skip(f"../shared not found: {path} is needed for this test")
+
+
+def raw_rows(path):
+    """Independent reference: the file's rows as plain dicts."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# -----------------------------------------------------------------------------
+# MedQA
+
+@pytest.mark.parametrize("split, n", [("dev", 1272), ("test", 1273)])
+def test_medqa_real_split(split, n):
+    need(MEDQA)
+    path = MEDQA / f"{split}.jsonl"
+    examples, raw = data.load_medqa(path), raw_rows(path)
+    assert len(examples) == n == len(raw)
+    for ex, row in zip(examples, raw):
+        assert list(ex.options) == ["A", "B", "C", "D"]
+        assert ex.answer in ex.options
+        assert ex.options[ex.answer] == row["answer"]  # the letter points at the released answer text
+        assert ex.question == row["question"]
+        assert ex.category == row["meta_info"]
+    assert {ex.category for ex in examples} >= {"step1", "step2&3"}
+
+
+# -----------------------------------------------------------------------------
+# MMLU-Pro
+
+def test_mmlu_pro_health_file():
+    need(MMLU_PRO)
+    path = MMLU_PRO / "health_test.jsonl"
+    examples, raw = data.load_mmlu_pro(path), raw_rows(path)
+    assert len(examples) == 818 == len(raw)
+    for ex, row in zip(examples, raw):
+        n = len(row["options"])
+        assert list(ex.options) == [chr(ord("A") + i) for i in range(n)]  # contiguous from A
+        assert list(ex.options.values()) == row["options"]  # same order as released
+        assert ex.answer == row["answer"] and ex.category == row["src"]
+
+
+def test_mmlu_pro_category_filter_matches_health_file():
+    need(MMLU_PRO)
+    everything = data.load_mmlu_pro(MMLU_PRO / "test.jsonl")
+    health = data.load_mmlu_pro(MMLU_PRO / "test.jsonl", category="health")
+    assert len(everything) == 12032 and len(health) == 818
+    reference = data.load_mmlu_pro(MMLU_PRO / "health_test.jsonl")
+    assert [(e.question, e.options, e.answer) for e in health] == \
+           [(e.question, e.options, e.answer) for e in reference]
+
+
+def test_mmlu_pro_uses_answer_letter_not_answer_index():
+    need(MMLU_PRO)
+    path = MMLU_PRO / "test.jsonl"
+    examples, raw = data.load_mmlu_pro(path), raw_rows(path)
+    assert [ex.answer for ex in examples] == [row["answer"] for row in raw]
+    # the known quirk exists in the file (else this test checks nothing) and did not crash the loader
+    disagree = [row["question_id"] for row in raw if row["answer"] != "ABCDEFGHIJ"[row["answer_index"]]]
+    assert disagree == [3983]
+
+
+def test_mmlu_pro_drops_na_padding():
+    need(MMLU_PRO)
+    path = MMLU_PRO / "validation.jsonl"
+    for ex, row in zip(data.load_mmlu_pro(path), raw_rows(path)):
+        real = [o for o in row["options"] if o != "N/A"]
+        assert list(ex.options.values()) == real
+        assert ex.options[ex.answer] == row["options"][row["answer_index"]]
+
+
+# -----------------------------------------------------------------------------
+# bad input (synthetic files, no ../shared needed)
+
+MEDQA_ROW = {"question": "Q?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer": "b",
+             "answer_idx": "B", "meta_info": "step1"}
+MMLU_ROW = {"question_id": 1, "question": "Q?", "options": ["a", "b", "c"], "answer": "C", "answer_index": 2,
+            "category": "health", "src": "ori_mmlu-x"}
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("loader, good, bad_line", [
+    (data.load_medqa, MEDQA_ROW, '{"question": "Q?", "options": {"A": "a"'),                      # bad JSON
+    (data.load_medqa, MEDQA_ROW, json.dumps({k: v for k, v in MEDQA_ROW.items() if k != "options"})),
+    (data.load_medqa, MEDQA_ROW, json.dumps({**MEDQA_ROW, "answer_idx": "E"})),                    # not an option
+    (data.load_medqa, MEDQA_ROW, json.dumps({**MEDQA_ROW, "options": {"A": "a", "C": "c"}})),      # gap in letters
+    (data.load_mmlu_pro, MMLU_ROW, "not json"),
+    (data.load_mmlu_pro, MMLU_ROW, json.dumps({k: v for k, v in MMLU_ROW.items() if k != "answer"})),
+    (data.load_mmlu_pro, MMLU_ROW, json.dumps({**MMLU_ROW, "answer": "D"})),                       # 3 options only
+])
+def test_corrupt_line_names_file_and_line(tmp_path, loader, good, bad_line):
+    # line 1 good, line 2 blank (still counts as a line), line 3 corrupt, line 4 good
+    path = write_lines(tmp_path / "rows.jsonl", [json.dumps(good), "", bad_line, json.dumps(good)])
+    with pytest.raises(ValueError, match=r"rows\.jsonl line 3\b"):
+        loader(path)
+    write_lines(path, [json.dumps(good), "", json.dumps(good)])  # the same file without it loads
+    assert len(loader(path)) == 2
+
+
+def test_medqa_options_out_of_order_are_sorted(tmp_path):
+    row = {**MEDQA_ROW, "options": {"C": "c", "A": "a", "D": "d", "B": "b"}}
+    [ex] = data.load_medqa(write_lines(tmp_path / "rows.jsonl", [json.dumps(row)]))
+    assert list(ex.options.items()) == [("A", "a"), ("B", "b"), ("C", "c"), ("D", "d")]
+
+
+@pytest.mark.parametrize("loader", [data.load_medqa, data.load_mmlu_pro])
+def test_missing_file(tmp_path, loader):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        loader(tmp_path / "nope.jsonl")
+
+
+def test_parquet_needs_pyarrow(tmp_path):
+    path = tmp_path / "test.parquet"
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        path.write_bytes(b"PAR1 not really parquet")
+        with pytest.raises(ImportError, match="pip install pyarrow"):
+            data.load_mmlu_pro(path)
+        return
+    pq.write_table(pa.Table.from_pylist([MMLU_ROW, {**MMLU_ROW, "category": "law"}]), path)
+    examples = data.load_mmlu_pro(path, category="health")
+    assert len(examples) == 1 and examples[0].options == {"A": "a", "B": "b", "C": "c"}
+
+
+def test_missing_tokenizer(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        data.load_tokenizer(tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# prompt
+
+def test_build_prompt():
+    ex = data.Example("Which drug blocks cell wall synthesis?",
+                      {"A": "Gentamicin", "B": "Ciprofloxacin", "C": "Ceftriaxone"}, "C", "step1")
+    prompt = data.build_prompt(ex)
+    assert "Which drug blocks cell wall synthesis?" in prompt
+    assert "\nA. Gentamicin\nB. Ciprofloxacin\nC. Ceftriaxone\n" in prompt
+    assert prompt.endswith("Assistant: <think>") and prompt.endswith(data.PROMPT_PREFILL)
+    assert "Ceftriaxone" not in data.PROMPT_TEMPLATE and "{question}" in data.PROMPT_TEMPLATE
+
+
+def test_build_prompt_mmlu_pro_ten_options():
+    need(MMLU_PRO)
+    ex = next(e for e in data.load_mmlu_pro(MMLU_PRO / "health_test.jsonl") if len(e.options) == 10)
+    lines = data.build_prompt(ex).split("\n")
+    option_lines = [line for line in lines if len(line) > 2 and line[1:3] == ". " and line[0] in "ABCDEFGHIJ"]
+    assert [line[0] for line in option_lines] == list("ABCDEFGHIJ")
+    assert [line[3:] for line in option_lines] == list(ex.options.values())
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+def read_llamacpp_vectors(folder):
+    """llama.cpp's format: each test string is followed by "\\n__ggml_vocab_test__\\n" in the .inp file
+    (so the string loses exactly the newline before the separator line); the .out file has one line of
+    space-separated expected ids per string (empty line for the empty string)."""
+    inp = (folder / "ggml-vocab-qwen2.gguf.inp").read_text(encoding="utf-8")
+    out = (folder / "ggml-vocab-qwen2.gguf.out").read_text(encoding="utf-8")
+    texts = inp.split("\n__ggml_vocab_test__\n")
+    assert texts[-1] == ""  # the file ends with a separator
+    ids = [[int(t) for t in line.split()] for line in out.split("\n")]
+    assert ids[-1] == []  # trailing newline
+    return list(zip(texts[:-1], ids[:-1], strict=True))
+
+
+def test_tokenizer_matches_llamacpp_vectors():
+    need(QWEN)
+    tok = data.load_tokenizer(QWEN)  # the folder form
+    cases = read_llamacpp_vectors(QWEN / "llamacpp-vectors")
+    assert len(cases) == 46
+    # sanity on the splitting: whitespace-only strings are kept exactly
+    assert ("", []) in cases and ("\n", [198]) in cases and ("\t\n", [1572]) in cases
+    failures = [(text, tok.encode(text).ids, want) for text, want in cases if tok.encode(text).ids != want]
+    assert failures == []
+
+
+def test_tokenizer_special_tokens_and_decode():
+    need(QWEN)
+    tok = data.load_tokenizer(QWEN / "tokenizer.json")  # the file form
+    ids = tok.encode("Hello world<|endoftext|>").ids
+    assert ids == [9707, 1879, 151643]
+    assert data.eos_token_id(tok) == 151643 == ids[-1]
+    assert data.decode(tok, ids) == "Hello world<|endoftext|>"  # kept by default, for the reward
+    assert data.decode(tok, ids, skip_special_tokens=True) == "Hello world"
+    assert tok.decode(ids) == "Hello world"  # why data.decode exists: the library default drops it
+
+
+# ================================================================================================================
+# ppo.py
+
+GARBAGE = 123.0  # written into padding; every function must ignore it
+
+
+def ragged(lengths, T, seed=0):
+    """Random [B, T] float tensors with right padding filled with garbage, plus the mask."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.tensor([[1.0] * n + [0.0] * (T - n) for n in lengths])
+    x = torch.randn(len(lengths), T, generator=g, dtype=torch.float64)
+    return torch.where(mask.bool(), x, torch.full_like(x, GARBAGE)), mask
+
+
+# ----------------------------------------------------------------------------- masked statistics
+
+def test_masked_mean_ignores_padding():
+    x, mask = ragged([4, 1, 3], T=5)
+    x[1, 3] = float("inf")  # even inf/NaN on padding must not leak
+    x[2, 4] = float("nan")
+    rows = [[v for v, m in zip(xr, mr) if m] for xr, mr in zip(x.tolist(), mask.tolist())]
+    flat = [v for r in rows for v in r]
+    assert ppo.masked_mean(x, mask).item() == pytest.approx(sum(flat) / len(flat))
+    per_row = ppo.masked_mean(x, mask, dim=-1)
+    assert per_row.tolist() == pytest.approx([sum(r) / len(r) for r in rows])
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_masked_whiten_matches_selected_entries(shift_mean):
+    x, mask = ragged([5, 2, 1], T=6, seed=1)
+    sel = x[mask.bool()]
+    mean, var = sel.mean(), sel.var(unbiased=False)  # biased variance, as OpenRLHF
+    expect = (sel - mean) / torch.sqrt(var + 1e-8) + (0 if shift_mean else mean)
+    out = ppo.masked_whiten(x, mask, shift_mean=shift_mean)
+    torch.testing.assert_close(out[mask.bool()], expect)
+    assert (out[~mask.bool()] == 0).all()
+
+
+# ----------------------------------------------------------------------------- KL estimators
+
+def test_kl_k1_k3_hand_values():
+    lp = [-1.0, -0.2, -3.0, -0.5]
+    ref = [-1.5, -0.2, -1.0, -2.5]
+    k1 = ppo.kl_penalty(torch.tensor([lp]), torch.tensor([ref]), kind="k1")[0].tolist()
+    k3 = ppo.kl_penalty(torch.tensor([lp]), torch.tensor([ref]), kind="k3")[0].tolist()
+    assert k1 == pytest.approx([a - b for a, b in zip(lp, ref)])
+    assert k3 == pytest.approx([math.exp(b - a) - (b - a) - 1 for a, b in zip(lp, ref)])
+    assert k3[1] == 0.0 and all(v >= 0 for v in k3)  # k3 >= 0, zero iff equal
+
+
+def test_kl_k3_finite_for_huge_log_ratios():
+    lp = torch.tensor([[0.0, -1000.0, 0.0]])
+    ref = torch.tensor([[-1000.0, 0.0, -1e30]])
+    k3 = ppo.kl_penalty(lp, ref, kind="k3")
+    assert torch.isfinite(k3).all() and (k3 > 0).all()
+    with pytest.raises(ValueError, match="unknown kind"):
+        ppo.kl_penalty(lp, ref, kind="k2")
+
+
+# ----------------------------------------------------------------------------- rewards
+
+def test_token_rewards_score_on_last_real_token():
+    lengths, T, beta = [3, 1, 5], 5, 0.05
+    kl, mask = ragged(lengths, T, seed=2)
+    scores = torch.tensor([1.0, -0.5, 0.0])
+    r = ppo.token_rewards(scores, kl, mask, beta)
+    for b, n in enumerate(lengths):
+        for t in range(T):
+            if t >= n:
+                expect = 0.0
+            else:
+                expect = -beta * kl[b, t].item() + (scores[b].item() if t == n - 1 else 0.0)
+            assert r[b, t].item() == pytest.approx(expect), (b, t)
+
+
+def test_token_rewards_rejects_empty_row():
+    mask = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    with pytest.raises(ValueError, match="no response token"):
+        ppo.token_rewards(torch.zeros(2), torch.zeros(2, 2), mask, 0.1)
+
+
+# ----------------------------------------------------------------------------- GAE
+
+def naive_gae(rewards, values, n, gamma, lam):
+    """Per-row GAE over the first n entries, pure Python floats."""
+    adv = [0.0] * n
+    last = 0.0
+    for t in reversed(range(n)):
+        next_v = values[t + 1] if t + 1 < n else 0.0
+        delta = rewards[t] + gamma * next_v - values[t]
+        last = delta + gamma * lam * last
+        adv[t] = last
+    return adv, [a + v for a, v in zip(adv, values[:n])]
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (1.0, 0.9), (0.5, 0.0)])
+def test_gae_matches_naive_loop(gamma, lam):
+    lengths, T = [6, 1, 3, 4], 6
+    rewards, mask = ragged(lengths, T, seed=3)
+    values, _ = ragged(lengths, T, seed=4)
+    adv, ret = ppo.compute_gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        a_ref, r_ref = naive_gae(rewards[b].tolist(), values[b].tolist(), n, gamma, lam)
+        assert adv[b].tolist() == pytest.approx(a_ref + [0.0] * (T - n), rel=1e-5, abs=1e-5)
+        assert ret[b].tolist() == pytest.approx(r_ref + [0.0] * (T - n), rel=1e-5, abs=1e-5)
+
+
+def test_gae_gamma1_lam1_is_reward_to_go_minus_value():
+    # with gamma = lam = 1 the advantage telescopes to (sum of future rewards) - V(s_t)
+    rewards = torch.tensor([[0.0, 0.0, 1.0, GARBAGE]])
+    values = torch.tensor([[0.3, 0.5, 0.7, GARBAGE]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    adv, ret = ppo.compute_gae(rewards, values, mask, 1.0, 1.0)
+    assert adv[0].tolist() == pytest.approx([0.7, 0.5, 0.3, 0.0])
+    assert ret[0].tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0])
+
+
+# ----------------------------------------------------------------------------- policy loss
+
+def test_policy_loss_clip_gradients():
+    eps = 0.2
+    # (ratio, advantage, clipped?) ; token-mean over these 6 tokens (row 2 has 2 padding slots)
+    cases = [(1.5, 1.0, True), (0.5, -1.0, True),     # clip active: no gradient
+             (1.1, 2.0, False), (0.5, 1.0, False),    # A > 0 unclipped: push log-prob up
+             (1.5, -1.0, False), (0.9, -0.5, False)]  # A < 0 unclipped: push log-prob down
+    old = torch.full((2, 4), -1.0)
+    lp = old.clone()
+    adv = torch.full((2, 4), GARBAGE)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    pos = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
+    for (b, t), (r, a, _) in zip(pos, cases):
+        lp[b, t] = old[b, t] + math.log(r)
+        adv[b, t] = a
+    lp[1, 2:] = 50.0  # garbage log-probs on padding
+    lp.requires_grad_(True)
+    loss, clip_frac, approx_kl = ppo.policy_loss(lp, old, adv, mask, clip_eps=eps)
+    loss.backward()
+    N = len(cases)
+    surr = [-min(r * a, min(max(r, 1 - eps), 1 + eps) * a) for r, a, _ in cases]
+    assert loss.item() == pytest.approx(sum(surr) / N, rel=1e-5)
+    for (b, t), (r, a, clipped) in zip(pos, cases):
+        g = lp.grad[b, t].item()
+        if clipped:
+            assert g == 0.0
+        else:
+            assert g == pytest.approx(-r * a / N, rel=1e-5)  # d(-r A)/d logp = -r A
+            assert (g < 0) == (a > 0)  # gradient descent raises logp iff A > 0
+    assert (lp.grad[1, 2:] == 0).all()
+    assert clip_frac.item() == pytest.approx(2 / N)
+    assert approx_kl.item() == pytest.approx(sum(-math.log(r) for r, _, _ in cases) / N, rel=1e-5)
+
+
+def test_policy_loss_token_mean_vs_seq_mean():
+    # at ratio 1 the loss is -A; rows of length 3 and 1 weigh differently under the two averagings
+    lp = torch.zeros(2, 3)
+    adv = torch.tensor([[1.0, 2.0, 3.0], [10.0, GARBAGE, GARBAGE]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    tok, _, _ = ppo.policy_loss(lp, lp, adv, mask)
+    seq, _, _ = ppo.policy_loss(lp, lp, adv, mask, seq_mean=True)
+    assert tok.item() == pytest.approx(-(1 + 2 + 3 + 10) / 4)
+    assert seq.item() == pytest.approx(-((1 + 2 + 3) / 3 + 10) / 2)
+
+
+# ----------------------------------------------------------------------------- value loss
+
+def test_value_loss_clipping_hand_computed():
+    eps, R = 0.2, 1.0
+    old = torch.zeros(1, 5)
+    v = torch.tensor([[0.5, -0.5, 0.1, 1.5, GARBAGE]], requires_grad=True)
+    returns = torch.full((1, 5), R)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    loss = ppo.value_loss(v, old, returns, mask, clip_eps=eps)
+    loss.backward()
+    N, terms, grads = 4, [], []
+    for vi in v[0, :N].tolist():
+        vc = max(-eps, min(eps, vi))  # old = 0
+        e1, e2 = (vi - R) ** 2, (vc - R) ** 2
+        terms.append(0.5 * max(e1, e2))
+        # clipped error bigger (and v really moved outside old +- eps) -> no gradient
+        grads.append(0.0 if e2 > e1 else (vi - R) / N)
+    assert loss.item() == pytest.approx(sum(terms) / N)
+    assert v.grad[0, :N].tolist() == pytest.approx(grads)
+    assert grads[0] == 0.0 and grads[3] == 0.0 and grads[1] != 0.0  # the cases are what we meant
+    assert v.grad[0, N].item() == 0.0
+
+
+def test_value_loss_unclipped():
+    v = torch.tensor([[0.5, 3.0, GARBAGE]])
+    old = torch.zeros(1, 3)
+    R = torch.tensor([[1.0, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss = ppo.value_loss(v, old, R, mask, clip_eps=None)
+    assert loss.item() == pytest.approx(0.5 * ((0.5 - 1) ** 2 + (3.0 + 1) ** 2) / 2)
+
+
+def test_value_loss_token_mean_vs_seq_mean():
+    v = torch.tensor([[1.0, 2.0, 3.0], [4.0, GARBAGE, GARBAGE]])
+    R = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    tok = ppo.value_loss(v, v, R, mask, clip_eps=None)
+    seq = ppo.value_loss(v, v, R, mask, clip_eps=None, seq_mean=True)
+    assert tok.item() == pytest.approx(0.5 * (1 + 4 + 9 + 16) / 4)
+    assert seq.item() == pytest.approx(0.5 * ((1 + 4 + 9) / 3 + 16) / 2)
+
+
+# ----------------------------------------------------------------------------- logits
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_from_logits_matches_categorical(temperature, dtype):
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(3, 4, 11, generator=g) * 30).to(dtype)  # large logits: stability
+    tokens = torch.randint(0, 11, (3, 4), generator=g)
+    before = logits.clone()
+    out = ppo.logprobs_from_logits(logits, tokens, temperature)
+    ref = torch.distributions.Categorical(logits=logits.float() / temperature).log_prob(tokens)
+    assert out.dtype == torch.float32 and out.shape == (3, 4)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits, before)  # caller's logits untouched
+
+
+def test_entropy_matches_categorical():
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(2, 3, 13, generator=g) * 40
+    logits[0, 0] = 0.0  # uniform: entropy log(13)
+    out = ppo.entropy_from_logits(logits)
+    torch.testing.assert_close(out, torch.distributions.Categorical(logits=logits).entropy(), rtol=1e-4, atol=1e-5)
+    assert out[0, 0].item() == pytest.approx(math.log(13), rel=1e-6)
