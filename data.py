@@ -8,6 +8,8 @@ Data for Med-RLVR: the Qwen2.5 tokenizer, the multiple-choice datasets, and the 
   TIGER-Lab's release, as JSON lines or as .parquet (the latter needs pyarrow).
 - build_prompt: the R1-Zero-style base-model prompt (think in <think></think>, answer with a letter in
   <answer></answer>), ending with the pre-filled "<think>".
+- make_dose_questions / dose_solution / train_demo_tokenizer: the CPU demo's synthetic, verifiable task
+  (weight-based dose calculation) and a small tokenizer for it.
 
 Deliberate simplifications: everything is loaded eagerly into memory (the largest split is ~12k rows);
 no chat template (Med-RLVR trains the *base* model on a plain-text prompt); a bad row is an error, never
@@ -15,6 +17,8 @@ silently skipped. The exact Med-RLVR prompt is not published verbatim, so PROMPT
 DeepSeek-R1-Zero template (as in TinyZero / Logic-RL) adapted to multiple choice.
 """
 import json
+import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,3 +151,60 @@ def build_prompt(example: Example) -> str:
     """The text the base model continues: ends with PROMPT_PREFILL, options one per line as "A. text"."""
     options = "\n".join(f"{letter}. {text}" for letter, text in example.options.items())
     return PROMPT_TEMPLATE.format(question=example.question.strip(), options=options)
+
+
+# -----------------------------------------------------------------------------
+# the CPU demo's task: weight-based dose calculation
+#
+# "A child weighing 7 kg is prescribed ibuprofen at 4 mg/kg. What is the dose?" The right option is the
+# product (28 mg); one distractor is the sum (11 mg), the mistake the demo's base model is taught to make
+# most of the time (see dose_solution), and two are near misses. Questions are generated from a seed, so a
+# held-out set is just another seed.
+
+DRUGS = ["amoxicillin", "ibuprofen", "paracetamol", "gentamicin", "vancomycin", "ceftriaxone", "acyclovir",
+         "azithromycin", "cefazolin", "ondansetron"]
+
+
+def make_dose_questions(n: int, seed: int) -> list[Example]:
+    rng = random.Random(seed)
+    examples = []
+    while len(examples) < n:
+        weight, per_kg = rng.randint(2, 9), rng.randint(2, 9)
+        right, wrong = weight * per_kg, weight + per_kg
+        if right == wrong:              # 2 kg at 2 mg/kg: both rules give 4
+            continue
+        near = [v for v in (right + per_kg, right - per_kg, right + 1, right - 1, wrong + 1) if v > 0]
+        values = [right, wrong] + [v for v in dict.fromkeys(near) if v not in (right, wrong)][:2]
+        rng.shuffle(values)
+        options = {letter: f"{v} mg" for letter, v in zip(LETTERS, values)}
+        question = (f"A child weighing {weight} kg is prescribed {rng.choice(DRUGS)} at {per_kg} mg/kg. "
+                    "What is the dose?")
+        examples.append(Example(question, options, LETTERS[values.index(right)], "dose"))
+    return examples
+
+
+def dose_solution(example: Example, correct: bool) -> str:
+    """A worked response (what follows the pre-filled <think>): multiply (correct) or add (the mistake)."""
+    weight, per_kg = (int(w) for w in re.findall(r"\d+", example.question))
+    value = weight * per_kg if correct else weight + per_kg
+    letter = next(k for k, v in example.options.items() if v == f"{value} mg")
+    op = "*" if correct else "+"
+    return f" {weight} {op} {per_kg} = {value} mg, option {letter}. </think>\n<answer>{letter}</answer>{EOS_TOKEN}"
+
+
+def train_demo_tokenizer(texts, vocab_size: int = 1000) -> Tokenizer:
+    """A small byte-level BPE trained on the demo's own text. Unlike Qwen's, it keeps whole numbers as single
+    tokens, which makes finding "20 mg" among the options a one-token match for a tiny model."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    # The prompt template's fixed text (before the question, after the options) becomes two single tokens:
+    # it carries no information for this task, and short sequences make the demo three times faster.
+    from tokenizers import AddedToken
+    head, tail = PROMPT_TEMPLATE.split("{question}")[0], PROMPT_TEMPLATE.split("{options}")[1]
+    tokenizer.add_tokens([AddedToken(head, normalized=False), AddedToken(tail, normalized=False)])
+    return tokenizer

@@ -260,10 +260,12 @@ class Qwen2ForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, attention_mask=None, kv_cache=None, return_hidden=False):
-        """input_ids [B, T] -> logits [B, T, V] (and the final hidden states [B, T, hidden])."""
+    def forward(self, input_ids, attention_mask=None, kv_cache=None, return_hidden=False, logits_from=0):
+        """input_ids [B, T] -> logits [B, T - logits_from, V] (and the final hidden states [B, T, hidden]).
+
+        logits_from skips the LM head on the first positions (PPO needs logits on the response only)."""
         hidden = self.model(input_ids, attention_mask, kv_cache)
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden[:, logits_from:])
         return (logits, hidden) if return_hidden else logits
 
 
@@ -350,6 +352,21 @@ def load_model(path, dtype=None, device=None, value_head=False) -> nn.Module:
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight     # assign=True made two Parameters: share one
     return model.eval()
+
+
+def init_model(config: Qwen2Config, seed: int = 0) -> Qwen2ForCausalLM:
+    """A randomly initialised policy (the CPU demo's starting point): normal(0, 0.02) weights, zero biases,
+    unit norms, as transformers initialises Qwen2."""
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            nn.init.ones_(p)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+        else:
+            nn.init.normal_(p, std=0.02)
+    return model
 
 
 def save_model(model: nn.Module, path, state_dict: dict | None = None):

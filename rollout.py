@@ -102,9 +102,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     lengths = torch.full((B,), max_new_tokens, device=device)                      # response length per row
     done = torch.zeros(B, dtype=torch.bool, device=device)
     with packed_linears(model):
-        hidden = model.model(input_ids, mask[:, :P], cache)[:, -1]                 # prefill -> [B, hidden]
+        logits = model(input_ids, mask[:, :P], cache, logits_from=-1)[:, -1]       # prefill -> [B, V]
         for t in range(max_new_tokens):
-            token, logprob = sample(model.lm_head(hidden).float(), temperature, top_p, generator)
+            token, logprob = sample(logits.float(), temperature, top_p, generator)
             tokens[:, t], logprobs[:, t] = token, logprob
             # A finished row keeps riding along in the batch (its later tokens are computed and thrown away):
             # rows never attend to each other, so this cannot disturb the others, and the batch keeps its shape.
@@ -114,7 +114,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
             if t == max_new_tokens - 1 or bool(done.all()):
                 break
             mask[:, P + t] = 1
-            hidden = model.model(token[:, None], mask[:, :P + t + 1], cache)[:, -1]
+            logits = model(token[:, None], mask[:, :P + t + 1], cache)[:, -1]
 
     tokens, logprobs, lengths, done = tokens.cpu(), logprobs.float().cpu(), lengths.tolist(), done.tolist()
     return Rollout(responses=[tokens[i, :n].tolist() for i, n in enumerate(lengths)],

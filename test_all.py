@@ -847,3 +847,175 @@ def test_entropy_matches_categorical():
     out = ppo.entropy_from_logits(logits)
     torch.testing.assert_close(out, torch.distributions.Categorical(logits=logits).entropy(), rtol=1e-4, atol=1e-5)
     assert out[0, 0].item() == pytest.approx(math.log(13), rel=1e-6)
+
+
+# ================================================================================================================
+# sft.py and train.py: the loss masks, FSDP = one process, resume = uninterrupted, and learning
+
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import sft
+import train
+
+ROOT = Path(__file__).resolve().parent
+
+
+def make_demo_like_checkpoint(path, seed=0):
+    """A tiny random policy with a small tokenizer trained on dose-question text (seconds to make)."""
+    questions = data.make_dose_questions(200, seed=1)
+    texts = [data.build_prompt(q) + data.dose_solution(q, True) for q in questions]
+    tok = data.train_demo_tokenizer(texts)
+    config = model.Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               tie_word_embeddings=True, torch_dtype="float32")
+    model.save_model(model.init_model(config, seed), path)
+    tok.save(str(Path(path) / "tokenizer.json"))
+    return tok
+
+
+def test_sft_loss_counts_response_tokens_only():
+    """Hand-built batch: changing a prompt token's target logit must not change the loss; the loss equals a
+    naive sum of -log p over the response tokens."""
+    torch.manual_seed(0)
+    config = model.Qwen2Config(vocab_size=11, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1)
+    net = model.init_model(config)
+    pairs = [([1, 2, 3], [4, 5]), ([6], [7, 8, 9])]
+    input_ids, loss_mask = sft.collate(pairs, "cpu")
+    assert loss_mask.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0]]
+    got = sft.response_loss_sum(net, input_ids, loss_mask)
+    want = 0.0
+    for p, r in pairs:
+        logp = torch.log_softmax(net(torch.tensor([p + r]))[0], -1)
+        want -= sum(logp[len(p) - 1 + j, tok] for j, tok in enumerate(r))
+    assert abs(got.item() - want.item()) <= 1e-4
+
+
+def _fixed_experience(vocab, n=6, seed=0):
+    """A fixed batch of PPO experience: prompts and responses of unequal lengths, random advantages etc."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, vocab, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(n)]
+    responses = [torch.randint(0, vocab, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+                 for _ in range(n)]
+    rows = [dict(old_logprobs=-3 + 0.3 * torch.randn(len(r), generator=g), values=torch.randn(len(r), generator=g),
+                 advantages=torch.randn(len(r), generator=g), returns=torch.randn(len(r), generator=g))
+            for r in responses]
+    return prompts, responses, rows
+
+
+def _experience_for(prompts, responses, rows):
+    input_ids, attn, mask, P = train.pack(prompts, responses, "cpu")
+    exp = dict(input_ids=input_ids, attn=attn, mask=mask, P=P)
+    for k in rows[0]:
+        exp[k] = torch.zeros_like(mask)
+        for i, row in enumerate(rows):
+            exp[k][i, :len(row[k])] = row[k]
+    return exp
+
+
+def _worker(kind, ckpt, out):
+    """Run under torchrun (or plain python): one optimizer step on fixed data; rank 0 saves the weights."""
+    from safetensors.torch import save_file
+    rank, world, device = sft.init_distributed()
+    torch.manual_seed(0)
+    actor = sft.shard(model.load_model(ckpt).train(), world)
+    vocab = actor.config.vocab_size
+    if kind == "ppo":
+        critic = sft.shard(model.load_model(ckpt, value_head=True).train(), world)
+        prompts, responses, rows = _fixed_experience(vocab)
+        mine = list(range(rank, len(prompts), world))
+        exp = _experience_for([prompts[i] for i in mine], [responses[i] for i in mine], [rows[i] for i in mine])
+        args = SimpleNamespace(loss_agg="token", micro_batch=2, temperature=0.7, clip=0.2, value_clip=0.2,
+                               grad_clip=1.0)
+        # SGD, not Adam: Adam turns the ~1e-9 rounding noise of a zero gradient (k_proj.bias) into a full step
+        opts = [torch.optim.SGD(net.parameters(), lr=0.5) for net in (actor, critic)]
+        train.ppo_update(actor, critic, *opts, exp, list(range(len(mine))), args, world)
+        state = {**sft.full_state_dict(actor, world),
+                 **{"critic." + k: v for k, v in sft.full_state_dict(critic, world).items()}}
+    else:
+        g = torch.Generator().manual_seed(1)
+        pairs = [(torch.randint(0, vocab, (3 + i % 3,), generator=g).tolist(),
+                  torch.randint(0, vocab, (1 + i % 4,), generator=g).tolist()) for i in range(8)]
+        sft.train(actor, pairs, epochs=1, batch=8, micro_batch=3, lr=1e-2, warmup=1, rank=rank, world=world)
+        state = sft.full_state_dict(actor, world)
+    if rank == 0:
+        save_file({k: v.detach().clone() for k, v in state.items()}, out)
+
+
+@pytest.mark.parametrize("kind", ["ppo", "sft"])
+def test_fsdp_two_ranks_equal_one_process(tmp_path, kind):
+    from safetensors.torch import load_file
+    make_checkpoint(tmp_path / "m", tied=True, heads=4, kv_heads=2, layers=2)
+    single, double = tmp_path / "single.safetensors", tmp_path / "double.safetensors"
+    run = dict(cwd=ROOT, capture_output=True, text=True, timeout=240)
+    r1 = subprocess.run([sys.executable, "test_all.py", kind, str(tmp_path / "m"), str(single)], **run)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                         "test_all.py", kind, str(tmp_path / "m"), str(double)], **run)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a, b = load_file(single), load_file(double)
+    before = load_file(tmp_path / "m" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], before[k]) for k in before)          # the step did change the weights
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-5, k
+
+
+def _ppo_argv(base, out, steps, *extra):
+    return ["--model", str(base), "--out", str(out), "--steps", str(steps), "--rollout-batch", "8",
+            "--train-batch", "4", "--micro-batch", "4", "--max-new-tokens", "16", "--eval-limit", "8",
+            "--save-every", "2", "--sample-every", "1", "--actor-lr", "1e-2", "--critic-lr", "1e-2", *extra]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+    make_demo_like_checkpoint(tmp_path / "base")
+    train.main(_ppo_argv(tmp_path / "base", tmp_path / "straight", 4))
+    train.main(_ppo_argv(tmp_path / "base", tmp_path / "resumed", 2))
+    (tmp_path / "resumed" / "final").rename(tmp_path / "first-half")
+    train.main(_ppo_argv(tmp_path / "base", tmp_path / "resumed", 4, "--resume"))
+
+    def metrics(run):
+        rows = [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in train.TIMING_KEYS} for r in rows]
+    straight, resumed = metrics("straight"), metrics("resumed")
+    assert [r["step"] for r in straight] == [0, 1, 2, 3, 4, 4]        # eval rows at 0 and 4, one row per step
+    # the resumed run re-evaluates nothing at step 0 and keeps the first run's rows 0..2
+    assert len(resumed) == len(straight)
+    for a, b in zip(straight, resumed):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], abs=1e-5), (a["step"], k)
+    a, b = load_file(tmp_path / "straight" / "final" / "model.safetensors"), \
+        load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    half = load_file(tmp_path / "first-half" / "model.safetensors")
+    assert any(not torch.equal(a[k], half[k]) for k in a)             # steps 3 and 4 did something
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-5, k
+    assert (tmp_path / "resumed" / "checkpoint" / "optim.pt").exists()
+    assert not (tmp_path / "resumed" / "checkpoint.tmp").exists()
+
+
+def test_train_bad_inputs_give_clear_errors(tmp_path):
+    tok = make_demo_like_checkpoint(tmp_path / "base")
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        train.main(_ppo_argv(tmp_path / "base", tmp_path / "out", 1, "--train-data", str(tmp_path / "nope.jsonl")))
+    (tmp_path / "corrupt").mkdir()
+    shutil.copy(tmp_path / "base" / "tokenizer.json", tmp_path / "corrupt" / "tokenizer.json")
+    (tmp_path / "corrupt" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        train.main(_ppo_argv(tmp_path / "corrupt", tmp_path / "out", 1))
+    config = model.Qwen2Config.from_json(tmp_path / "base")
+    config.vocab_size = tok.get_vocab_size() - 10                     # a model that cannot embed every token
+    model.save_model(model.init_model(config), tmp_path / "small")
+    shutil.copy(tmp_path / "base" / "tokenizer.json", tmp_path / "small" / "tokenizer.json")
+    with pytest.raises(ValueError, match="tokenizer"):
+        train.main(_ppo_argv(tmp_path / "small", tmp_path / "out", 1))
+
+
+if __name__ == "__main__":       # the FSDP test's worker: python test_all.py {ppo,sft} CKPT OUT (or under torchrun)
+    _worker(*sys.argv[1:])

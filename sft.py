@@ -1,0 +1,240 @@
+"""
+Supervised fine-tuning: prompt -> response, cross-entropy on the response tokens only.
+
+It has two jobs, one mechanism:
+  1. Med-RLVR's SFT baseline: the base model trained on the MedQA train split to answer directly. The prompt is
+     data.build_prompt(question) (the same as RL's); the response is " </think>\\n<answer>X</answer>" + EOS,
+     an empty think block and the gold letter, since MedQA has no written rationales.
+  2. The CPU demo's base model (build_demo_base): a tiny Qwen2 with its own small tokenizer, trained on worked
+     dose calculations of which only DEMO_RIGHT_SHARE multiply (right) and the rest add (wrong). It learns the
+     format and the arithmetic, but its habit is the wrong rule: the starting point RL has to fix.
+
+    python sft.py --model Qwen2.5-3B --train medqa/train.jsonl --out runs/sft            # one process
+    torchrun --standalone --nproc_per_node=8 sft.py --model Qwen2.5-3B --train medqa/train.jsonl --out runs/sft
+
+Distributed plumbing (shared with train.py): under torchrun each decoder block and then the whole model is
+wrapped with FSDP2's fully_shard, gloo on CPU and nccl on GPU. The loss is a token-mean over the *global* batch:
+each rank sums its tokens' losses and divides by the token count of all ranks, times the world size, because
+FSDP averages gradients over ranks. So N processes make exactly the update one process makes.
+"""
+import argparse
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+import model as M
+
+# ------------------------------------------------------------------------------------------------ defaults
+DEFAULTS = dict(
+    model=None, train=None, out="runs/sft",
+    epochs=2, batch=64, micro_batch=8, lr=1e-5, warmup=20, weight_decay=0.0, grad_clip=1.0,
+    max_len=1024, seed=0,
+)
+DEMO_RIGHT_SHARE = 0.4   # of the demo base model's worked examples, the share that multiplies (the rest add)
+DEMO_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0, torch_dtype="float32")
+DEMO_SFT = dict(n_questions=19200, epochs=1, batch=32, lr=2e-3, warmup=20)
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+def init_distributed():
+    """-> (rank, world, device). torchrun sets RANK / WORLD_SIZE; plain `python` runs as a world of one."""
+    if "RANK" not in os.environ:
+        return 0, 1, M.default_device_dtype()[0]
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shard(model, world: int):
+    """FSDP2: each decoder block is one unit (gathered just before it runs), the rest (embeddings, final norm,
+    head) the root unit. A world of one keeps the plain module."""
+    if world > 1:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    return model
+
+
+def full_state_dict(model, world: int) -> dict:
+    """The whole model's weights on rank 0's CPU (other ranks get an empty dict under FSDP)."""
+    if world == 1:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def all_sum(x: float, world: int) -> float:
+    if world == 1:
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def cli(main):
+    """Run main(); a user mistake (a missing file, a bad checkpoint or data row) exits with its one-line
+    message instead of a traceback from every rank."""
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+def lr_at(step: int, lr: float, warmup: int) -> float:
+    """Linear warmup, then constant (as OpenRLHF's constant_with_warmup)."""
+    return lr * min(1.0, (step + 1) / max(1, warmup))
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+def collate(pairs: list[tuple[list[int], list[int]]], device):
+    """(prompt ids, response ids) pairs -> input_ids [B, T] and loss_mask [B, T], right-padded.
+
+    Right padding needs no attention mask: under causal attention a real token never sees the pads after it,
+    and positions count from 0 either way. loss_mask[b, t] = 1 where token t is a response token (a target)."""
+    T = max(len(p) + len(r) for p, r in pairs)
+    input_ids = torch.zeros(len(pairs), T, dtype=torch.long)
+    loss_mask = torch.zeros(len(pairs), T)
+    for i, (p, r) in enumerate(pairs):
+        input_ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        loss_mask[i, len(p):len(p) + len(r)] = 1.0
+    return input_ids.to(device), loss_mask.to(device)
+
+
+def response_loss_sum(model, input_ids, loss_mask):
+    """Sum over response tokens of -log p(token | everything before it). Logits at t predict token t+1."""
+    logits = model(input_ids[:, :-1]).float()                                       # [B, T-1, V]
+    nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")  # [B, T-1]
+    return (nll * loss_mask[:, 1:]).sum()
+
+
+def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=0.0, grad_clip=1.0, seed=0,
+          rank=0, world=1, device="cpu", log=print):
+    """AdamW over `epochs` passes of the (prompt ids, response ids) pairs, `batch` pairs per optimizer step
+    (split over the ranks, then into micro-batches). Returns the mean loss of each step."""
+    assert batch % world == 0, f"--batch {batch} must be divisible by the world size {world}"
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    steps_per_epoch = len(pairs) // batch
+    losses = []
+    for step in range(epochs * steps_per_epoch):
+        epoch, i = divmod(step, steps_per_epoch)
+        order = list(range(len(pairs)))
+        random.Random(seed + epoch).shuffle(order)                                  # same order on every rank
+        mine = [pairs[j] for j in order[i * batch:(i + 1) * batch]][rank::world]
+        n_tokens = all_sum(sum(len(r) for _, r in mine), world)                     # response tokens, all ranks
+        total = 0.0
+        for k in range(0, len(mine), micro_batch):
+            input_ids, loss_mask = collate(mine[k:k + micro_batch], device)
+            loss = response_loss_sum(model, input_ids, loss_mask) / n_tokens
+            (loss * world).backward()                                               # FSDP averages over ranks
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, warmup)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(all_sum(total, world))
+        if rank == 0 and (step % 10 == 0 or step == epochs * steps_per_epoch - 1):
+            log(f"sft step {step + 1}/{epochs * steps_per_epoch}  loss {losses[-1]:.4f}")
+    return losses
+
+
+def tokenize_pairs(tokenizer, texts: list[tuple[str, str]], max_len: int):
+    """Text pairs -> id pairs; a pair longer than max_len is an error naming it (never silently cut)."""
+    pairs = []
+    for i, (prompt, response) in enumerate(texts):
+        p, r = tokenizer.encode(prompt).ids, tokenizer.encode(response).ids
+        if len(p) + len(r) > max_len:
+            raise ValueError(f"example {i}: {len(p) + len(r)} tokens > --max-len {max_len}")
+        pairs.append((p, r))
+    return pairs
+
+
+def save(model, world, rank, tokenizer, out: Path):
+    """HF export: config.json + model.safetensors + tokenizer.json, written to a temporary folder and renamed."""
+    state = full_state_dict(model, world)
+    if rank == 0:
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        M.save_model(model, tmp, state_dict=state)
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    if world > 1:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------ the demo base
+def build_demo_base(out: Path, rank=0, world=1, device="cpu", log=print) -> Path:
+    """The CPU demo's starting checkpoint: a tiny Qwen2 with its own tokenizer, briefly trained on worked dose
+    calculations, most of them wrong (see DEMO_RIGHT_SHARE). Cached: built once, then reused."""
+    out = Path(out)
+    if (out / "model.safetensors").exists():
+        return out
+    t0 = time.time()
+    rng = random.Random(1)
+    questions = data.make_dose_questions(DEMO_SFT["n_questions"], seed=1)            # the RL task uses seed 2, 3
+    texts = [(data.build_prompt(q), data.dose_solution(q, correct=rng.random() < DEMO_RIGHT_SHARE))
+             for q in questions]
+    tokenizer = data.train_demo_tokenizer([p + r for p, r in texts])                # deterministic on every rank
+    config = M.Qwen2Config(vocab_size=tokenizer.get_vocab_size(), **DEMO_CONFIG)
+    policy = shard(M.init_model(config, seed=0).to(device), world)
+    pairs = tokenize_pairs(tokenizer, texts, max_len=512)
+    if rank == 0:
+        log(f"building the demo base model in {out} ({M.num_params(policy) / 1e6:.2f}M params, "
+            f"{len(pairs)} worked examples, {DEMO_RIGHT_SHARE:.0%} of them right)")
+    train(policy, pairs, epochs=DEMO_SFT["epochs"], batch=DEMO_SFT["batch"], micro_batch=DEMO_SFT["batch"],
+          lr=DEMO_SFT["lr"], warmup=DEMO_SFT["warmup"], rank=rank, world=world, device=device, log=log)
+    save(policy, world, rank, tokenizer, out)
+    if rank == 0:
+        log(f"demo base model ready in {time.time() - t0:.0f} s")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for k, v in DEFAULTS.items():
+        parser.add_argument("--" + k.replace("_", "-"), type=type(v) if v is not None else str, default=v)
+    args = parser.parse_args()
+    if args.model is None or args.train is None:
+        parser.error("--model DIR and --train FILE (MedQA jsonl) are required")
+    rank, world, device = init_distributed()
+    torch.manual_seed(args.seed)
+    tokenizer = data.load_tokenizer(args.model)
+    eos = data.EOS_TOKEN
+    texts = [(data.build_prompt(ex), f" </think>\n<answer>{ex.answer}</answer>{eos}")
+             for ex in data.load_medqa(args.train)]
+    pairs = tokenize_pairs(tokenizer, texts, args.max_len)
+    policy = M.load_model(args.model, device=device)
+    if policy.config.vocab_size < tokenizer.get_vocab_size():
+        raise ValueError(f"{args.model}: tokenizer has {tokenizer.get_vocab_size()} tokens, the model only "
+                         f"{policy.config.vocab_size}")
+    policy = shard(policy.train(), world)
+    train(policy, pairs, epochs=args.epochs, batch=args.batch, micro_batch=args.micro_batch, lr=args.lr,
+          warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
+          rank=rank, world=world, device=device)
+    save(policy, world, rank, tokenizer, Path(args.out))
+    if rank == 0:
+        print(f"saved {args.out}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli(main)
