@@ -280,7 +280,8 @@ class Qwen2Critic(nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         """input_ids [B, T] -> values [B, T] in fp32: values[:, t] estimates the return after token t."""
-        return self.value_head(self.model(input_ids, attention_mask)).squeeze(-1).float()
+        hidden = self.model(input_ids, attention_mask)                                  # [B, T, hidden]
+        return F.linear(hidden, self.value_head.weight[0]).float()                      # [B, T], not a view
 
 
 # ----------------------------------------------------------------------------------------------------------------

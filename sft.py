@@ -42,7 +42,7 @@ DEFAULTS = dict(
 DEMO_RIGHT_SHARE = 0.4   # of the demo base model's worked examples, the share that multiplies (the rest add)
 DEMO_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0, torch_dtype="float32")
-DEMO_SFT = dict(n_questions=19200, epochs=1, batch=32, lr=2e-3, warmup=20)
+DEMO_SFT = dict(n_questions=38400, epochs=1, batch=32, lr=2e-3, warmup=20)
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -207,11 +207,11 @@ def build_demo_base(out: Path, rank=0, world=1, device="cpu", log=print) -> Path
 
 
 # ------------------------------------------------------------------------------------------------ main
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for k, v in DEFAULTS.items():
         parser.add_argument("--" + k.replace("_", "-"), type=type(v) if v is not None else str, default=v)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.model is None or args.train is None:
         parser.error("--model DIR and --train FILE (MedQA jsonl) are required")
     rank, world, device = init_distributed()

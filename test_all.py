@@ -8,6 +8,7 @@ a message when it is absent (a fresh clone).
 """
 import json
 import math
+from collections import Counter
 import random
 import re
 import time
@@ -850,6 +851,236 @@ def test_entropy_matches_categorical():
 
 
 # ================================================================================================================
+# evaluate.py: the behaviour classifier and the training-dynamics table
+
+import importlib.util
+
+from evaluate import (CONCISE, DIRECT_ANSWER, FORMAT_FAILURE, LABELS, REASONING_OUTSIDE, VERBOSE, classify,
+                      direct_answer_rate, dynamics_table, format_table, plot_dynamics, read_samples)
+
+END = "<|endoftext|>"
+MEASLES = {"A": "Rubella", "B": "Roseola", "C": "Measles", "D": "Scarlet fever"}
+LONG_OPTION = {"A": "Penicillin binding", "C": "Inhibition of bacterial cell wall synthesis by binding D-Ala-D-Ala"}
+
+
+def r(think, answer="C", between="\n", after=END):
+    """A response as samples.jsonl stores it: the pre-filled <think> is already prepended."""
+    return f"<think>{think}</think>{between}<answer>{answer}</answer>{after}"
+
+
+SENTENCE = "The patient has fever and rash. "  # 6 words, no option letter in it
+
+# (response, options, expected label, why: the hand computation)
+CASES = [
+    # reasoning_outside
+    (r("Short.", between="\nThe patient has fever and a rash, so step by step we conclude\n"), None,
+     REASONING_OUTSIDE, "13 words between </think> and <answer> (>= 8)"),
+    (r("Let me reason about this case.", "C because the patient has fever, rash and joint pain"), None,
+     REASONING_OUTSIDE, "valid format, but 10 words in the answer block (>= 8)"),
+    (r("", "C because of rash", between="\nStep 1: fever. Step 2: rash.\n"), None,
+     REASONING_OUTSIDE, "think 0 words (< 3); 6 outside + 4 in answer = 10 (>= 8), each alone < 8"),
+    (r("Penicillins act here.", "C. Inhibition of bacterial cell wall synthesis by binding D-Ala-D-Ala"), None,
+     REASONING_OUTSIDE, "10 answer words (>= 8), no options to discount"),
+    ("<think>ok</think>\n<answer>C</answer>\nExplanation: the fever, rash and cough all point to measles.", None,
+     REASONING_OUTSIDE, "think 1 word; 10 words after </answer>"),
+    # format_failure
+    ("<think>The patient has fever and rash, pointing to measles.</think>\n<answer>C" + END, None,
+     FORMAT_FAILURE, "missing </answer>: invalid; answer 'C' is 1 word, nothing outside"),
+    ("<think>The patient has fever", None, FORMAT_FAILURE, "truncated: no </think>; 4 think words, nothing else"),
+    (r("Fever and rash suggest measles.", "C</answer><answer>D"), None,
+     FORMAT_FAILURE, "two answer blocks: invalid; the second one is 1 word outside"),
+    (r("We weigh the options carefully.", between=" one two three four five six seven "), None,
+     FORMAT_FAILURE, "7 words outside (< 8) and think has 5 words (>= 3): not reasoning_outside"),
+    # direct_answer
+    (r("C"), None, DIRECT_ANSWER, "bare: think is 1 word (<= 3)"),
+    (r(""), None, DIRECT_ANSWER, "empty think: 0 words (<= 3)"),
+    (r("Koplik spots, measles."), None, DIRECT_ANSWER, "3 think words (<= 3)"),
+    (r("The answer is C. The patient has fever, rash and cough, which fits measles well."), None,
+     DIRECT_ANSWER, "'C.' is word 4, after the cue word 'is'"),
+    (r("The child with fever, rash and cough: answer is C. Measles fits the fever, the rash and the dry cough."),
+     None, DIRECT_ANSWER, "'C.' is word 10 (the last early word) of 20, after 'is'"),
+    (r("The child with fever, rash and cough: answer is C. Measles fits."), None,
+     CONCISE, "'C.' is word 10 of 12: past the first half of the think block, so not early"),
+    (r(" 9 * 7 = 63 mg, option A."), None, CONCISE, "the demo's worked solution: 'A.' is word 8 of 8, not early"),
+    (r("C. Measles fits the fever and rash in this child best."), None, DIRECT_ANSWER, "'C.' is the first word"),
+    (r("Looking at this, (B) seems right because of the fever pattern."), None, DIRECT_ANSWER, "'(B)' is word 4"),
+    (r("Answer: A. Rubella gives a milder rash than the one described here."), None,
+     DIRECT_ANSWER, "'A.' after the cue 'Answer:' (a bare first-word 'A' would not count)"),
+    (r("Measles explains the fever, rash and cough in this unvaccinated child."), MEASLES,
+     DIRECT_ANSWER, "option C's text 'Measles' is word 1"),
+    (r("The answer is C. " + SENTENCE * 30), None, DIRECT_ANSWER, "184 think words, but 'C' early: before verbose"),
+    # verbose
+    (r(SENTENCE * 25), None, VERBOSE, "150 think words (> 120), no letter, no option"),
+    (r(SENTENCE * 20 + "Measles."), None, VERBOSE, "121 think words (> 120)"),
+    (r(SENTENCE * 25 + "So the answer is C."), MEASLES, VERBOSE, "letter at word 155, not early; no option text early"),
+    # concise
+    (r(SENTENCE * 20), None, CONCISE, "120 think words: not > 120"),
+    (r("Fever, rash, cough and Koplik spots point to measles, which is option C."), None,
+     CONCISE, "'C.' is word 13: late"),
+    (r("The child with fever, rash, and bad cough: answer is C. Measles fits."), None,
+     CONCISE, "'C.' is word 11: one past the early window"),
+    (r("Koplik spots mean measles."), None, CONCISE, "4 think words: not bare, no letter"),
+    (r("Measles explains the fever, rash and cough in this unvaccinated child."), None,
+     CONCISE, "same as the option case, but without options nothing names an option"),
+    (r("A 5-year-old boy has fever and rash after travel abroad recently."), None,
+     CONCISE, "first word 'A' is the article, not a cue"),
+    (r("C. difficile colitis follows antibiotics; here the rash fits measles instead."), None,
+     CONCISE, "'C.' followed by lowercase 'difficile' is an abbreviation"),
+    (r("Hepatitis B is unlikely since the rash and cough fit measles better."), None,
+     CONCISE, "bare 'B' after 'Hepatitis', not a cue word"),
+]
+
+
+@pytest.mark.parametrize("response,options,expected,why", CASES, ids=[c[3][:40] for c in CASES])
+def test_classify_hand_labelled(response, options, expected, why):
+    assert classify(response, options) == expected, why
+
+
+def test_every_label_has_two_examples():
+    counts = {lab: sum(c[2] == lab for c in CASES) for lab in LABELS}
+    assert all(n >= 2 for n in counts.values()), counts
+
+
+def test_labels_agree_with_reward_format():
+    """Only reasoning_outside may cross the reward's format line; the other labels sit on one side of it."""
+    for response, options, expected, _ in CASES:
+        valid = parse(response)[0]
+        label = classify(response, options)
+        if label == FORMAT_FAILURE:
+            assert not valid
+        elif label != REASONING_OUTSIDE:
+            assert valid
+    # text outside the tags: invalid under the reward, yet labelled reasoning_outside (checked first)
+    assert parse(CASES[0][0])[0] is False and classify(CASES[0][0]) == REASONING_OUTSIDE
+    # reasoning in the answer block: a valid format, still reasoning_outside
+    assert parse(CASES[1][0])[0] is True and classify(CASES[1][0]) == REASONING_OUTSIDE
+
+
+def test_long_option_text_discounted_only_when_options_given():
+    resp = r("Penicillins act here.", "C. Inhibition of bacterial cell wall synthesis by binding D-Ala-D-Ala")
+    # think has 3 words (<= 3) -> a bare think, so with the option text discounted it is direct_answer
+    assert classify(resp, LONG_OPTION) == DIRECT_ANSWER
+    assert classify(resp) == REASONING_OUTSIDE
+    resp = r("Penicillins bind transpeptidases in the wall.", "C. Inhibition of bacterial cell wall synthesis by "
+             "binding D-Ala-D-Ala")
+    assert classify(resp, LONG_OPTION) == CONCISE  # 6 think words, no letter early; answer 10 - 9 = 1 word
+
+
+def test_direct_answer_rate():
+    responses = [r("C"), r(SENTENCE * 25), r("Koplik spots mean measles."), "<think>truncated"]
+    assert direct_answer_rate(responses) == 1 / 4  # only the bare one
+    assert direct_answer_rate([r("(D)")]) == 1.0
+    with pytest.raises(ValueError):
+        direct_answer_rate([])
+
+
+# samples.jsonl fixture: (step, response, score, hand label, think words by hand)
+ROWS = [
+    (1, "<think>fever and rash</think>\n<answer>C" + END, -1.0, FORMAT_FAILURE, 3),
+    (1, "<think>the patient is", -1.0, FORMAT_FAILURE, 3),
+    (1, r("the patient has fever and rash " * 21), 0.0, VERBOSE, 126),
+    (2, r("Koplik spots mean measles here."), 1.0, CONCISE, 5),
+    (2, r("Fever and rash suggest a viral illness.", "B"), 0.0, CONCISE, 7),
+    (2, r("C"), 1.0, DIRECT_ANSWER, 1),
+    (3, r("ok", between="\nStep 1: fever. Step 2: rash. Step 3: measles.\n"), -1.0, REASONING_OUTSIDE, 1),
+    (3, r("The answer is C since measles fits the fever and the rash."), 1.0, DIRECT_ANSWER, 12),
+]
+
+
+@pytest.fixture
+def samples(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    with open(path, "w") as f:
+        for step, response, score, _, _ in ROWS:
+            f.write(json.dumps({"step": step, "question": "Q?", "answer": "C", "response": response,
+                                "score": score}) + "\n")
+        f.write("\n")  # a trailing blank line is tolerated
+    return path
+
+
+def test_fixture_rows_labelled_by_hand(samples):
+    rows = read_samples(samples)
+    assert len(rows) == len(ROWS)
+    for row, (_, _, _, label, _) in zip(rows, ROWS):
+        assert classify(row["response"]) == label
+
+
+def test_dynamics_table_per_step(samples):
+    table = dynamics_table(read_samples(samples))
+    zero = dict.fromkeys(LABELS, 0.0)
+    expected = [
+        {"step": 1, "n": 3, **zero, FORMAT_FAILURE: 2 / 3, VERBOSE: 1 / 3, "score": -2 / 3, "think_words": 132 / 3},
+        {"step": 2, "n": 3, **zero, CONCISE: 2 / 3, DIRECT_ANSWER: 1 / 3, "score": 2 / 3, "think_words": 13 / 3},
+        {"step": 3, "n": 2, **zero, REASONING_OUTSIDE: 0.5, DIRECT_ANSWER: 0.5, "score": 0.0, "think_words": 6.5},
+    ]
+    assert len(table) == 3
+    for got, want in zip(table, expected):
+        assert got.keys() == want.keys()
+        assert got == pytest.approx(want)
+
+
+def test_dynamics_table_buckets(samples):
+    table = dynamics_table(read_samples(samples), every=2)
+    assert [(t["step"], t["n"]) for t in table] == [(2, 6), (3, 2)]  # steps 1-2 -> labelled 2; step 3 alone
+    assert table[0][FORMAT_FAILURE] == pytest.approx(2 / 6) and table[0][CONCISE] == pytest.approx(2 / 6)
+    assert table[0]["score"] == pytest.approx(0.0) and table[0]["think_words"] == pytest.approx(145 / 6)
+    with pytest.raises(ValueError):
+        dynamics_table([], every=0)
+
+
+def test_format_table(samples):
+    text = format_table(dynamics_table(read_samples(samples)))
+    lines = text.splitlines()
+    assert lines[0] == ("| step | n | format failure | reasoning outside | direct answer | verbose | concise "
+                        "| score | think words |")
+    assert lines[2] == "| 1 | 3 | 67% | 0% | 0% | 33% | 0% | -0.667 | 44.0 |"
+    assert lines[4] == "| 3 | 2 | 0% | 50% | 50% | 0% | 0% | 0.000 | 6.5 |"
+    assert len(lines) == 5
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="row 1"):
+        dynamics_table([{"step": 1, "response": "x", "score": 0.0}, {"step": 2, "score": 1.0}])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1}\n{oops\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_samples(bad)
+    with pytest.raises(FileNotFoundError):
+        read_samples(tmp_path / "missing.jsonl")
+
+
+def test_plot_dynamics(samples, tmp_path):
+    table = dynamics_table(read_samples(samples))
+    out = tmp_path / "dynamics.png"
+    if importlib.util.find_spec("matplotlib") is None:
+        with pytest.raises(ImportError, match="pip install matplotlib"):
+            plot_dynamics(table, out)
+    else:
+        plot_dynamics(table, out)
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+HUGE = {  # 1 MB adversarial responses, built on demand
+    "long think": lambda: r("word " * 200_000),
+    "no spaces": lambda: "<think>" + "x" * 1_000_000,
+    "tag fragments": lambda: "<think" * 170_000 + "</answer" * 10,
+    "letters": lambda: r("(C " * 340_000),
+    "outside": lambda: r("fine", between="C. " * 340_000),
+    "answer": lambda: r("a b c d", "C. " + "y" * 1_000_000),
+}
+
+
+@pytest.mark.parametrize("name", list(HUGE))
+def test_linear_time(name):
+    response = HUGE[name]()
+    assert len(response) >= 1_000_000
+    for options in (None, MEASLES):
+        t = time.perf_counter()
+        classify(response, options)
+        assert time.perf_counter() - t < 0.5, name
+
+
+# ================================================================================================================
 # sft.py and train.py: the loss masks, FSDP = one process, resume = uninterrupted, and learning
 
 import shutil
@@ -956,7 +1187,7 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, kind):
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                          "test_all.py", kind, str(tmp_path / "m"), str(double)], **run)
-    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert r2.returncode == 0, "\n".join(l for l in r2.stderr.splitlines() if "Warning" not in l and "register_pre" not in l)[-6000:]
     a, b = load_file(single), load_file(double)
     before = load_file(tmp_path / "m" / "model.safetensors")
     assert a.keys() == b.keys()
@@ -1015,6 +1246,92 @@ def test_train_bad_inputs_give_clear_errors(tmp_path):
     shutil.copy(tmp_path / "base" / "tokenizer.json", tmp_path / "small" / "tokenizer.json")
     with pytest.raises(ValueError, match="tokenizer"):
         train.main(_ppo_argv(tmp_path / "small", tmp_path / "out", 1))
+
+
+def test_ppo_raises_the_reward_of_a_tiny_model(tmp_path):
+    """The demo, fast: a tiny model fine-tuned for a moment on worked dose calculations (most of them adding
+    where they should multiply), then PPO. The reward must rise, from the reward alone."""
+    questions = data.make_dose_questions(1024, seed=1)
+    rng = random.Random(0)
+    texts = [(data.build_prompt(q), data.dose_solution(q, correct=rng.random() < 0.4)) for q in questions]
+    tok = data.train_demo_tokenizer([p + r for p, r in texts])
+    config = model.Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=192,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               tie_word_embeddings=True, torch_dtype="float32")
+    net = model.init_model(config)
+    sft.train(net, sft.tokenize_pairs(tok, texts, 512), epochs=1, batch=16, micro_batch=16, lr=3e-3, warmup=5,
+              log=lambda msg: None)
+    model.save_model(net, tmp_path / "base")
+    tok.save(str(tmp_path / "base" / "tokenizer.json"))
+    train.main(["--model", str(tmp_path / "base"), "--out", str(tmp_path / "ppo"), "--steps", "40",
+                "--rollout-batch", "32", "--train-batch", "16", "--micro-batch", "16", "--max-new-tokens", "24",
+                "--eval-limit", "64", "--save-every", "0", "--actor-lr", "5e-4", "--critic-lr", "1e-3"])
+    rows = [json.loads(l) for l in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward"] for r in rows if "reward" in r]
+    first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
+    assert last > first + 0.15, rewards
+
+
+def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+    make_demo_like_checkpoint(tmp_path / "base")
+    rows = [{"question": f"Which dose is right for case {i}?", "options": {"A": "1 mg", "B": "2 mg", "C": "3 mg",
+             "D": "4 mg"}, "answer": "x", "answer_idx": "ABCD"[i % 4], "meta_info": "step1"} for i in range(16)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    net = model.load_model(tmp_path / "base").train()
+    tok = data.load_tokenizer(tmp_path / "base")
+    texts = [(data.build_prompt(ex), f" </think>\n<answer>{ex.answer}</answer>{data.EOS_TOKEN}")
+             for ex in data.load_medqa(tmp_path / "train.jsonl")]
+    losses = sft.train(net, sft.tokenize_pairs(tok, texts, 512), epochs=6, batch=8, micro_batch=8, lr=1e-2,
+                       warmup=1, log=lambda msg: None)
+    assert sum(losses[-2:]) < 0.5 * sum(losses[:2]), losses
+    sft.main(["--model", str(tmp_path / "base"), "--train", str(tmp_path / "train.jsonl"), "--out",
+              str(tmp_path / "sft"), "--epochs", "1", "--batch", "8", "--lr", "1e-3"])
+    ours = model.load_model(tmp_path / "sft")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "sft").eval()
+    x = torch.tensor([tok.encode(texts[0][0]).ids])
+    with torch.no_grad():
+        assert (theirs(x).logits - ours(x)).abs().max() <= 1e-4
+    assert data.load_tokenizer(tmp_path / "sft").get_vocab_size() == tok.get_vocab_size()
+
+
+def test_evaluate_scores_with_the_reward_rules(tmp_path, monkeypatch):
+    """Scripted responses: accuracy, format rate, letters and per-category accuracy follow reward.parse."""
+    import evaluate
+    examples = data.make_dose_questions(4, seed=5)
+    wrong = next(k for k in examples[1].options if k != examples[1].answer)
+    scripted = [f" x </think><answer>{examples[0].answer}</answer>", f" x </think><answer>{wrong}</answer>",
+                " no closing tag", f" x </think><answer>({examples[3].answer})</answer><|endoftext|>"]
+    monkeypatch.setattr(evaluate, "run_model", lambda *a, **k: [([1] * (i + 1), s) for i, s in enumerate(scripted)])
+    args = SimpleNamespace(prompt="rlvr", max_new_tokens=8, batch=4, samples=0)
+    got = evaluate.evaluate_one(None, None, examples, args)
+    assert got["accuracy"] == 2 / 4 and got["format_rate"] == 3 / 4 and got["response_length"] == 2.5
+    assert got["letters"] == dict(sorted(Counter([examples[0].answer, wrong, "none", examples[3].answer]).items()))
+    assert got["per_category"] == {"dose": 0.5}
+    assert evaluate.read_answer("The drug blocks the wall.\nThe answer is (C).", "cot") == (True, "C")
+    assert evaluate.read_answer(" B. Ceftriaxone\nQuestion: next", "direct") == (True, "B")
+
+
+def test_evaluate_two_models_on_real_questions(tmp_path):
+    for f in (MEDQA / "test.jsonl", MMLU_PRO / "health_test.jsonl", QWEN / "tokenizer.json"):
+        need(f)
+    import evaluate
+    for name, seed in (("base", 0), ("rl", 1)):
+        config = model.Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        model.save_model(model.init_model(config, seed), tmp_path / name)
+        shutil.copy(QWEN / "tokenizer.json", tmp_path / name / "tokenizer.json")
+    results = evaluate.main(["--model", str(tmp_path / "base"), str(tmp_path / "rl"), "--medqa",
+                             str(MEDQA / "test.jsonl"), "--mmlu-pro", str(MMLU_PRO / "health_test.jsonl"),
+                             "--limit", "3", "--max-new-tokens", "6", "--out", str(tmp_path / "results.json")])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    for m in saved.values():
+        assert set(m) == {"MedQA", "MMLU-Pro-Health"}
+        for r in m.values():
+            assert r["n"] == 3 and 0 <= r["accuracy"] <= r["format_rate"] <= 1 and 1 <= r["response_length"] <= 6
+    table = (tmp_path / "results.md").read_text()
+    assert "| | base | rl |" in table and "MMLU-Pro-Health accuracy (greedy)" in table
 
 
 if __name__ == "__main__":       # the FSDP test's worker: python test_all.py {ppo,sft} CKPT OUT (or under torchrun)

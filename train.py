@@ -43,6 +43,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import evaluate
 import model as M
 import ppo
 import reward
@@ -156,7 +157,7 @@ def score_texts(tok, responses, examples, incorrect_reward):
 
 
 @torch.no_grad()
-def evaluate(policy, tok, examples, prompts, args, rank, world):
+def eval_accuracy(policy, tok, examples, prompts, args, rank, world):
     """Greedy accuracy and valid-format rate on held-out examples (each rank decodes its share)."""
     n_right = n_valid = 0
     mine = list(range(rank, len(examples), world))
@@ -203,7 +204,10 @@ def make_experience(actor, critic, ref, tok, examples, prompts, step, args, rank
     n = len(prompts)
     stats = dict(reward=sum(scores), accuracy=sum(s == 1.0 for s in scores), format=sum(s > -1.0 for s in scores),
                  response_length=float(mask.sum()), truncated=sum(not f for f in out.finished),
-                 kl=float(ppo.masked_mean(kl, mask, dim=-1).sum()), n=n)
+                 kl=float(ppo.masked_mean(kl, mask, dim=-1).sum()), n=n,
+                 # the paper's "direct answer hacker" stage: the answer shows up early in the think block
+                 direct_answer=sum(evaluate.classify(t, ex.options) == evaluate.DIRECT_ANSWER
+                                   for t, ex in zip(texts, examples)))
     return exp, stats, texts, scores, t_rollout, time.time() - t0 - t_rollout
 
 
@@ -363,7 +367,7 @@ def main(argv=None):
                 f.write(json.dumps(row) + "\n")
 
     if start == 0:
-        acc, fmt = evaluate(actor, tok, eval_set, eval_prompts, args, rank, world)
+        acc, fmt = eval_accuracy(actor, tok, eval_set, eval_prompts, args, rank, world)
         write("metrics.jsonl", {"step": 0, "eval_accuracy": acc, "eval_format": fmt})
         log(f"step 0: eval accuracy {acc:.3f}, valid format {fmt:.3f}")
 
@@ -403,7 +407,7 @@ def main(argv=None):
         n = sft.all_sum(stats["n"], world)
         row = {"step": step + 1, "lr": sft.lr_at(step, args.actor_lr, args.warmup)}
         row.update({k: sft.all_sum(stats[k], world) / n for k in
-                    ("reward", "accuracy", "format", "truncated", "kl")})
+                    ("reward", "accuracy", "format", "truncated", "kl", "direct_answer")})
         row["response_length"] = sft.all_sum(stats["response_length"], world) / n
         row.update({k: v / n_updates for k, v in m.items()})
         row.update(time_rollout=t_rollout, time_experience=t_exp, time_train=t_train, time_step=time.time() - t0,
@@ -413,11 +417,12 @@ def main(argv=None):
         if args.sample_every and (step + 1) % args.sample_every == 0:
             for t, s, i in list(zip(texts, scores, idx))[:4]:
                 write("samples.jsonl", {"step": step + 1, "question": train_set[i].question,
-                                        "answer": train_set[i].answer, "response": t, "score": s})
+                                        "options": train_set[i].options, "answer": train_set[i].answer,
+                                        "response": t, "score": s})
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == steps):
             save_checkpoint(out, actor, critic, actor_opt, critic_opt, step + 1, args, rank, world, tok)
 
-    acc, fmt = evaluate(actor, tok, eval_set, eval_prompts, args, rank, world)
+    acc, fmt = eval_accuracy(actor, tok, eval_set, eval_prompts, args, rank, world)
     write("metrics.jsonl", {"step": steps, "eval_accuracy": acc, "eval_format": fmt})
     log(f"step {steps}: eval accuracy {acc:.3f}, valid format {fmt:.3f}")
     sft.save(actor, world, rank, tok, out / "final")

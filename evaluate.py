@@ -1,0 +1,331 @@
+"""
+Evaluation: the paper's comparisons as one command, and the training-dynamics picture.
+
+    python evaluate.py --model Qwen2.5-3B runs/sft runs/med-rlvr/final \\
+        --medqa medqa/test.jsonl --mmlu-pro mmlu_pro/health_test.jsonl --out results.json
+    python evaluate.py --model runs/demo-base runs/demo/final --dose 256 --out runs/demo/eval.json   # the CPU demo
+    python evaluate.py --dynamics runs/demo/samples.jsonl                      # behaviour mix per training step
+
+For every model and dataset: greedy accuracy (and, with --samples K, the mean accuracy of K samples at
+temperature 1), the valid-format rate, the mean response length in tokens, how often each letter is answered,
+and the accuracy per category (MedQA meta_info, MMLU-Pro src). The models sit side by side in a markdown table,
+printed and written next to results.json (results.md).
+
+--prompt picks how the model is asked:
+  rlvr    data.build_prompt (the R1-Zero-style prompt RL trains on), scored by reward.score exactly as in training;
+  direct  the paper's base-model baseline: question, options, "Answer:"; the letter is read from the first line;
+  cot     the chain-of-thought baseline: "... Let's think step by step."; the letter is read after the last
+          "answer is". For these two, "valid format" means a letter could be read.
+Deliberate simplifications: one process (generation is batched, sorted by length); a MMLU-Pro file is
+filtered to the health category only when it holds several categories.
+"""
+import argparse
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+import data
+import model as M
+import reward
+import rollout
+
+DIRECT_PROMPT = "Question: {question}\n{options}\nAnswer:"
+COT_PROMPT = ("Question: {question}\n{options}\nAnswer the question, then finish with \"The answer is (X)\" "
+              "where X is the letter of the correct option.\nAnswer: Let's think step by step.")
+
+
+def make_prompt(example, style: str) -> str:
+    if style == "rlvr":
+        return data.build_prompt(example)
+    options = "\n".join(f"{k}. {v}" for k, v in example.options.items())
+    return (DIRECT_PROMPT if style == "direct" else COT_PROMPT).format(question=example.question.strip(),
+                                                                       options=options)
+
+
+def read_answer(response: str, style: str):
+    """-> (valid, letter or None) of one decoded response, for the given prompt style."""
+    if style == "rlvr":
+        valid, letter, _, _ = reward.parse(data.PROMPT_PREFILL + response)
+        return valid, letter
+    if style == "direct":
+        letter = reward.read_letter(response.strip().split("\n")[0])
+    else:
+        at = response.rfind("answer is")
+        letter = reward.read_letter(response[at + len("answer is"):].split("\n")[0]) if at >= 0 else None
+    return letter is not None, letter
+
+
+@torch.no_grad()
+def run_model(policy, tok, examples, style, temperature, max_new_tokens, batch, seed=0):
+    """Generate one response per example (batched by prompt length) -> list of (response ids, text)."""
+    prompts = [tok.encode(make_prompt(ex, style)).ids for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = [None] * len(prompts)
+    gen = torch.Generator(policy.lm_head.weight.device).manual_seed(seed)
+    for k in range(0, len(order), batch):
+        idx = order[k:k + batch]
+        r = rollout.generate(policy, [prompts[i] for i in idx], max_new_tokens, temperature=temperature,
+                             eos_token_id=data.eos_token_id(tok), generator=gen)
+        for i, resp in zip(idx, r.responses):
+            out[i] = (resp, data.decode(tok, resp))
+    return out
+
+
+def evaluate_one(policy, tok, examples, args) -> dict:
+    greedy = run_model(policy, tok, examples, args.prompt, 0.0, args.max_new_tokens, args.batch)
+    right, valid, letters, per_cat = 0, 0, Counter(), defaultdict(list)
+    for ex, (ids, text) in zip(examples, greedy):
+        ok, letter = read_answer(text, args.prompt)
+        hit = ok and letter == ex.answer
+        right, valid = right + hit, valid + ok
+        letters[letter or "none"] += 1
+        per_cat[ex.category].append(hit)
+    n = len(examples)
+    result = {"n": n, "accuracy": right / n, "format_rate": valid / n,
+              "response_length": sum(len(ids) for ids, _ in greedy) / n,
+              "letters": dict(sorted(letters.items())),
+              "per_category": {c: sum(v) / len(v) for c, v in sorted(per_cat.items())}}
+    if args.samples:
+        hits = 0
+        for k in range(args.samples):
+            sampled = run_model(policy, tok, examples, args.prompt, 1.0, args.max_new_tokens, args.batch, seed=k)
+            hits += sum(read_answer(text, args.prompt) == (True, ex.answer) for ex, (_, text) in zip(examples, sampled))
+        result["accuracy_sampled"] = hits / (n * args.samples)
+    return result
+
+
+def markdown(results: dict) -> str:
+    """Models side by side: one row per dataset and metric, one column per model."""
+    models = list(results)
+    lines = ["| | " + " | ".join(Path(m).name or m for m in models) + " |", "|---" * (len(models) + 1) + "|"]
+    datasets = list(next(iter(results.values())))
+    for d in datasets:
+        for key, label in (("accuracy", "accuracy (greedy)"), ("accuracy_sampled", "accuracy (sampled)"),
+                           ("format_rate", "valid format"), ("response_length", "response tokens")):
+            if key not in results[models[0]][d]:
+                continue
+            cells = [results[m][d][key] for m in models]
+            fmt = "{:.1f}" if key == "response_length" else "{:.1%}"
+            lines.append(f"| {d} {label} | " + " | ".join(fmt.format(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# training dynamics: which behaviour each sampled response shows, per training step
+#
+# Med-RLVR (arXiv 2502.19655) reports six stages while PPO trains the base model: format failure -> verbose
+# formatter -> concise structurer -> direct answer hacker -> step-by-step exploit -> reintegrated reasoning.
+# classify() gives a response one of five transparent, rule-based labels (stages 3 and 6 look alike in form,
+# so both read "concise"; stage 5 is "reasoning_outside"), checked in this order, on words from str.split and
+# with str.find / str.replace only: linear in the response length.
+from reward import END_TOKENS, TAGS, parse, read_letter
+
+OUTSIDE_MIN_WORDS, ANSWER_MAX_WORDS, EMPTY_THINK_WORDS = 8, 8, 3
+EARLY_WORDS, BARE_WORDS, VERBOSE_WORDS = 10, 3, 120
+REASONING_OUTSIDE = "reasoning_outside"  # outside >=8 words, answer >=8 (less option), or think <3 & outside+answer >=8
+FORMAT_FAILURE = "format_failure"  # reward.parse says invalid format (and not reasoning_outside)
+DIRECT_ANSWER = "direct_answer"    # valid; think <= 3 words, or its first min(10, half) words name an option
+VERBOSE = "verbose"                # valid; think > 120 words
+CONCISE = "concise"                # valid; everything else
+LABELS = (FORMAT_FAILURE, REASONING_OUTSIDE, DIRECT_ANSWER, VERBOSE, CONCISE)
+CUE_WORDS = ("answer", "option", "choice", "is", "be")  # "answer is A", "Answer: C", "option B", "should be D"
+PUNCT = ".,;:!?()[]*\"'"
+
+
+def _blocks(text):
+    """(think words, answer text, outside words), read leniently so invalid responses can be read too: think
+    runs from the first <think> (or the start) to the first </think> or <answer> after it (or the end), the
+    answer from the next <answer> to the next </answer> (or the end); outside is the rest. Tags and end-of-text
+    tokens become spaces (not "", so no two words get glued)."""
+    a = text.find("<think>")
+    t0 = a + len("<think>") if a >= 0 else 0
+    t1 = min([i for i in (text.find("</think>", t0), text.find("<answer>", t0)) if i >= 0] or [len(text)])
+    t2 = t1 + len("</think>") if text.startswith("</think>", t1) else t1
+    c = text.find("<answer>", t2)
+    c = len(text) if c < 0 else c  # no answer block: an empty one at the end
+    d = text.find("</answer>", c)
+    d = len(text) if d < 0 else d  # unclosed: it runs to the end
+    parts = [text[t0:t1], text[c + len("<answer>"):d], text[:max(a, 0)] + text[t2:c] + text[d + len("</answer>"):]]
+    for tok in TAGS + END_TOKENS:
+        parts = [p.replace(tok, " ") for p in parts]
+    return parts[0].split(), parts[1].strip(), parts[2].split()
+
+
+def _norm(words):  # whole words, lowercase, no punctuation: " c cross-linking of dna "
+    return " " + " ".join(w.strip(PUNCT).lower() for w in words) + " "
+
+
+def _reveals(window, options):
+    """True when the words `window` (the think block's first EARLY_WORDS) name an option:
+    - "(C)" or "[C]" anywhere (letters A-J, "*" of markdown bold stripped);
+    - "C", "C.", "C:", "C)", "C," right after a cue word (CUE_WORDS, any case, ":" ignored), or as the first
+      word, where a bare "A" / "I" does not count (article, pronoun: "A 45-year-old man ...");
+      "C." followed by a lowercase word is an abbreviation, not a cue ("C. difficile", "E. coli");
+    - with options: an option's text, as whole words ignoring case and punctuation (PUNCT)."""
+    for i, w in enumerate(window):
+        w = w.strip("*")
+        if len(w) == 3 and w[0] + w[2] in ("()", "[]") and w[1] in "ABCDEFGHIJ":
+            return True
+        if not (1 <= len(w) <= 2 and w[0] in "ABCDEFGHIJ" and w[1:] in ("", ".", ":", ")", ",")):
+            continue
+        if w[1:] == "." and i + 1 < len(window) and window[i + 1][:1].islower():
+            continue  # "C. difficile"
+        if (i > 0 and window[i - 1].lower().strip("*:") in CUE_WORDS) or (i == 0 and w not in ("A", "I")):
+            return True
+    return any(o.strip() and _norm(o.split()) in _norm(window) for o in (options or {}).values())
+
+
+def classify(response: str, options: dict | None = None) -> str:
+    """The behaviour label of one response (the text from <think> on); `options` maps letter -> option text."""
+    think, answer, outside = _blocks(response)
+    n_think, n_answer, n_out = len(think), len(answer.split()), len(outside)
+    option = (options or {}).get(read_letter(answer), "")
+    if option.strip() and _norm(option.split()) in _norm(answer.split()):
+        n_answer -= len(option.split())  # "C. Inhibition of ... synthesis" is the option, not reasoning
+    if (n_out >= OUTSIDE_MIN_WORDS or n_answer >= ANSWER_MAX_WORDS
+            or (n_think < EMPTY_THINK_WORDS and n_out + n_answer >= OUTSIDE_MIN_WORDS)):
+        return REASONING_OUTSIDE
+    if not parse(response)[0]:
+        return FORMAT_FAILURE
+    # early: within the first EARLY_WORDS words *and* the first half of the think block, so a short worked
+    # solution that ends by naming its option ("9 * 7 = 63 mg, option A.") is reasoning, not the hack
+    if n_think <= BARE_WORDS or _reveals(think[:min(EARLY_WORDS, n_think // 2)], options):
+        return DIRECT_ANSWER  # before VERBOSE: a long think that opens with the answer is still the hack
+    return VERBOSE if n_think > VERBOSE_WORDS else CONCISE
+
+
+def direct_answer_rate(responses: list[str]) -> float:
+    """Share of responses labelled direct_answer (a training metric: the 'direct answer hacker' stage)."""
+    if not responses:
+        raise ValueError("direct_answer_rate: no responses")
+    return sum(classify(r) == DIRECT_ANSWER for r in responses) / len(responses)
+
+
+def read_samples(path) -> list[dict]:
+    """The rows of a training run's samples.jsonl (blank lines skipped)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"samples file not found: {path}")
+    rows = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {i + 1}: bad JSON: {e}") from None
+    return rows
+
+
+def dynamics_table(rows: list[dict], every: int = 1) -> list[dict]:
+    """Per bucket of `every` steps (1..every, every+1..2*every, ...; labelled by the largest step present in
+    it): n, each label's share, the mean score and the mean think-block length in words."""
+    if every < 1:
+        raise ValueError(f"dynamics_table: every must be >= 1, got {every}")
+    groups = {}
+    for i, r in enumerate(rows):
+        try:
+            step, response, score = int(r["step"]), str(r["response"]), float(r["score"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"dynamics_table: row {i} malformed ({type(e).__name__}: {e})") from None
+        label, n_think = classify(response, r.get("options")), len(_blocks(response)[0])
+        groups.setdefault((step - 1) // every, []).append((step, label, score, n_think))
+    table = []
+    for g in (groups[k] for k in sorted(groups)):
+        row = {"step": max(x[0] for x in g), "n": len(g)}
+        row.update({lab: sum(x[1] == lab for x in g) / len(g) for lab in LABELS})
+        row.update(score=sum(x[2] for x in g) / len(g), think_words=sum(x[3] for x in g) / len(g))
+        table.append(row)
+    return table
+
+
+def format_table(table: list[dict]) -> str:
+    """A markdown table of dynamics_table's rows, label shares in percent."""
+    lines = ["| step | n | " + " | ".join(lab.replace("_", " ") for lab in LABELS) + " | score | think words |",
+             "|" + "---:|" * (len(LABELS) + 4)]
+    for r in table:
+        shares = " | ".join(f"{100 * r[lab]:.0f}%" for lab in LABELS)
+        lines.append(f"| {r['step']} | {r['n']} | {shares} | {r['score']:.3f} | {r['think_words']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_dynamics(table: list[dict], path) -> None:
+    """A stacked-area PNG of the label shares over steps (matplotlib is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plot_dynamics needs matplotlib: pip install matplotlib") from None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.stackplot([r["step"] for r in table], *[[r[lab] for r in table] for lab in LABELS], labels=LABELS)
+    ax.set(xlabel="training step", ylabel="share of sampled responses", ylim=(0, 1))
+    ax.legend(loc="upper left", fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def show_dynamics(samples: Path, every: int = 1):
+    """Print the behaviour mix per training step of a run's samples.jsonl; a PNG beside it with matplotlib."""
+    table = dynamics_table(read_samples(samples), every)
+    print(format_table(table))
+    try:
+        plot_dynamics(table, samples.with_name("dynamics.png"))
+        print(f"plot: {samples.with_name('dynamics.png')}")
+    except ImportError as e:
+        print(f"(no plot: {e})")
+    return table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Evaluate models on MedQA / MMLU-Pro-Health / the demo task")
+    parser.add_argument("--model", nargs="+", default=[])
+    parser.add_argument("--medqa", default=None, help="MedQA jsonl (jind11 format), e.g. the test split")
+    parser.add_argument("--mmlu-pro", default=None, help="MMLU-Pro jsonl/parquet; the health category is used")
+    parser.add_argument("--dose", type=int, default=0, help="N held-out questions of the CPU demo's dose task")
+    parser.add_argument("--prompt", choices=["rlvr", "direct", "cot"], default="rlvr")
+    parser.add_argument("--limit", type=int, default=0, help="first N questions of each dataset (0: all)")
+    parser.add_argument("--samples", type=int, default=0, help="also the mean accuracy of K samples at T=1")
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--out", default="results.json")
+    parser.add_argument("--dynamics", default=None, help="samples.jsonl of a training run: behaviour per step")
+    parser.add_argument("--every", type=int, default=1, help="with --dynamics: steps per table row")
+    args = parser.parse_args(argv)
+    if args.dynamics:
+        return show_dynamics(Path(args.dynamics), args.every)
+    if not args.model:
+        parser.error("--model DIR [DIR ...] is required")
+
+    datasets = {}
+    if args.medqa:
+        datasets["MedQA"] = data.load_medqa(args.medqa)
+    if args.mmlu_pro:
+        rows = data.load_mmlu_pro(args.mmlu_pro)
+        datasets["MMLU-Pro-Health"] = rows if "test.jsonl" not in str(args.mmlu_pro) else \
+            data.load_mmlu_pro(args.mmlu_pro, category="health")
+    if args.dose:
+        datasets["Dose (demo)"] = data.make_dose_questions(args.dose, seed=3)     # the demo's held-out seed
+    if not datasets:
+        parser.error("give at least one of --medqa, --mmlu-pro, --dose")
+    if args.limit:
+        datasets = {k: v[:args.limit] for k, v in datasets.items()}
+
+    results = {}
+    for path in args.model:
+        tok, policy = data.load_tokenizer(path), M.load_model(path)
+        if policy.config.vocab_size < tok.get_vocab_size():
+            raise ValueError(f"{path}: tokenizer has {tok.get_vocab_size()} tokens, the model {policy.config.vocab_size}")
+        results[path] = {name: evaluate_one(policy, tok, exs, args) for name, exs in datasets.items()}
+        print(f"{path}: " + ", ".join(f"{d} {r['accuracy']:.1%}" for d, r in results[path].items()))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    table = markdown(results)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    import sft
+    sft.cli(main)
