@@ -47,9 +47,14 @@ DEMO_SFT = dict(n_questions=38400, epochs=1, batch=32, lr=2e-3, warmup=20)
 
 # ------------------------------------------------------------------------------------------------ distributed
 def init_distributed():
-    """-> (rank, world, device). torchrun sets RANK / WORLD_SIZE; plain `python` runs as a world of one."""
+    """-> (rank, world, device). torchrun sets RANK / WORLD_SIZE; plain `python` runs as a world of one (on a
+    GPU as a one-process group, so that FSDP2's mixed precision applies there too)."""
     if "RANK" not in os.environ:
-        return 0, 1, M.default_device_dtype()[0]
+        device = M.default_device_dtype()[0]
+        if device.type != "cuda":
+            return 0, 1, device
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="localhost",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -62,18 +67,30 @@ def init_distributed():
 
 def shard(model, world: int):
     """FSDP2: each decoder block is one unit (gathered just before it runs), the rest (embeddings, final norm,
-    head) the root unit. A world of one keeps the plain module."""
-    if world > 1:
-        from torch.distributed.fsdp import fully_shard
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+    head) the root unit. On CUDA the stored weights keep their dtype (fp32 for trained models) while forward and
+    backward compute in bf16 and gradients are reduced in fp32 (MixedPrecisionPolicy): at PPO's learning rate of
+    1e-6 an update is far below bf16's resolution (~4e-3 relative), so bf16 master weights would never move.
+    A CPU world of one keeps the plain module (fp32)."""
+    device = next(model.parameters()).device
+    if world == 1 and device.type != "cuda":
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
     return model
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
 
 
 def full_state_dict(model, world: int) -> dict:
     """The whole model's weights on rank 0's CPU (other ranks get an empty dict under FSDP)."""
-    if world == 1:
+    if not is_sharded(model):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -193,7 +210,7 @@ def build_demo_base(out: Path, rank=0, world=1, device="cpu", log=print) -> Path
              for q in questions]
     tokenizer = data.train_demo_tokenizer([p + r for p, r in texts])                # deterministic on every rank
     config = M.Qwen2Config(vocab_size=tokenizer.get_vocab_size(), **DEMO_CONFIG)
-    policy = shard(M.init_model(config, seed=0).to(device), world)
+    policy = shard(M.init_model(config, seed=0).to(device), world)          # fp32: init_model builds fp32
     pairs = tokenize_pairs(tokenizer, texts, max_len=512)
     if rank == 0:
         log(f"building the demo base model in {out} ({M.num_params(policy) / 1e6:.2f}M params, "
@@ -221,7 +238,7 @@ def main(argv=None):
     texts = [(data.build_prompt(ex), f" </think>\n<answer>{ex.answer}</answer>{eos}")
              for ex in data.load_medqa(args.train)]
     pairs = tokenize_pairs(tokenizer, texts, args.max_len)
-    policy = M.load_model(args.model, device=device)
+    policy = M.load_model(args.model, device=device, dtype=torch.float32)    # fp32 master weights (see shard)
     if policy.config.vocab_size < tokenizer.get_vocab_size():
         raise ValueError(f"{args.model}: tokenizer has {tokenizer.get_vocab_size()} tokens, the model only "
                          f"{policy.config.vocab_size}")

@@ -98,11 +98,9 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------------ helpers
 @contextmanager
 def full_weights(model, world: int):
-    """Gather every FSDP unit's full weights once and keep them until the block ends (no communication while
-    decoding, so ranks may decode different numbers of tokens); free them after."""
-    if world == 1:
-        yield
-        return
+    """Gather every FSDP unit's full weights once (in the compute dtype: bf16 on CUDA) and keep them until the
+    block ends (no communication while decoding, so ranks may decode different numbers of tokens); free them
+    after. A plain module needs nothing."""
     from torch.distributed.fsdp import FSDPModule
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for u in units:
@@ -344,13 +342,13 @@ def main(argv=None):
         actor_path, critic_path = ckpt / "actor", ckpt / "critic"
     else:
         actor_path = critic_path = Path(args.model)
-    actor = M.load_model(actor_path, device=device)
+    actor = M.load_model(actor_path, device=device, dtype=torch.float32)   # fp32 master weights (sft.shard)
     if actor.config.vocab_size < tok.get_vocab_size():
         raise ValueError(f"{args.model}: tokenizer.json has {tok.get_vocab_size()} tokens but the model's "
                          f"vocabulary has {actor.config.vocab_size}")
     actor = sft.shard(actor.train(), world)
-    critic = sft.shard(M.load_model(critic_path, device=device, value_head=True).train(), world)
-    ref = sft.shard(M.load_model(args.model, device=device).requires_grad_(False), world)
+    critic = sft.shard(M.load_model(critic_path, device=device, dtype=torch.float32, value_head=True).train(), world)
+    ref = sft.shard(M.load_model(args.model, device=device).requires_grad_(False), world)   # bf16 on CUDA
     actor_opt = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
     if start:
