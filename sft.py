@@ -249,7 +249,7 @@ def main(argv=None):
     save(policy, world, rank, tokenizer, Path(args.out))
     if rank == 0:
         print(f"saved {args.out}")
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -425,7 +425,7 @@ def main(argv=None):
     log(f"step {steps}: eval accuracy {acc:.3f}, valid format {fmt:.3f}")
     sft.save(actor, world, rank, tok, out / "final")
     log(f"final policy: {out / 'final'}")
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
