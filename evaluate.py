@@ -52,8 +52,9 @@ def read_answer(response: str, style: str):
     if style == "direct":
         letter = reward.read_letter(response.strip().split("\n")[0])
     else:
-        at = response.rfind("answer is")
-        letter = reward.read_letter(response[at + len("answer is"):].split("\n")[0]) if at >= 0 else None
+        at = response.lower().rfind("answer is")     # "The answer is (C)", "the answer is: **C**"
+        rest = response[at + len("answer is"):].split("\n")[0].lstrip(" :*") if at >= 0 else ""
+        letter = reward.read_letter(rest.replace("*", "")) if at >= 0 else None
     return letter is not None, letter
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -172,10 +173,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)                                     # [B, H_kv, S, D]
+        gqa = self.n_kv != self.n_head
+        if gqa and mask is not None and q.is_cuda:
+            # CUDA's memory-efficient kernel takes a mask but not enable_gqa; rather than fall back to the math
+            # kernel's [B, H, T, S] fp32 matrices, give every query head its own copy of its key/value head
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))
+            gqa = False
         # mask None means plain causal attention; for one new token and no padding, attend to everything
         is_causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv != self.n_head)    # [B, H, T, D]
+                                           enable_gqa=gqa)                               # [B, H, T, D]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -227,6 +234,7 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False     # recompute each block in backward: activations of 1 block, not L
 
     def forward(self, input_ids, attention_mask=None, kv_cache: KVCache | None = None):
         B, T = input_ids.shape
@@ -242,7 +250,10 @@ class Qwen2Model(nn.Module):
         x = self.embed_tokens(input_ids)                                            # [B, T, hidden]
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, kv_cache, i)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv_cache, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
         return self.norm(x)

@@ -52,9 +52,11 @@ def logprobs_from_logits(logits, tokens, temperature=1.0):
 def entropy_from_logits(logits):
     """Entropy of softmax(logits) per position. logits: [B, T, V] -> [B, T]. For the metric only.
     H = logsumexp(z) - sum_i p_i z_i, which is stable for large logits (no log of a tiny p)."""
-    logits = logits.float()
-    p = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(dim=-1)
+    out = []
+    for row in logits:  # one row at a time, as logprobs_from_logits: bounds the fp32 copies to [T, V]
+        row = row.float()
+        out.append(torch.logsumexp(row, dim=-1) - (torch.softmax(row, dim=-1) * row).sum(dim=-1))
+    return torch.stack(out)
 
 def kl_penalty(logprobs, ref_logprobs, kind="k1"):
     """Per-token estimate of KL(policy || ref) from the sampled tokens (Schulman, 'Approximating KL

@@ -37,7 +37,7 @@ import model as M
 DEFAULTS = dict(
     model=None, train=None, out="runs/sft",
     epochs=2, batch=64, micro_batch=8, lr=1e-5, warmup=20, weight_decay=0.0, grad_clip=1.0,
-    max_len=1024, seed=0,
+    max_len=1024, seed=0, grad_checkpoint=True,
 )
 DEMO_RIGHT_SHARE = 0.4   # of the demo base model's worked examples, the share that multiplies (the rest add)
 DEMO_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -49,16 +49,24 @@ DEMO_SFT = dict(n_questions=38400, epochs=1, batch=32, lr=2e-3, warmup=20)
 def init_distributed():
     """-> (rank, world, device). torchrun sets RANK / WORLD_SIZE; plain `python` runs as a world of one (on a
     GPU as a one-process group, so that FSDP2's mixed precision applies there too)."""
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return rank, world, torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
     if "RANK" not in os.environ:
         device = M.default_device_dtype()[0]
         if device.type != "cuda":
             return 0, 1, device
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="localhost",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
+        import socket
+        with socket.socket() as s:                  # a free port for the one-process group
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="localhost", MASTER_PORT=str(port))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        # nccl for the model's tensors, gloo for the few CPU scalars (all_sum) and barriers
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
@@ -120,7 +128,7 @@ def cli(main):
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:
-    """Linear warmup, then constant (as OpenRLHF's constant_with_warmup)."""
+    """Linear warmup, then constant. (OpenRLHF decays by cosine to 0.1 lr after warmup; one schedule less here.)"""
     return lr * min(1.0, (step + 1) / max(1, warmup))
 
 
@@ -233,7 +241,10 @@ def build_demo_base(out: Path, rank=0, world=1, device="cpu", log=print) -> Path
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for k, v in DEFAULTS.items():
-        parser.add_argument("--" + k.replace("_", "-"), type=type(v) if v is not None else str, default=v)
+        if isinstance(v, bool):
+            parser.add_argument("--" + k.replace("_", "-"), action=argparse.BooleanOptionalAction, default=v)
+        else:
+            parser.add_argument("--" + k.replace("_", "-"), type=type(v) if v is not None else str, default=v)
     args = parser.parse_args(argv)
     if args.model is None or args.train is None:
         parser.error("--model DIR and --train FILE (MedQA jsonl) are required")
@@ -245,6 +256,7 @@ def main(argv=None):
              for ex in data.load_medqa(args.train)]
     pairs = tokenize_pairs(tokenizer, texts, args.max_len)
     policy = M.load_model(args.model, device=device, dtype=torch.float32)    # fp32 master weights (see shard)
+    policy.model.gradient_checkpointing = args.grad_checkpoint
     if policy.config.vocab_size < tokenizer.get_vocab_size():
         raise ValueError(f"{args.model}: tokenizer has {tokenizer.get_vocab_size()} tokens, the model only "
                          f"{policy.config.vocab_size}")

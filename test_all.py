@@ -115,6 +115,19 @@ def test_left_padding_and_kv_cache(tiny):
         assert (hidden - ref(ids, output_hidden_states=True).hidden_states[-1]).abs().max() <= 1e-4
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    ours = model.load_model(tiny[0]).train()
+    x = torch.randint(0, 61, (2, 9))
+    grads = []
+    for flag in (False, True):
+        ours.zero_grad()
+        ours.model.gradient_checkpointing = flag
+        ours(x).pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in ours.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_save_model_loads_in_transformers(tmp_path, tied):
     from transformers import AutoModelForCausalLM
@@ -1168,6 +1181,19 @@ def _worker(kind, ckpt, out):
         train.ppo_update(actor, critic, *opts, exp, list(range(len(mine))), args, world)
         state = {**sft.full_state_dict(actor, world),
                  **{"critic." + k: v for k, v in sft.full_state_dict(critic, world).items()}}
+    elif kind == "rollout":
+        # ranks decode different prompts for different numbers of steps (each row stops at its own EOS):
+        # under full_weights that needs no collective, so nothing may hang, and the tokens equal one process's
+        g = torch.Generator().manual_seed(2)
+        prompts = [torch.randint(0, vocab, (1 + i % 5,), generator=g).tolist() for i in range(6)]
+        with train.full_weights(actor, world):
+            result = rollout.generate(actor, prompts[rank::world], 12, temperature=0, eos_token_id=[3, 10, 20, 40])
+        shares = [result.responses]
+        if world > 1:
+            shares = [None] * world
+            torch.distributed.all_gather_object(shares, result.responses)
+        responses = [shares[i % world][i // world] for i in range(len(prompts))]
+        state = {"responses": torch.tensor([r + [-1] * (12 - len(r)) for r in responses])}
     else:
         g = torch.Generator().manual_seed(1)
         pairs = [(torch.randint(0, vocab, (3 + i % 3,), generator=g).tolist(),
@@ -1181,7 +1207,7 @@ def _worker(kind, ckpt, out):
         os._exit(0)              # as sft.cli: skip the interpreter teardown, where gloo now and then aborts
 
 
-@pytest.mark.parametrize("kind", ["ppo", "sft"])
+@pytest.mark.parametrize("kind", ["ppo", "sft", "rollout"])
 def test_fsdp_two_ranks_equal_one_process(tmp_path, kind):
     from safetensors.torch import load_file
     make_checkpoint(tmp_path / "m", tied=True, heads=4, kv_heads=2, layers=2)
@@ -1193,6 +1219,10 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, kind):
                          "test_all.py", kind, str(tmp_path / "m"), str(double)], **run)
     assert r2.returncode == 0, "\n".join(l for l in r2.stderr.splitlines() if "Warning" not in l and "register_pre" not in l)[-6000:]
     a, b = load_file(single), load_file(double)
+    if kind == "rollout":
+        assert torch.equal(a["responses"], b["responses"])
+        assert (a["responses"] == -1).any(), "no row stopped early: the test would not exercise uneven decoding"
+        return
     before = load_file(tmp_path / "m" / "model.safetensors")
     assert a.keys() == b.keys()
     assert any(not torch.equal(a[k], before[k]) for k in before)          # the step did change the weights

@@ -69,13 +69,18 @@ DEFAULTS = dict(
     incorrect_reward=0.0,   # -1.0 is the paper's ablation
     eval_limit=256, eval_batch=64,
     save_every=10, sample_every=5, seed=0, resume=False,
+    grad_checkpoint=False,  # recompute each block's activations in backward (long sequences on GPUs)
 )
 PRESETS = {
-    # Med-RLVR (arXiv 2502.19655) as far as it is published: OpenRLHF 0.5.9 defaults on Qwen2.5-3B base.
+    # Med-RLVR (arXiv 2502.19655) as far as it is published: OpenRLHF 0.5.9 on Qwen2.5-3B base, with the
+    # hyper-parameters of this reproduction's brief (lambda 1; OpenRLHF's CLI default is 0.95: --lam 0.95).
+    # Deliberate deviations from OpenRLHF: constant lr after warmup (it decays by cosine to 0.1 lr), token-mean
+    # loss (0.5.x averages per sequence: --loss-agg seq), old log-probs and all else as documented above.
     "med-rlvr": dict(steps=0, rollout_batch=512, train_batch=128, micro_batch=4, ppo_epochs=1,
                      actor_lr=1e-6, critic_lr=9e-6, warmup=5, kl_coef=0.01, kl_estimator="k1", gamma=1.0,
                      lam=1.0, clip=0.2, value_clip=0.2, temperature=1.0, max_prompt_len=1024,
-                     max_new_tokens=1024, eval_limit=0, eval_batch=128, save_every=5, sample_every=1),
+                     max_new_tokens=1024, eval_limit=0, eval_batch=128, save_every=5, sample_every=1,
+                     grad_checkpoint=True),
 }
 TIMING_KEYS = ("time_rollout", "time_experience", "time_train", "time_step", "tokens_per_s")
 
@@ -86,7 +91,7 @@ def parse_args(argv=None):
     for k, v in DEFAULTS.items():
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
-            parser.add_argument(flag, action="store_true")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=v)
         else:
             parser.add_argument(flag, type=type(v) if v is not None else str, default=v)
     preset = parser.parse_known_args(argv)[0].preset
@@ -103,14 +108,17 @@ def full_weights(model, world: int):
     after. A plain module needs nothing."""
     from torch.distributed.fsdp import FSDPModule
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    blocks = [u for u in units if u is not model]               # the root is never resharded after forward
     for u in units:
         u.unshard()
+    for u in blocks:
         u.set_reshard_after_forward(False, recurse=False)
     try:
         yield
     finally:
         for u in units:
             u.reshard()
+        for u in blocks:
             u.set_reshard_after_forward(True, recurse=False)
 
 
@@ -182,15 +190,19 @@ def make_experience(actor, critic, ref, tok, examples, prompts, step, args, rank
     texts, scores = score_texts(tok, out.responses, examples, args.incorrect_reward)
 
     input_ids, attn, mask, P = pack(prompts, out.responses, device)                # mask: [B, R]
-    old_logprobs = torch.zeros_like(mask)                                          # [B, R]
+    sampler_logprobs = torch.zeros_like(mask)                                      # [B, R]
     for i, lp in enumerate(out.logprobs):
-        old_logprobs[i, :len(lp)] = lp.to(device)
-    ref_logprobs, values = torch.zeros_like(mask), torch.zeros_like(mask)
+        sampler_logprobs[i, :len(lp)] = lp.to(device)
+    # The old log-probs are recomputed by the same forward that training uses (as OpenRLHF does), so the PPO
+    # ratio is exactly 1 on the first minibatch and the KL exactly 0 while actor == reference. In fp32 they equal
+    # the sampler's (tested); in bf16 the cached decode drifts a little: logged as sampler_logprob_err.
+    old_logprobs, ref_logprobs, values = (torch.zeros_like(mask) for _ in range(3))
     with torch.no_grad():
         for a in range(0, len(prompts), args.micro_batch):
             s = slice(a, a + args.micro_batch)
-            logits = response_logits(ref, input_ids[s], attn[s], P)
-            ref_logprobs[s] = ppo.logprobs_from_logits(logits, input_ids[s, P:], args.temperature)
+            for net, dest in ((actor, old_logprobs), (ref, ref_logprobs)):
+                logits = response_logits(net, input_ids[s], attn[s], P)
+                dest[s] = ppo.logprobs_from_logits(logits, input_ids[s, P:], args.temperature)
             values[s] = response_values(critic, input_ids[s], attn[s], P)
     kl = ppo.kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask     # [B, R]
     # The KL goes here, into the reward of every token (not into the loss): the critic learns it, GAE spreads it.
@@ -203,6 +215,7 @@ def make_experience(actor, critic, ref, tok, examples, prompts, step, args, rank
     stats = dict(reward=sum(scores), accuracy=sum(s == 1.0 for s in scores), format=sum(s > -1.0 for s in scores),
                  response_length=float(mask.sum()), truncated=sum(not f for f in out.finished),
                  kl=float(ppo.masked_mean(kl, mask, dim=-1).sum()), n=n,
+                 sampler_logprob_err=float(ppo.masked_mean((sampler_logprobs - old_logprobs).abs(), mask, dim=-1).sum()),
                  # the paper's "direct answer hacker" stage: the answer shows up early in the think block
                  direct_answer=sum(evaluate.classify(t, ex.options) == evaluate.DIRECT_ANSWER
                                    for t, ex in zip(texts, examples)))
@@ -261,6 +274,8 @@ def save_checkpoint(out: Path, actor, critic, actor_opt, critic_opt, step, args,
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0)},
                tmp / f"rng_rank{rank}.pt")
+    if world > 1:
+        dist.barrier()                                           # every rank's file is in before the rename
     if rank == 0:
         M.save_model(actor, tmp / "actor", state_dict=actor_sd)
         M.save_model(critic, tmp / "critic", state_dict=critic_sd)
@@ -278,7 +293,7 @@ def save_checkpoint(out: Path, actor, critic, actor_opt, critic_opt, step, args,
 
 def load_optimizers(ckpt: Path, actor, critic, actor_opt, critic_opt, rank):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    optim = torch.load(ckpt / "optim.pt", weights_only=True)                        # tensors and numbers only
+    optim = torch.load(ckpt / "optim.pt", weights_only=True, mmap=True)   # tensors and numbers; read lazily
     opts = StateDictOptions(full_state_dict=True)
     set_optimizer_state_dict(actor, actor_opt, optim["actor"], options=opts)
     set_optimizer_state_dict(critic, critic_opt, optim["critic"], options=opts)
@@ -336,6 +351,8 @@ def main(argv=None):
 
     # actor, critic (value head on the same base), frozen reference; resume from the checkpoint if asked
     ckpt = out / "checkpoint"
+    if args.resume and not ckpt.exists() and (out / "checkpoint.old").exists():
+        ckpt = out / "checkpoint.old"                            # a crash between the two renames
     start = 0
     if args.resume and (ckpt / "state.json").exists():
         start = json.loads((ckpt / "state.json").read_text())["step"]
@@ -346,11 +363,13 @@ def main(argv=None):
     if actor.config.vocab_size < tok.get_vocab_size():
         raise ValueError(f"{args.model}: tokenizer.json has {tok.get_vocab_size()} tokens but the model's "
                          f"vocabulary has {actor.config.vocab_size}")
-    actor = sft.shard(actor.train(), world)
-    critic = sft.shard(M.load_model(critic_path, device=device, dtype=torch.float32, value_head=True).train(), world)
+    critic = M.load_model(critic_path, device=device, dtype=torch.float32, value_head=True)
+    actor.model.gradient_checkpointing = critic.model.gradient_checkpointing = args.grad_checkpoint
+    actor, critic = sft.shard(actor.train(), world), sft.shard(critic.train(), world)
     ref = sft.shard(M.load_model(args.model, device=device).requires_grad_(False), world)   # bf16 on CUDA
-    actor_opt = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
+    betas = (0.9, 0.95)                                          # as OpenRLHF
+    actor_opt = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay, betas=betas)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay, betas=betas)
     if start:
         load_optimizers(ckpt, actor, critic, actor_opt, critic_opt, rank)
     if rank == 0:
@@ -394,7 +413,8 @@ def main(argv=None):
         per_rank = args.train_batch // world
         n_updates = 0
         for epoch in range(args.ppo_epochs):
-            order = torch.randperm(len(idx), generator=torch.Generator().manual_seed(step * 31 + epoch)).tolist()
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 31 + epoch)
+            order = torch.randperm(len(idx), generator=g).tolist()
             for a in range(0, len(order), per_rank):
                 for k, v in ppo_update(actor, critic, actor_opt, critic_opt, exp, order[a:a + per_rank],
                                        args, world).items():
@@ -405,7 +425,7 @@ def main(argv=None):
         n = sft.all_sum(stats["n"], world)
         row = {"step": step + 1, "lr": sft.lr_at(step, args.actor_lr, args.warmup)}
         row.update({k: sft.all_sum(stats[k], world) / n for k in
-                    ("reward", "accuracy", "format", "truncated", "kl", "direct_answer")})
+                    ("reward", "accuracy", "format", "truncated", "kl", "direct_answer", "sampler_logprob_err")})
         row["response_length"] = sft.all_sum(stats["response_length"], world) / n
         row.update({k: v / n_updates for k, v in m.items()})
         row.update(time_rollout=t_rollout, time_experience=t_exp, time_train=t_train, time_step=time.time() - t0,
