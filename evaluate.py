@@ -16,8 +16,8 @@ printed and written next to results.json (results.md).
   direct  the paper's base-model baseline: question, options, "Answer:"; the letter is read from the first line;
   cot     the chain-of-thought baseline: "... Let's think step by step."; the letter is read after the last
           "answer is". For these two, "valid format" means a letter could be read.
-Deliberate simplifications: one process (generation is batched, sorted by length); a MMLU-Pro file is
-filtered to the health category only when it holds several categories.
+Deliberate simplifications: one process (generation is batched, sorted by length); greedy decoding stops at
+--max-new-tokens (1024, as in training).
 """
 import argparse
 import json
@@ -79,7 +79,10 @@ def evaluate_one(policy, tok, examples, args) -> dict:
     right, valid, letters, per_cat = 0, 0, Counter(), defaultdict(list)
     for ex, (ids, text) in zip(examples, greedy):
         ok, letter = read_answer(text, args.prompt)
-        hit = ok and letter == ex.answer
+        if args.prompt == "rlvr":          # exactly the training reward's verdict
+            hit = reward.score(data.PROMPT_PREFILL + text, ex.answer) == 1.0
+        else:
+            hit = ok and letter == ex.answer
         right, valid = right + hit, valid + ok
         letters[letter or "none"] += 1
         per_cat[ex.category].append(hit)
@@ -300,10 +303,8 @@ def main(argv=None):
     datasets = {}
     if args.medqa:
         datasets["MedQA"] = data.load_medqa(args.medqa)
-    if args.mmlu_pro:
-        rows = data.load_mmlu_pro(args.mmlu_pro)
-        datasets["MMLU-Pro-Health"] = rows if "test.jsonl" not in str(args.mmlu_pro) else \
-            data.load_mmlu_pro(args.mmlu_pro, category="health")
+    if args.mmlu_pro:     # the whole test set (12,032 rows) or its health rows (818): keep the health category
+        datasets["MMLU-Pro-Health"] = data.load_mmlu_pro(args.mmlu_pro, category="health")
     if args.dose:
         datasets["Dose (demo)"] = data.make_dose_questions(args.dose, seed=3)     # the demo's held-out seed
     if not datasets:
