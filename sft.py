@@ -18,7 +18,6 @@ each rank sums its tokens' losses and divides by the token count of all ranks, t
 FSDP averages gradients over ranks. So N processes make exactly the update one process makes.
 """
 import argparse
-import math
 import os
 import random
 import shutil

@@ -1005,9 +1005,9 @@ ROWS = [
 def samples(tmp_path):
     path = tmp_path / "samples.jsonl"
     with open(path, "w") as f:
-        for step, response, score, _, _ in ROWS:
+        for step, response, value, _, _ in ROWS:
             f.write(json.dumps({"step": step, "question": "Q?", "answer": "C", "response": response,
-                                "score": score}) + "\n")
+                                "score": value}) + "\n")
         f.write("\n")  # a trailing blank line is tolerated
     return path
 

@@ -16,8 +16,10 @@ One PPO step, as OpenRLHF 0.5.9 (which Med-RLVR used) does it:
                  GAE(gamma, lambda) gives advantages, whitened over the whole rollout batch, and returns;
   4. learn       `ppo_epochs` passes over minibatches of `train_batch`: the clipped policy loss steps the actor,
                  the clipped value loss steps the critic (AdamW, grad-norm clipping, linear warmup).
-The old log-probs are the sampler's own: rollout.generate returns log softmax(logits / temperature) of each
-sampled token, equal to a fresh forward (tested), and training recomputes them at the same temperature.
+The old log-probs come from the actor's training forward over the finished sequences (as OpenRLHF), at the
+rollout's temperature, so the ratio starts at exactly 1; in fp32 they equal the sampler's own (tested), and the
+gap between the two is logged as `sampler_logprob_err` (bf16 decoding drifts a little).
+On GPUs actor and critic keep fp32 weights and AdamW state and compute in bf16 (sft.shard explains why).
 
 Deliberate simplifications: one response per prompt (OpenRLHF's PPO default); a fixed KL coefficient; no
 reward or value normalisation. A truncated response (no EOS within max_new_tokens) is scored like any other
@@ -30,7 +32,6 @@ before sampling every FSDP unit gathers its full weights once and keeps them (fu
 """
 import argparse
 import json
-import math
 import os
 import random
 import shutil
