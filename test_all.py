@@ -1186,7 +1186,7 @@ def _worker(kind, ckpt, out):
         # under full_weights that needs no collective, so nothing may hang, and the tokens equal one process's
         g = torch.Generator().manual_seed(2)
         prompts = [torch.randint(0, vocab, (1 + i % 5,), generator=g).tolist() for i in range(6)]
-        with train.full_weights(actor, world):
+        with train.full_weights(actor):
             result = rollout.generate(actor, prompts[rank::world], 12, temperature=0, eos_token_id=[3, 10, 20, 40])
         shares = [result.responses]
         if world > 1:

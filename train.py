@@ -103,7 +103,7 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------------------------ helpers
 @contextmanager
-def full_weights(model, world: int):
+def full_weights(model):
     """Gather every FSDP unit's full weights once (in the compute dtype: bf16 on CUDA) and keep them until the
     block ends (no communication while decoding, so ranks may decode different numbers of tokens); free them
     after. A plain module needs nothing."""
@@ -168,7 +168,7 @@ def eval_accuracy(policy, tok, examples, prompts, args, rank, world):
     """Greedy accuracy and valid-format rate on held-out examples (each rank decodes its share)."""
     n_right = n_valid = 0
     mine = list(range(rank, len(examples), world))
-    with full_weights(policy, world):
+    with full_weights(policy):
         for k in range(0, len(mine), args.eval_batch):
             idx = mine[k:k + args.eval_batch]
             out = rollout.generate(policy, [prompts[i] for i in idx], args.max_new_tokens, temperature=0,
@@ -184,7 +184,7 @@ def make_experience(actor, critic, ref, tok, examples, prompts, step, args, rank
     """Rollout + reward + reference / critic forwards + GAE, for this rank's share of the step's prompts."""
     t0 = time.time()
     gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
-    with full_weights(actor, world):
+    with full_weights(actor):
         out = rollout.generate(actor, prompts, args.max_new_tokens, temperature=args.temperature,
                                top_p=args.top_p, eos_token_id=data.eos_token_id(tok), generator=gen)
     t_rollout = time.time() - t0
