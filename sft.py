@@ -147,10 +147,12 @@ def collate(pairs: list[tuple[list[int], list[int]]], device):
 
 
 def response_loss_sum(model, input_ids, loss_mask):
-    """Sum over response tokens of -log p(token | everything before it). Logits at t predict token t+1."""
-    logits = model(input_ids[:, :-1]).float()                                       # [B, T-1, V]
-    nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")  # [B, T-1]
-    return (nll * loss_mask[:, 1:]).sum()
+    """Sum over response tokens of -log p(token | everything before it). Logits at t predict token t+1; the LM
+    head skips the positions before the first response token of the batch (MedQA: ~300 prompt, ~10 response)."""
+    start = int(loss_mask[:, 1:].any(0).nonzero()[0])                               # first position with a target
+    logits = model(input_ids[:, :-1], logits_from=start).float()                    # [B, T-1-start, V]
+    nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1 + start:], reduction="none")
+    return (nll * loss_mask[:, 1 + start:]).sum()
 
 
 def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=0.0, grad_clip=1.0, seed=0,
