@@ -3,7 +3,7 @@ KV-cached sampling for a batch of prompts of unequal lengths: PPO's rollout.
 
     result = generate(model, prompts, max_new_tokens=1024, temperature=1.0, eos_token_id=151643, generator=g)
     result.responses[i]  # sampled token ids of prompt i (ending with the EOS when it stopped on one)
-    result.logprobs[i]   # log-prob of each sampled token: PPO's "old" log-probs
+    result.logprobs[i]   # log-prob of each sampled token (equal to a fresh forward's: PPO's "old" log-probs)
     result.finished[i]   # stopped on EOS (False: ran out of max_new_tokens, i.e. truncated)
 
 How it works:
@@ -17,7 +17,8 @@ How it works:
     a third of the speed; the packed path is 2-4x faster and equal within fp32 rounding.
 
 The log-probs are those of the temperature-scaled distribution, log_softmax(logits / temperature), which is
-what a fresh training forward recomputes for the same tokens. With top_p < 1 the token is drawn from the
+what a fresh training forward recomputes for the same tokens (train.py does recompute them, so that bf16
+decoding drift never enters PPO's ratio, and logs the gap). With top_p < 1 the token is drawn from the
 renormalised nucleus, but the reported log-prob is still of the untruncated distribution (what PPO's ratio
 compares against); keep top_p = 1 for training, as Med-RLVR does. Temperature 0 is greedy decoding, and then
 the log-probs are those of the plain softmax.
