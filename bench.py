@@ -72,21 +72,24 @@ def main():
                         pad_token_id=0)
 
     run_ours(2), run_hf(2)                                    # warm-up
-    t_ours, t_hf, t_prefill = [], [], []
+    t_ours, t_hf, t_prefill, t_hf_prefill = [], [], [], []
     for _ in range(args.rounds):
         t_ours.append(timed(lambda: run_ours(args.new)))
         t_hf.append(timed(lambda: run_hf(args.new)))
         t_prefill.append(timed(lambda: run_ours(1)))
-    ours_s, hf_s, prefill_s = map(statistics.median, (t_ours, t_hf, t_prefill))
+        t_hf_prefill.append(timed(lambda: run_hf(1)))
+    ours_s, hf_s, prefill_s, hf_prefill_s = map(statistics.median, (t_ours, t_hf, t_prefill, t_hf_prefill))
     tokens = args.batch * args.new
-    step_s = (ours_s - prefill_s) / (args.new - 1)            # one decode step of ours, prefill excluded
+    step_s = (ours_s - prefill_s) / (args.new - 1)            # one decode step, prefill (and first token) excluded
+    hf_step_s = (hf_s - hf_prefill_s) / (args.new - 1)
     floor_s = n_params * 4 / copy_bandwidth()
     print(f"model: {n_params / 1e6:.0f}M params, fp32, {torch.get_num_threads()} threads; batch {args.batch}, "
           f"prompt {args.prompt}, new {args.new}, sampling")
     print(f"ours         {tokens / ours_s:8.1f} tok/s  ({ours_s:.2f} s; prefill {prefill_s:.2f} s, "
           f"decode step {step_s * 1e3:.0f} ms)")
-    print(f"transformers {tokens / hf_s:8.1f} tok/s  ({hf_s:.2f} s)")
-    print(f"ratio        {hf_s / ours_s:8.2f}x")
+    print(f"transformers {tokens / hf_s:8.1f} tok/s  ({hf_s:.2f} s; prefill {hf_prefill_s:.2f} s, "
+          f"decode step {hf_step_s * 1e3:.0f} ms)")
+    print(f"ratio        {hf_s / ours_s:8.2f}x  (decode steps alone {hf_step_s / step_s:.2f}x)")
     print(f"bandwidth floor per decode step {floor_s * 1e3:.0f} ms -> ours at {floor_s / step_s:.0%} of the floor")
 
 

@@ -43,7 +43,7 @@ def logprobs_from_logits(logits, tokens, temperature=1.0):
     The training log-probs must use the same temperature as the rollout: the tokens were sampled
     from softmax(logits / temperature), so that is the policy whose ratio and KL we measure."""
     out = []
-    for row_logits, row_tokens in zip(logits, tokens):  # one row at a time: bounds the fp32 copy to [T, V]
+    for row_logits, row_tokens in zip(logits, tokens):  # one row at a time: one [T, V] fp32 copy at a time (without grad)
         row = row_logits.float() / temperature  # out of place: never modify the caller's logits
         picked = row.gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1)  # [T]
         out.append(picked - torch.logsumexp(row, dim=-1))  # log_softmax(x)_i = x_i - logsumexp(x), no [T, V] output

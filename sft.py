@@ -64,7 +64,7 @@ def init_distributed():
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        # nccl for the model's tensors, gloo for the few CPU scalars (all_sum) and barriers
+        # nccl for the model's tensors, gloo for the few CPU scalars that all_sum reduces
         dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
     else:
         device = torch.device("cpu")
@@ -159,7 +159,8 @@ def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=
           rank=0, world=1, device="cpu", log=print):
     """AdamW over `epochs` passes of the (prompt ids, response ids) pairs, `batch` pairs per optimizer step
     (split over the ranks, then into micro-batches). Returns the mean loss of each step."""
-    assert batch % world == 0, f"--batch {batch} must be divisible by the world size {world}"
+    if batch % world:
+        raise ValueError(f"--batch {batch} must be divisible by the world size {world}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     steps_per_epoch = len(pairs) // batch
     losses = []

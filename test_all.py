@@ -9,6 +9,8 @@ a message when it is absent (a fresh clone).
 import json
 import math
 import os
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")   # the suite is CPU-only (fp32 defaults, gloo), also on a GPU node
 from collections import Counter
 import random
 import re
@@ -1236,13 +1238,23 @@ def _ppo_argv(base, out, steps, *extra):
             "--save-every", "2", "--sample-every", "1", "--actor-lr", "1e-2", "--critic-lr", "1e-2", *extra]
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
+def _run_train(argv, world):
+    if world == 1:
+        return train.main(argv)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                        "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_resume_equals_uninterrupted_run(tmp_path, world):
+    """Also under torchrun with 2 ranks: sharded optimizer state saved in full, read back by every rank."""
     from safetensors.torch import load_file
     make_demo_like_checkpoint(tmp_path / "base")
-    train.main(_ppo_argv(tmp_path / "base", tmp_path / "straight", 4))
-    train.main(_ppo_argv(tmp_path / "base", tmp_path / "resumed", 2))
+    _run_train(_ppo_argv(tmp_path / "base", tmp_path / "straight", 4), world)
+    _run_train(_ppo_argv(tmp_path / "base", tmp_path / "resumed", 2), world)
     (tmp_path / "resumed" / "final").rename(tmp_path / "first-half")
-    train.main(_ppo_argv(tmp_path / "base", tmp_path / "resumed", 4, "--resume"))
+    _run_train(_ppo_argv(tmp_path / "base", tmp_path / "resumed", 4, "--resume"), world)
 
     def metrics(run):
         rows = [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]

@@ -323,6 +323,15 @@ def main(argv=None):
     torch.manual_seed(args.seed)                  # the critic's fresh value head; every other draw is seeded
     out = Path(args.out)
     log = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
+    ckpt = out / "checkpoint"
+    if args.resume and not ckpt.exists() and (out / "checkpoint.old").exists():
+        ckpt = out / "checkpoint.old"                            # a crash between the two renames
+    resuming = args.resume and (ckpt / "state.json").exists()
+    if resuming:                                                 # the reference must be the run's own base
+        saved = json.loads((ckpt / "state.json").read_text())["args"]["model"]
+        if args.model not in (None, saved):
+            raise ValueError(f"{ckpt} was trained from --model {saved}, not {args.model}")
+        args.model = saved
 
     # the data and the starting checkpoint
     if args.model is None:                                       # the CPU demo
@@ -336,10 +345,10 @@ def main(argv=None):
         eval_set = eval_set[:args.eval_limit]
     tok = data.load_tokenizer(args.model)
     steps = args.steps or len(train_set) // args.rollout_batch
-    assert args.rollout_batch % world == 0 and args.train_batch % world == 0, \
-        f"--rollout-batch and --train-batch must be divisible by the world size {world}"
-    assert (args.rollout_batch // world) % (args.train_batch // world) == 0, \
-        "--rollout-batch must be a multiple of --train-batch"
+    if args.rollout_batch % world or args.train_batch % world:
+        raise ValueError(f"--rollout-batch and --train-batch must be divisible by the world size {world}")
+    if (args.rollout_batch // world) % (args.train_batch // world):
+        raise ValueError("--rollout-batch must be a multiple of --train-batch")
 
     def encode(examples):
         ids = [tok.encode(data.build_prompt(ex)).ids for ex in examples]
@@ -351,11 +360,8 @@ def main(argv=None):
     train_prompts, eval_prompts = encode(train_set), encode(eval_set)
 
     # actor, critic (value head on the same base), frozen reference; resume from the checkpoint if asked
-    ckpt = out / "checkpoint"
-    if args.resume and not ckpt.exists() and (out / "checkpoint.old").exists():
-        ckpt = out / "checkpoint.old"                            # a crash between the two renames
     start = 0
-    if args.resume and (ckpt / "state.json").exists():
+    if resuming:
         start = json.loads((ckpt / "state.json").read_text())["step"]
         actor_path, critic_path = ckpt / "actor", ckpt / "critic"
     else:
