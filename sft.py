@@ -187,6 +187,11 @@ def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=
     return losses
 
 
+def medqa_pair(example) -> tuple[str, str]:
+    """The SFT baseline's (prompt, response): RL's prompt, then an empty think block and the gold letter."""
+    return data.build_prompt(example), f" </think>\n<answer>{example.answer}</answer>{data.EOS_TOKEN}"
+
+
 def tokenize_pairs(tokenizer, texts: list[tuple[str, str]], max_len: int):
     """Text pairs -> id pairs; a pair longer than max_len is an error naming it (never silently cut)."""
     pairs = []
@@ -253,9 +258,7 @@ def main(argv=None):
     rank, world, device = init_distributed()
     torch.manual_seed(args.seed)
     tokenizer = data.load_tokenizer(args.model)
-    eos = data.EOS_TOKEN
-    texts = [(data.build_prompt(ex), f" </think>\n<answer>{ex.answer}</answer>{eos}")
-             for ex in data.load_medqa(args.train)]
+    texts = [medqa_pair(ex) for ex in data.load_medqa(args.train)]
     pairs = tokenize_pairs(tokenizer, texts, args.max_len)
     policy = M.load_model(args.model, device=device, dtype=torch.float32)    # fp32 master weights (see shard)
     policy.model.gradient_checkpointing = args.grad_checkpoint

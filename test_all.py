@@ -1326,8 +1326,7 @@ def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     net = model.load_model(tmp_path / "base").train()
     tok = data.load_tokenizer(tmp_path / "base")
-    texts = [(data.build_prompt(ex), f" </think>\n<answer>{ex.answer}</answer>{data.EOS_TOKEN}")
-             for ex in data.load_medqa(tmp_path / "train.jsonl")]
+    texts = [sft.medqa_pair(ex) for ex in data.load_medqa(tmp_path / "train.jsonl")]
     losses = sft.train(net, sft.tokenize_pairs(tok, texts, 512), epochs=6, batch=8, micro_batch=8, lr=1e-2,
                        warmup=1, log=lambda msg: None)
     assert sum(losses[-2:]) < 0.5 * sum(losses[:2]), losses
