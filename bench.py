@@ -10,28 +10,30 @@ reported. Besides tokens/s and their ratio, it prints how near our decode step i
 floor: every decode step must read every weight once, so a step can take no less than
 (weight bytes) / (copy bandwidth measured here).
 """
-import argparse
 import statistics
 import tempfile
 import time
 
 import torch
 
+import common
 import model as M
 import rollout as R
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--hidden", type=int, default=896)
-parser.add_argument("--layers", type=int, default=24)
-parser.add_argument("--heads", type=int, default=14)
-parser.add_argument("--kv-heads", type=int, default=2)
-parser.add_argument("--intermediate", type=int, default=4864)
-parser.add_argument("--vocab", type=int, default=151936)
-parser.add_argument("--batch", type=int, default=8)
-parser.add_argument("--prompt", type=int, default=64)
-parser.add_argument("--new", type=int, default=64)
-parser.add_argument("--rounds", type=int, default=3)
-args = parser.parse_args()
+
+def make_parser():
+    parser = common.parser(__doc__)
+    parser.add_argument("--hidden", type=common.positive_int, default=896, help="hidden size (Qwen2.5-0.5B: 896)")
+    parser.add_argument("--layers", type=common.positive_int, default=24, help="decoder blocks")
+    parser.add_argument("--heads", type=common.positive_int, default=14, help="query heads")
+    parser.add_argument("--kv-heads", type=common.positive_int, default=2, help="key/value heads")
+    parser.add_argument("--intermediate", type=common.positive_int, default=4864, help="MLP width")
+    parser.add_argument("--vocab", type=common.positive_int, default=151936, help="vocabulary size")
+    parser.add_argument("--batch", type=common.positive_int, default=8, help="prompts decoded together")
+    parser.add_argument("--prompt", type=common.positive_int, default=64, help="prompt length in tokens")
+    parser.add_argument("--new", type=common.positive_int, default=64, help="new tokens per prompt (at least 2)")
+    parser.add_argument("--rounds", type=common.positive_int, default=3, help="timed rounds (the median is reported)")
+    return parser
 
 
 def timed(fn):
@@ -47,7 +49,10 @@ def copy_bandwidth(nbytes=1 << 29):
     return 2 * nbytes / min(timed(lambda: dst.copy_(src)) for _ in range(5))
 
 
-def main():
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    if args.new < 2:
+        raise ValueError(f"--new {args.new}: the decode step is timed from the second new token on, give >= 2")
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -94,4 +99,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -19,17 +19,18 @@ printed and written next to results.json (results.md).
 Deliberate simplifications: one process (generation is batched, sorted by length); greedy decoding stops at
 --max-new-tokens (1024, as in training).
 """
-import argparse
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 
+import common
 import data
 import model as M
 import reward
 import rollout
+from reward import CONCISE, DIRECT_ANSWER, FORMAT_FAILURE, LABELS, REASONING_OUTSIDE, VERBOSE, classify  # noqa: F401
 
 DIRECT_PROMPT = "Question: {question}\n{options}\nAnswer:"
 COT_PROMPT = ("Question: {question}\n{options}\nAnswer the question, then finish with \"The answer is (X)\" "
@@ -117,95 +118,7 @@ def markdown(results: dict) -> str:
 
 
 # -----------------------------------------------------------------------------
-# training dynamics: which behaviour each sampled response shows, per training step
-#
-# Med-RLVR (arXiv 2502.19655) reports six stages while PPO trains the base model: format failure -> verbose
-# formatter -> concise structurer -> direct answer hacker -> step-by-step exploit -> reintegrated reasoning.
-# classify() gives a response one of five transparent, rule-based labels (stages 3 and 6 look alike in form,
-# so both read "concise"; stage 5 is "reasoning_outside"), checked in this order, on words from str.split and
-# with str.find / str.replace only: linear in the response length.
-from reward import END_TOKENS, TAGS, parse, read_letter
-
-OUTSIDE_MIN_WORDS, ANSWER_MAX_WORDS, EMPTY_THINK_WORDS = 8, 8, 3
-EARLY_WORDS, BARE_WORDS, VERBOSE_WORDS = 10, 3, 120
-REASONING_OUTSIDE = "reasoning_outside"  # outside >=8 words, answer >=8 (less option), or think <3 & outside+answer >=8
-FORMAT_FAILURE = "format_failure"  # reward.parse says invalid format (and not reasoning_outside)
-DIRECT_ANSWER = "direct_answer"    # valid; think <= 3 words, or its first min(10, half) words name an option
-VERBOSE = "verbose"                # valid; think > 120 words
-CONCISE = "concise"                # valid; everything else
-LABELS = (FORMAT_FAILURE, REASONING_OUTSIDE, DIRECT_ANSWER, VERBOSE, CONCISE)
-CUE_WORDS = ("answer", "option", "choice", "is", "be")  # "answer is A", "Answer: C", "option B", "should be D"
-PUNCT = ".,;:!?()[]*\"'"
-
-
-def _blocks(text):
-    """(think words, answer text, outside words), read leniently so invalid responses can be read too: think
-    runs from the first <think> (or the start) to the first </think> or <answer> after it (or the end), the
-    answer from the next <answer> to the next </answer> (or the end); outside is the rest. Tags and end-of-text
-    tokens become spaces (not "", so no two words get glued)."""
-    a = text.find("<think>")
-    t0 = a + len("<think>") if a >= 0 else 0
-    t1 = min([i for i in (text.find("</think>", t0), text.find("<answer>", t0)) if i >= 0] or [len(text)])
-    t2 = t1 + len("</think>") if text.startswith("</think>", t1) else t1
-    c = text.find("<answer>", t2)
-    c = len(text) if c < 0 else c  # no answer block: an empty one at the end
-    d = text.find("</answer>", c)
-    d = len(text) if d < 0 else d  # unclosed: it runs to the end
-    parts = [text[t0:t1], text[c + len("<answer>"):d], text[:max(a, 0)] + text[t2:c] + text[d + len("</answer>"):]]
-    for tok in TAGS + END_TOKENS:
-        parts = [p.replace(tok, " ") for p in parts]
-    return parts[0].split(), parts[1].strip(), parts[2].split()
-
-
-def _norm(words):  # whole words, lowercase, no punctuation: " c cross-linking of dna "
-    return " " + " ".join(w.strip(PUNCT).lower() for w in words) + " "
-
-
-def _reveals(window, options):
-    """True when the words `window` (the think block's first EARLY_WORDS) name an option:
-    - "(C)" or "[C]" anywhere (letters A-J, "*" of markdown bold stripped);
-    - "C", "C.", "C:", "C)", "C," right after a cue word (CUE_WORDS, any case, ":" ignored), or as the first
-      word, where a bare "A" / "I" does not count (article, pronoun: "A 45-year-old man ...");
-      "C." followed by a lowercase word is an abbreviation, not a cue ("C. difficile", "E. coli");
-    - with options: an option's text, as whole words ignoring case and punctuation (PUNCT)."""
-    for i, w in enumerate(window):
-        w = w.strip("*")
-        if len(w) == 3 and w[0] + w[2] in ("()", "[]") and w[1] in "ABCDEFGHIJ":
-            return True
-        if not (1 <= len(w) <= 2 and w[0] in "ABCDEFGHIJ" and w[1:] in ("", ".", ":", ")", ",")):
-            continue
-        if w[1:] == "." and i + 1 < len(window) and window[i + 1][:1].islower():
-            continue  # "C. difficile"
-        if (i > 0 and window[i - 1].lower().strip("*:") in CUE_WORDS) or (i == 0 and w not in ("A", "I")):
-            return True
-    return any(o.strip() and _norm(o.split()) in _norm(window) for o in (options or {}).values())
-
-
-def classify(response: str, options: dict | None = None) -> str:
-    """The behaviour label of one response (the text from <think> on); `options` maps letter -> option text."""
-    think, answer, outside = _blocks(response)
-    n_think, n_answer, n_out = len(think), len(answer.split()), len(outside)
-    option = (options or {}).get(read_letter(answer), "")
-    if option.strip() and _norm(option.split()) in _norm(answer.split()):
-        n_answer -= len(option.split())  # "C. Inhibition of ... synthesis" is the option, not reasoning
-    if (n_out >= OUTSIDE_MIN_WORDS or n_answer >= ANSWER_MAX_WORDS
-            or (n_think < EMPTY_THINK_WORDS and n_out + n_answer >= OUTSIDE_MIN_WORDS)):
-        return REASONING_OUTSIDE
-    if not parse(response)[0]:
-        return FORMAT_FAILURE
-    # early: within the first EARLY_WORDS words *and* the first half of the think block, so a short worked
-    # solution that ends by naming its option ("9 * 7 = 63 mg, option A.") is reasoning, not the hack
-    if n_think <= BARE_WORDS or _reveals(think[:min(EARLY_WORDS, n_think // 2)], options):
-        return DIRECT_ANSWER  # before VERBOSE: a long think that opens with the answer is still the hack
-    return VERBOSE if n_think > VERBOSE_WORDS else CONCISE
-
-
-def direct_answer_rate(responses: list[str]) -> float:
-    """Share of responses labelled direct_answer (a training metric: the 'direct answer hacker' stage)."""
-    if not responses:
-        raise ValueError("direct_answer_rate: no responses")
-    return sum(classify(r) == DIRECT_ANSWER for r in responses) / len(responses)
-
+# training dynamics: the behaviour mix per training step of a run's samples.jsonl (labels: reward.classify)
 
 def read_samples(path) -> list[dict]:
     """The rows of a training run's samples.jsonl (blank lines skipped)."""
@@ -231,7 +144,7 @@ def dynamics_table(rows: list[dict], every: int = 1) -> list[dict]:
             step, response, score = int(r["step"]), str(r["response"]), float(r["score"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"dynamics_table: row {i} malformed ({type(e).__name__}: {e})") from None
-        label, n_think = classify(response, r.get("options")), len(_blocks(response)[0])
+        label, n_think = classify(response, r.get("options")), len(reward.read_blocks(response)[0])
         groups.setdefault((step - 1) // every, []).append((step, label, score, n_think))
     table = []
     for g in (groups[k] for k in sorted(groups)):
@@ -280,20 +193,27 @@ def show_dynamics(samples: Path, every: int = 1):
     return table
 
 
+def make_parser():
+    parser = common.parser(__doc__)
+    c = common
+    parser.add_argument("--model", nargs="+", default=[], help="checkpoint folders (HF layout), side by side")
+    parser.add_argument("--medqa", help="MedQA jsonl (jind11 format), e.g. the test split")
+    parser.add_argument("--mmlu-pro", help="MMLU-Pro jsonl/parquet; its health category is used")
+    parser.add_argument("--dose", type=c.nonneg_int, default=0, help="N held-out questions of the CPU demo's dose task")
+    parser.add_argument("--prompt", choices=["rlvr", "direct", "cot"], default="rlvr",
+                        help="how the model is asked (see the docstring)")
+    parser.add_argument("--limit", type=c.nonneg_int, default=0, help="first N questions of each dataset (0: all)")
+    parser.add_argument("--samples", type=c.nonneg_int, default=0, help="also the mean accuracy of K samples at T=1")
+    parser.add_argument("--max-new-tokens", type=c.positive_int, default=1024, help="response budget in tokens")
+    parser.add_argument("--batch", type=c.positive_int, default=64, help="prompts per decoding batch")
+    parser.add_argument("--out", default="results.json", help="results as JSON; a markdown table beside it (.md)")
+    parser.add_argument("--dynamics", help="samples.jsonl of a training run: print the behaviour mix per step")
+    parser.add_argument("--every", type=c.positive_int, default=1, help="with --dynamics: steps per table row")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate models on MedQA / MMLU-Pro-Health / the demo task")
-    parser.add_argument("--model", nargs="+", default=[])
-    parser.add_argument("--medqa", default=None, help="MedQA jsonl (jind11 format), e.g. the test split")
-    parser.add_argument("--mmlu-pro", default=None, help="MMLU-Pro jsonl/parquet; the health category is used")
-    parser.add_argument("--dose", type=int, default=0, help="N held-out questions of the CPU demo's dose task")
-    parser.add_argument("--prompt", choices=["rlvr", "direct", "cot"], default="rlvr")
-    parser.add_argument("--limit", type=int, default=0, help="first N questions of each dataset (0: all)")
-    parser.add_argument("--samples", type=int, default=0, help="also the mean accuracy of K samples at T=1")
-    parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--out", default="results.json")
-    parser.add_argument("--dynamics", default=None, help="samples.jsonl of a training run: behaviour per step")
-    parser.add_argument("--every", type=int, default=1, help="with --dynamics: steps per table row")
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.dynamics:
         return show_dynamics(Path(args.dynamics), args.every)
@@ -329,5 +249,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sft
-    sft.cli(main)
+    common.cli(main)

@@ -17,6 +17,11 @@ attention (Qwen2.5 ships with it switched off; we refuse configs that switch it 
 Left padding: every forward may take `attention_mask` [B, S] (1 = real token, 0 = pad) covering the cached
 tokens plus the new ones. Positions are counted over real tokens only, so a left-padded prompt sees exactly the
 positions it would see alone.
+
+The KV cache belongs to the sampler (rollout.KVCache); the model only uses the cache it is given, which must offer
+  cache.length                 the number of positions already cached (the model adds T after each forward), and
+  cache.update(layer, k, v)    store this layer's new keys and values [B, n_kv, T, head_dim] after the cached
+                               ones and return all of them [B, n_kv, length + T, head_dim].
 """
 import json
 import os
@@ -137,25 +142,6 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-class KVCache:
-    """A preallocated (static) cache: k, v [L, B, n_kv, max_len, head_dim]; `length` slots are filled.
-
-    Allocated once per rollout, so decoding never reallocates or concatenates: each step writes one slot."""
-
-    def __init__(self, config: Qwen2Config, batch: int, max_len: int, device, dtype):
-        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.length = 0
-
-    def update(self, layer: int, k, v):
-        """Write k, v [B, n_kv, T, D] after the filled slots; return all keys and values so far."""
-        start, end = self.length, self.length + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
 class Attention(nn.Module):
     def __init__(self, config: Qwen2Config):
         super().__init__()
@@ -165,7 +151,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None, layer: int):
+    def forward(self, x, cos, sin, mask, kv_cache, layer: int):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # [B, H_kv, T, D]
@@ -236,7 +222,7 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False     # recompute each block in backward: activations of 1 block, not L
 
-    def forward(self, input_ids, attention_mask=None, kv_cache: KVCache | None = None):
+    def forward(self, input_ids, attention_mask=None, kv_cache=None):
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if attention_mask is None:          # no padding: positions past..past+T-1, plain causal attention

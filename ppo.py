@@ -128,7 +128,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, seq_mean
     logprobs (with grad), old_logprobs, advantages, mask: [B, T].
     Returns (loss, clip_frac, approx_kl): scalar loss, the fraction of tokens where the clip is
     active (zero gradient there), and the k1 KL(old || new) as a metric."""
-    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)  # as TinyZero: keep exp() finite
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)  # ours: keeps exp() finite (OpenRLHF, TinyZero don't clamp)
     ratio = torch.exp(log_ratio)  # [B, T]
     surr1 = ratio * advantages
     surr2 = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages

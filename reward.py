@@ -28,6 +28,10 @@ Reward.
   incorrect_reward   valid format, but a wrong or unreadable answer (0.0 by default; -1.0 is the paper's ablation)
   -1.0               invalid format (this includes two answer blocks)
 
+Behaviour labels (second half of the file): classify() names which of the paper's training stages one response
+shows (format failure, reasoning outside the think block, direct answer, verbose, concise). They are a metric,
+not a reward: train.py logs the direct-answer rate per step, evaluate.py tabulates the mix per step.
+
 Everything is str.count / str.find / str.replace plus one anchored, non-nested regex that reads at most
 3 characters, so the cost is linear in len(text): a megabyte of adversarial text scores in milliseconds.
 """
@@ -86,3 +90,92 @@ def score(text, answer, incorrect_reward=0.0):
     if not valid:
         return -1.0
     return 1.0 if letter == answer else float(incorrect_reward)
+
+
+# -----------------------------------------------------------------------------
+# behaviour labels: not a reward, a metric (train.py logs the direct-answer rate; evaluate.py tabulates them)
+#
+# Med-RLVR (arXiv 2502.19655) reports six stages while PPO trains the base model: format failure -> verbose
+# formatter -> concise structurer -> direct answer hacker -> step-by-step exploit -> reintegrated reasoning.
+# classify() gives a response one of five transparent, rule-based labels (stages 3 and 6 look alike in form,
+# so both read "concise"; stage 5 is "reasoning_outside"), checked in this order, on words from str.split and
+# with str.find / str.replace only: linear in the response length.
+OUTSIDE_MIN_WORDS, ANSWER_MAX_WORDS, EMPTY_THINK_WORDS = 8, 8, 3
+EARLY_WORDS, BARE_WORDS, VERBOSE_WORDS = 10, 3, 120
+REASONING_OUTSIDE = "reasoning_outside"  # outside >=8 words, answer >=8 (less option), or think <3 & outside+answer >=8
+FORMAT_FAILURE = "format_failure"  # reward.parse says invalid format (and not reasoning_outside)
+DIRECT_ANSWER = "direct_answer"    # valid; think <= 3 words, or its first min(10, half) words name an option
+VERBOSE = "verbose"                # valid; think > 120 words
+CONCISE = "concise"                # valid; everything else
+LABELS = (FORMAT_FAILURE, REASONING_OUTSIDE, DIRECT_ANSWER, VERBOSE, CONCISE)
+CUE_WORDS = ("answer", "option", "choice", "is", "be")  # "answer is A", "Answer: C", "option B", "should be D"
+PUNCT = ".,;:!?()[]*\"'"
+
+
+def read_blocks(text):
+    """(think words, answer text, outside words), read leniently so invalid responses can be read too: think
+    runs from the first <think> (or the start) to the first </think> or <answer> after it (or the end), the
+    answer from the next <answer> to the next </answer> (or the end); outside is the rest. Tags and end-of-text
+    tokens become spaces (not "", so no two words get glued)."""
+    a = text.find("<think>")
+    t0 = a + len("<think>") if a >= 0 else 0
+    t1 = min([i for i in (text.find("</think>", t0), text.find("<answer>", t0)) if i >= 0] or [len(text)])
+    t2 = t1 + len("</think>") if text.startswith("</think>", t1) else t1
+    c = text.find("<answer>", t2)
+    c = len(text) if c < 0 else c  # no answer block: an empty one at the end
+    d = text.find("</answer>", c)
+    d = len(text) if d < 0 else d  # unclosed: it runs to the end
+    parts = [text[t0:t1], text[c + len("<answer>"):d], text[:max(a, 0)] + text[t2:c] + text[d + len("</answer>"):]]
+    for tok in TAGS + END_TOKENS:
+        parts = [p.replace(tok, " ") for p in parts]
+    return parts[0].split(), parts[1].strip(), parts[2].split()
+
+
+def _norm(words):  # whole words, lowercase, no punctuation: " c cross-linking of dna "
+    return " " + " ".join(w.strip(PUNCT).lower() for w in words) + " "
+
+
+def _reveals(window, options):
+    """True when the words `window` (the think block's first EARLY_WORDS) name an option:
+    - "(C)" or "[C]" anywhere (letters A-J, "*" of markdown bold stripped);
+    - "C", "C.", "C:", "C)", "C," right after a cue word (CUE_WORDS, any case, ":" ignored), or as the first
+      word, where a bare "A" / "I" does not count (article, pronoun: "A 45-year-old man ...");
+      "C." followed by a lowercase word is an abbreviation, not a cue ("C. difficile", "E. coli");
+    - with options: an option's text, as whole words ignoring case and punctuation (PUNCT)."""
+    for i, w in enumerate(window):
+        w = w.strip("*")
+        if len(w) == 3 and w[0] + w[2] in ("()", "[]") and w[1] in "ABCDEFGHIJ":
+            return True
+        if not (1 <= len(w) <= 2 and w[0] in "ABCDEFGHIJ" and w[1:] in ("", ".", ":", ")", ",")):
+            continue
+        if w[1:] == "." and i + 1 < len(window) and window[i + 1][:1].islower():
+            continue  # "C. difficile"
+        if (i > 0 and window[i - 1].lower().strip("*:") in CUE_WORDS) or (i == 0 and w not in ("A", "I")):
+            return True
+    return any(o.strip() and _norm(o.split()) in _norm(window) for o in (options or {}).values())
+
+
+def classify(response: str, options: dict | None = None) -> str:
+    """The behaviour label of one response (the text from <think> on); `options` maps letter -> option text."""
+    think, answer, outside = read_blocks(response)
+    n_think, n_answer, n_out = len(think), len(answer.split()), len(outside)
+    option = (options or {}).get(read_letter(answer), "")
+    if option.strip() and _norm(option.split()) in _norm(answer.split()):
+        n_answer -= len(option.split())  # "C. Inhibition of ... synthesis" is the option, not reasoning
+    if (n_out >= OUTSIDE_MIN_WORDS or n_answer >= ANSWER_MAX_WORDS
+            or (n_think < EMPTY_THINK_WORDS and n_out + n_answer >= OUTSIDE_MIN_WORDS)):
+        return REASONING_OUTSIDE
+    if not parse(response)[0]:
+        return FORMAT_FAILURE
+    # early: within the first EARLY_WORDS words *and* the first half of the think block, so a short worked
+    # solution that ends by naming its option ("9 * 7 = 63 mg, option A.") is reasoning, not the hack
+    if n_think <= BARE_WORDS or _reveals(think[:min(EARLY_WORDS, n_think // 2)], options):
+        return DIRECT_ANSWER  # before VERBOSE: a long think that opens with the answer is still the hack
+    return VERBOSE if n_think > VERBOSE_WORDS else CONCISE
+
+
+def direct_answer_rate(responses: list[str]) -> float:
+    """Share of responses labelled direct_answer (a training metric: the 'direct answer hacker' stage)."""
+    if not responses:
+        raise ValueError("direct_answer_rate: no responses")
+    return sum(classify(r) == DIRECT_ANSWER for r in responses) / len(responses)

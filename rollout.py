@@ -29,7 +29,26 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from model import KVCache
+
+class KVCache:
+    """A preallocated (static) cache: k, v [L, B, n_kv, max_len, head_dim]; `length` slots are filled.
+
+    Allocated once per rollout, so decoding never reallocates or concatenates: each step writes one slot. The model
+    calls update() in every layer and advances `length` after each forward (model.py's docstring)."""
+
+    def __init__(self, config, batch: int, max_len: int, device, dtype):
+        head_dim = config.hidden_size // config.num_attention_heads
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer: int, k, v):
+        """Write k, v [B, n_kv, T, D] after the filled slots; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 @dataclass

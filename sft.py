@@ -12,123 +12,56 @@ It has two jobs, one mechanism:
     python sft.py --model Qwen2.5-3B --train medqa/train.jsonl --out runs/sft            # one process
     torchrun --standalone --nproc_per_node=8 sft.py --model Qwen2.5-3B --train medqa/train.jsonl --out runs/sft
 
-Distributed plumbing (shared with train.py): under torchrun each decoder block and then the whole model is
-wrapped with FSDP2's fully_shard, gloo on CPU and nccl on GPU. The loss is a token-mean over the *global* batch:
+Under torchrun the model is sharded with FSDP2 (common.py). The loss is a token-mean over the *global* batch:
 each rank sums its tokens' losses and divides by the token count of all ranks, times the world size, because
 FSDP averages gradients over ranks. So N processes make exactly the update one process makes.
 """
 import argparse
-import os
 import random
-import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+import common
 import data
 import model as M
 
-# ------------------------------------------------------------------------------------------------ defaults
-DEFAULTS = dict(
-    model=None, train=None, out="runs/sft",
-    epochs=2, batch=64, micro_batch=8, lr=1e-5, warmup=20, weight_decay=0.0, grad_clip=1.0,
-    max_len=1024, seed=0, grad_checkpoint=True,
-)
+# ------------------------------------------------------------------------------------------------ flags
+def make_parser():
+    p = common.parser(__doc__)
+    p.add_argument("--model", help="base checkpoint folder (HF layout: config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--train", help="MedQA train split, jind11 JSON lines")
+    p.add_argument("--out", default="runs/sft", help="where the fine-tuned model is written (HF layout)")
+    p.add_argument("--epochs", type=common.positive_int, default=2, help="passes over the train set")
+    p.add_argument("--batch", type=common.positive_int, default=64, help="examples per optimizer step, all ranks")
+    p.add_argument("--micro-batch", type=common.positive_int, default=8,
+                   help="examples per forward/backward on one rank (memory, not maths)")
+    p.add_argument("--lr", type=common.positive_float, default=1e-5, help="AdamW learning rate after warmup")
+    p.add_argument("--warmup", type=common.nonneg_int, default=20, help="steps of linear learning-rate warmup")
+    p.add_argument("--weight-decay", type=common.nonneg_float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=common.positive_float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--max-len", type=common.positive_int, default=1024,
+                   help="longest prompt + response in tokens; a longer example is an error, never cut")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffles")
+    p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute each block's activations in backward")
+    return p
+
+
+def parse_args(argv=None):
+    p = make_parser()
+    args = p.parse_args(argv)
+    if args.model is None or args.train is None:
+        p.error("--model DIR and --train FILE (MedQA jsonl) are required")
+    return args
+
+
 DEMO_RIGHT_SHARE = 0.4   # of the demo base model's worked examples, the share that multiplies (the rest add)
 DEMO_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0, torch_dtype="float32")
 DEMO_SFT = dict(n_questions=38400, epochs=1, batch=32, lr=2e-3, warmup=20)
-
-
-# ------------------------------------------------------------------------------------------------ distributed
-def init_distributed():
-    """-> (rank, world, device). torchrun sets RANK / WORLD_SIZE; plain `python` runs as a world of one (on a
-    GPU as a one-process group, so that FSDP2's mixed precision applies there too)."""
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        return rank, world, torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
-    if "RANK" not in os.environ:
-        device = M.default_device_dtype()[0]
-        if device.type != "cuda":
-            return 0, 1, device
-        import socket
-        with socket.socket() as s:                  # a free port for the one-process group
-            s.bind(("localhost", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="localhost", MASTER_PORT=str(port))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        # nccl for the model's tensors, gloo for the few CPU scalars that all_sum reduces
-        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def shard(model, world: int):
-    """FSDP2: each decoder block is one unit (gathered just before it runs), the rest (embeddings, final norm,
-    head) the root unit. On CUDA the stored weights keep their dtype (fp32 for trained models) while forward and
-    backward compute in bf16 and gradients are reduced in fp32 (MixedPrecisionPolicy): at PPO's learning rate of
-    1e-6 an update is far below bf16's resolution (~4e-3 relative), so bf16 master weights would never move.
-    A CPU world of one keeps the plain module (fp32)."""
-    device = next(model.parameters()).device
-    if world == 1 and device.type != "cuda":
-        return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return model
-
-
-def is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
-
-
-def full_state_dict(model, world: int) -> dict:
-    """The whole model's weights on rank 0's CPU (other ranks get an empty dict under FSDP)."""
-    if not is_sharded(model):
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def all_sum(x: float, world: int) -> float:
-    if world == 1:
-        return x
-    t = torch.tensor([float(x)], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item()
-
-
-def cli(main):
-    """Run main(); a user mistake (a missing file, a bad checkpoint or data row) exits with its one-line
-    message instead of a traceback from every rank."""
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    if "RANK" in os.environ:
-        # Under torchrun, a gloo thread now and then aborts the process during interpreter teardown ("terminate
-        # called without an active exception"), after all is written: leave without the teardown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-def lr_at(step: int, lr: float, warmup: int) -> float:
-    """Linear warmup, then constant. (OpenRLHF decays by cosine to 0.1 lr after warmup; one schedule less here.)"""
-    return lr * min(1.0, (step + 1) / max(1, warmup))
 
 
 # ------------------------------------------------------------------------------------------------ the loss
@@ -169,7 +102,7 @@ def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=
         order = list(range(len(pairs)))
         random.Random(seed + epoch).shuffle(order)                                  # same order on every rank
         mine = [pairs[j] for j in order[i * batch:(i + 1) * batch]][rank::world]
-        n_tokens = all_sum(sum(len(r) for _, r in mine), world)                     # response tokens, all ranks
+        n_tokens = common.all_sum(sum(len(r) for _, r in mine), world)                     # response tokens, all ranks
         total = 0.0
         for k in range(0, len(mine), micro_batch):
             input_ids, loss_mask = collate(mine[k:k + micro_batch], device)
@@ -178,10 +111,10 @@ def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, lr, warmup)
+            group["lr"] = common.lr_at(step, lr, warmup)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(all_sum(total, world))
+        losses.append(common.all_sum(total, world))
         if rank == 0 and (step % 10 == 0 or step == epochs * steps_per_epoch - 1):
             log(f"sft step {step + 1}/{epochs * steps_per_epoch}  loss {losses[-1]:.4f}")
     return losses
@@ -203,20 +136,6 @@ def tokenize_pairs(tokenizer, texts: list[tuple[str, str]], max_len: int):
     return pairs
 
 
-def save(model, world, rank, tokenizer, out: Path):
-    """HF export: config.json + model.safetensors + tokenizer.json, written to a temporary folder and renamed."""
-    state = full_state_dict(model, world)
-    if rank == 0:
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        M.save_model(model, tmp, state_dict=state)
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    if world > 1:
-        dist.barrier()
-
-
 # ------------------------------------------------------------------------------------------------ the demo base
 def build_demo_base(out: Path, rank=0, world=1, device="cpu", log=print) -> Path:
     """The CPU demo's starting checkpoint: a tiny Qwen2 with its own tokenizer, briefly trained on worked dose
@@ -231,14 +150,14 @@ def build_demo_base(out: Path, rank=0, world=1, device="cpu", log=print) -> Path
              for q in questions]
     tokenizer = data.train_demo_tokenizer([p + r for p, r in texts])                # deterministic on every rank
     config = M.Qwen2Config(vocab_size=tokenizer.get_vocab_size(), **DEMO_CONFIG)
-    policy = shard(M.init_model(config, seed=0).to(device), world)          # fp32: init_model builds fp32
+    policy = common.shard(M.init_model(config, seed=0).to(device), world)          # fp32: init_model builds fp32
     pairs = tokenize_pairs(tokenizer, texts, max_len=512)
     if rank == 0:
         log(f"building the demo base model in {out} ({M.num_params(policy) / 1e6:.2f}M params, "
             f"{len(pairs)} worked examples, {DEMO_RIGHT_SHARE:.0%} of them right)")
     train(policy, pairs, epochs=DEMO_SFT["epochs"], batch=DEMO_SFT["batch"], micro_batch=DEMO_SFT["batch"],
           lr=DEMO_SFT["lr"], warmup=DEMO_SFT["warmup"], rank=rank, world=world, device=device, log=log)
-    save(policy, world, rank, tokenizer, out)
+    common.export(policy, tokenizer, out, rank, world)
     if rank == 0:
         log(f"demo base model ready in {time.time() - t0:.0f} s")
     return out
@@ -246,35 +165,26 @@ def build_demo_base(out: Path, rank=0, world=1, device="cpu", log=print) -> Path
 
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for k, v in DEFAULTS.items():
-        if isinstance(v, bool):
-            parser.add_argument("--" + k.replace("_", "-"), action=argparse.BooleanOptionalAction, default=v)
-        else:
-            parser.add_argument("--" + k.replace("_", "-"), type=type(v) if v is not None else str, default=v)
-    args = parser.parse_args(argv)
-    if args.model is None or args.train is None:
-        parser.error("--model DIR and --train FILE (MedQA jsonl) are required")
-    rank, world, device = init_distributed()
+    args = parse_args(argv)
+    rank, world, device = common.init_distributed()
     torch.manual_seed(args.seed)
     tokenizer = data.load_tokenizer(args.model)
     texts = [medqa_pair(ex) for ex in data.load_medqa(args.train)]
     pairs = tokenize_pairs(tokenizer, texts, args.max_len)
-    policy = M.load_model(args.model, device=device, dtype=torch.float32)    # fp32 master weights (see shard)
+    policy = M.load_model(args.model, device=device, dtype=torch.float32)   # fp32 master weights (common.shard)
     policy.model.gradient_checkpointing = args.grad_checkpoint
     if policy.config.vocab_size < tokenizer.get_vocab_size():
         raise ValueError(f"{args.model}: tokenizer has {tokenizer.get_vocab_size()} tokens, the model only "
                          f"{policy.config.vocab_size}")
-    policy = shard(policy.train(), world)
+    policy = common.shard(policy.train(), world)
     train(policy, pairs, epochs=args.epochs, batch=args.batch, micro_batch=args.micro_batch, lr=args.lr,
           warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
           rank=rank, world=world, device=device)
-    save(policy, world, rank, tokenizer, Path(args.out))
+    common.export(policy, tokenizer, Path(args.out), rank, world)
     if rank == 0:
         print(f"saved {args.out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    common.finish(world)
 
 
 if __name__ == "__main__":
-    cli(main)
+    common.cli(main)

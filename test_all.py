@@ -1,35 +1,141 @@
 """
 The test suite. Every test checks real behaviour against an independent reference: transformers' Qwen2 for the
 model and the sampler, naive loops and hand computations for the PPO math and the reward, the released files and
-llama.cpp's tokenizer vectors for the data. Tests that need ../shared (real data, the Qwen2.5 tokenizer) skip with
-a message when it is absent (a fresh clone).
+llama.cpp's tokenizer vectors for the data, one process for FSDP, an uninterrupted run for resume. Tests that need
+../shared (real data, the Qwen2.5 tokenizer) skip with a message when it is absent (a fresh clone).
 
     python -m pytest -q test_all.py
+
+Index: each test's name starts with the file it tests.
+    test_layout_*     the files themselves: model / rollout / ppo / reward copy out alone; every flag has a help
+    test_model_*      model.py against transformers: logits, padding, KV cache, checkpointing, safetensors in/out
+    test_rollout_*    rollout.py: greedy = transformers' generate, cached = uncached, log-probs, top-p
+    test_reward_*     reward.py: the format and answer rules, linear time, the behaviour classifier
+    test_data_*       data.py: MedQA / MMLU-Pro files, bad rows, the prompt, the tokenizer
+    test_ppo_*        ppo.py: masked statistics, KL, token rewards, GAE, policy and value losses
+    test_evaluate_*   evaluate.py: the dynamics table, scoring by the reward rules, a real-data run
+    test_sft_*        sft.py: the response-only loss, learning, the HF export
+    test_train_*      train.py with common.py: FSDP with 2 ranks = 1 process, resume = uninterrupted, PPO learns
+
+This file is also the worker those FSDP tests start under torchrun: `python test_all.py {ppo,sft,rollout} CKPT OUT`
+(see _worker at the bottom).
 """
+import importlib.util
 import json
 import math
 import os
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")   # the suite is CPU-only (fp32 defaults, gloo), also on a GPU node
-from collections import Counter
 import random
 import re
+import shutil
+import subprocess
+import sys
 import time
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
+from safetensors.torch import load_file, save_file
 
+import bench
+import common
 import data
+import evaluate
 import model
 import ppo
+import reward
 import rollout
-from reward import parse, read_letter, score
+import sft
+import train
+from evaluate import dynamics_table, format_table, plot_dynamics, read_samples
+from reward import (CONCISE, DIRECT_ANSWER, FORMAT_FAILURE, LABELS, REASONING_OUTSIDE, VERBOSE, classify,
+                    direct_answer_rate, parse, read_letter, score)
 
+ROOT = Path(__file__).resolve().parent
 SHARED = Path(__file__).resolve().parent.parent / "shared"
 MEDQA = SHARED / "data" / "medqa"
 MMLU_PRO = SHARED / "data" / "mmlu_pro"
 QWEN = SHARED / "tokenizers" / "qwen2.5"
+
+
+# ================================================================================================================
+# the layout: the four core files copy out alone; every flag of every script explains itself
+
+STANDALONE_USE = {   # the smallest use of each file, run with nothing but that file in the folder
+    "model.py": """
+import torch, model
+cfg = model.Qwen2Config(vocab_size=11, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1)
+net = model.init_model(cfg)
+model.save_model(net, "ckpt")
+again = model.load_model("ckpt", device="cpu")
+x = torch.tensor([[1, 2, 3]])
+assert again(x).shape == (1, 3, 11) and torch.allclose(again(x), net(x))
+""",
+    "rollout.py": """
+import torch, types, rollout
+class Bigram(torch.nn.Module):     # the two things rollout needs of a model: .config and .lm_head, and the cache
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(num_hidden_layers=1, num_key_value_heads=1, hidden_size=4,
+                                            num_attention_heads=1)
+        self.lm_head = torch.nn.Linear(4, 5, bias=False)
+        self.embed = torch.nn.Embedding(5, 4)
+    def forward(self, ids, attention_mask=None, kv_cache=None, logits_from=0):
+        kv_cache.update(0, *(torch.zeros(ids.shape[0], 1, ids.shape[1], 4),) * 2)
+        kv_cache.length += ids.shape[1]
+        return self.lm_head(self.embed(ids))[:, logits_from:]
+out = rollout.generate(Bigram(), [[1, 2], [3]], 6, temperature=1.0, eos_token_id=4,
+                       generator=torch.Generator().manual_seed(0))
+assert len(out.responses) == 2 and all(1 <= len(r) <= 6 for r in out.responses)
+assert all(len(lp) == len(r) for lp, r in zip(out.logprobs, out.responses))
+""",
+    "ppo.py": """
+import torch, ppo
+mask = torch.tensor([[1.0, 1.0, 0.0]])
+rewards = ppo.token_rewards(torch.tensor([1.0]), torch.zeros(1, 3), mask, 0.1)
+adv, ret = ppo.compute_gae(rewards, torch.zeros(1, 3), mask, 1.0, 1.0)
+assert adv.tolist() == [[1.0, 1.0, 0.0]]
+""",
+    "reward.py": """
+import reward
+assert reward.score("<think> 2 * 3 = 6 </think><answer>C</answer>", "C") == 1.0
+assert reward.score("no tags", "C") == -1.0
+assert reward.classify("<think> </think><answer>C</answer>") == reward.DIRECT_ANSWER
+""",
+}
+
+
+@pytest.mark.parametrize("name", list(STANDALONE_USE))
+def test_layout_core_file_copies_out_alone(tmp_path, name):
+    """model.py, rollout.py, ppo.py and reward.py import nothing from the project: each works alone."""
+    shutil.copy(ROOT / name, tmp_path / name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", STANDALONE_USE[name]], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.glob("*.py")) == [name]       # nothing else was there to import
+
+
+@pytest.mark.parametrize("script", [train, sft, evaluate, bench], ids=lambda m: m.__name__)
+def test_layout_every_flag_has_help_and_shows_its_default(script):
+    parser = script.make_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help and action.help.strip(), f"{script.__name__} {action.option_strings[0]}: no help"
+        if action.default is not None:
+            assert f"(default: {action.default})" in " ".join(text.split()), action.option_strings[0]
+    enumerations = {"train": ("--kl-estimator", "--loss-agg", "--preset"), "evaluate": ("--prompt",)}
+    for flag in enumerations.get(script.__name__, ()):                          # are argparse choices
+        for action in parser._actions:
+            if flag in action.option_strings:
+                assert action.choices, flag
 
 
 # ================================================================================================================
@@ -40,13 +146,12 @@ def make_checkpoint(path, *, tied=True, heads=4, kv_heads=2, hidden=56, layers=2
     """A tiny random Qwen2 saved by transformers. Every tensor is randomised (biases and norms too), so a
     forgotten bias or a norm applied in the wrong place shows. legacy_config rewrites config.json in the
     released Qwen2.5 spelling (rope_theta, torch_dtype) instead of transformers 5's (rope_parameters, dtype)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 8,
+    cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 8,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                       tie_word_embeddings=tied, rms_norm_eps=1e-5, max_position_embeddings=512,
                       rope_parameters={"rope_type": "default", "rope_theta": 5000.0})   # not the default theta
-    ref = Qwen2ForCausalLM(cfg).eval()
+    ref = transformers.Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():
         for name, p in ref.named_parameters():
             p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
@@ -56,7 +161,7 @@ def make_checkpoint(path, *, tied=True, heads=4, kv_heads=2, hidden=56, layers=2
         c["rope_theta"] = c.pop("rope_parameters")["rope_theta"]
         c["torch_dtype"] = c.pop("dtype", "float32")
         (Path(path) / "config.json").write_text(json.dumps(c))
-    return Qwen2ForCausalLM.from_pretrained(path).eval()   # the reference reads the files we will read
+    return transformers.Qwen2ForCausalLM.from_pretrained(path).eval()   # the reference reads the files we will read
 
 
 CONFIGS = {  # tied, heads, kv_heads (head ratio 1, 2, 7), sharded, legacy config.json spelling
@@ -75,7 +180,7 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_logits_equal_transformers(tmp_path, name):
+def test_model_logits_equal_transformers(tmp_path, name):
     ref = make_checkpoint(tmp_path, **CONFIGS[name])
     if CONFIGS[name].get("sharded"):
         assert (tmp_path / "model.safetensors.index.json").exists()
@@ -87,7 +192,7 @@ def test_logits_equal_transformers(tmp_path, name):
         assert (ours(x) - ref(x).logits).abs().max() <= 1e-4
 
 
-def test_left_padding_and_kv_cache(tiny):
+def test_model_left_padding_and_kv_cache(tiny):
     """A left-padded row gives the logits its prompt gives alone; prefill + cached steps equal one forward."""
     path, ref = tiny
     ours = model.load_model(path)
@@ -104,7 +209,7 @@ def test_left_padding_and_kv_cache(tiny):
         more = torch.randint(0, 61, (3, 3))
         full_ids, full_mask = torch.cat([ids, more], 1), torch.cat([mask, torch.ones(3, 3, dtype=torch.long)], 1)
         full = ours(full_ids, attention_mask=full_mask)
-        cache = model.KVCache(ours.config, 3, T + 3, "cpu", torch.float32)
+        cache = rollout.KVCache(ours.config, 3, T + 3, "cpu", torch.float32)
         pieces = []
         for a, b in [(0, 4), (4, 5), (5, T + 3)]:
             pieces.append(ours(full_ids[:, a:b], attention_mask=full_mask[:, :b], kv_cache=cache))
@@ -117,7 +222,7 @@ def test_left_padding_and_kv_cache(tiny):
         assert (hidden - ref(ids, output_hidden_states=True).hidden_states[-1]).abs().max() <= 1e-4
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+def test_model_gradient_checkpointing_gives_the_same_gradients(tiny):
     ours = model.load_model(tiny[0]).train()
     x = torch.randint(0, 61, (2, 9))
     grads = []
@@ -131,12 +236,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_save_model_loads_in_transformers(tmp_path, tied):
-    from transformers import AutoModelForCausalLM
+def test_model_save_model_loads_in_transformers(tmp_path, tied):
     make_checkpoint(tmp_path / "src", tied=tied, legacy_config=True)
     ours = model.load_model(tmp_path / "src")
     model.save_model(ours, tmp_path / "out")
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     again = model.load_model(tmp_path / "out")
     x = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
@@ -145,7 +249,7 @@ def test_save_model_loads_in_transformers(tmp_path, tied):
     assert not list((tmp_path / "out").glob("*.tmp"))
 
 
-def test_value_head_from_base_checkpoint(tmp_path):
+def test_model_value_head_from_base_checkpoint(tmp_path):
     ref = make_checkpoint(tmp_path / "base", tied=True)
     critic = model.load_model(tmp_path / "base", value_head=True)
     assert isinstance(critic, model.Qwen2Critic) and not hasattr(critic, "lm_head")
@@ -162,8 +266,7 @@ def test_value_head_from_base_checkpoint(tmp_path):
         model.load_model(tmp_path / "critic")                               # a critic is not a policy
 
 
-def test_bad_checkpoints_give_one_clear_error(tmp_path):
-    from safetensors.torch import load_file, save_file
+def test_model_bad_checkpoints_give_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         model.load_model(tmp_path)
     make_checkpoint(tmp_path / "m", tied=False)
@@ -188,7 +291,7 @@ def test_bad_checkpoints_give_one_clear_error(tmp_path):
         model.load_model(tmp_path / "m")
 
 
-def test_greedy_batch_equals_transformers_alone_and_stops_at_eos(tiny):
+def test_rollout_greedy_batch_equals_transformers_alone_and_stops_at_eos(tiny):
     path, ref = tiny
     ours = model.load_model(path)
     prompts = [[5, 9, 2, 7, 1, 3], [4], [8, 1, 6, 60], [33, 12]]
@@ -206,7 +309,7 @@ def test_greedy_batch_equals_transformers_alone_and_stops_at_eos(tiny):
     assert out.finished[0] and out.responses[0][-1] == eos and len(out.responses[0]) == 4
 
 
-def test_cached_decoding_equals_uncached(tiny):
+def test_rollout_cached_decoding_equals_uncached(tiny):
     """generate (prefill + one cached step per token) equals re-running the whole sequence every step."""
     ours = model.load_model(tiny[0])
     prompt = [7, 3, 9]
@@ -219,7 +322,7 @@ def test_cached_decoding_equals_uncached(tiny):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sampled_logprobs_equal_a_fresh_forward(tiny, temperature):
+def test_rollout_sampled_logprobs_equal_a_fresh_forward(tiny, temperature):
     ours = model.load_model(tiny[0])
     prompts = [[5, 9, 2, 7, 1, 3], [4], [8, 1, 6, 60]]
     g = torch.Generator().manual_seed(0)
@@ -237,7 +340,7 @@ def test_sampled_logprobs_equal_a_fresh_forward(tiny, temperature):
             assert (fresh - lp).abs().max() <= 1e-3
 
 
-def test_top_p_keeps_only_the_nucleus():
+def test_rollout_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
     seen = {int(rollout.sample(logits, 1.0, 0.7, g)[0]) for _ in range(400)}
@@ -341,7 +444,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("text,valid,letter,expected", CASES)
-def test_parse_and_score_table(text, valid, letter, expected):
+def test_reward_parse_and_score_table(text, valid, letter, expected):
     got_valid, got_letter, _, _ = parse(text)
     assert (got_valid, got_letter) == (valid, letter)
     assert score(text, "C") == expected
@@ -350,7 +453,7 @@ def test_parse_and_score_table(text, valid, letter, expected):
     assert score(text, "C", incorrect_reward=0.25) == (0.25 if expected == 0.0 else expected)
 
 
-def test_parse_returns_stripped_blocks():
+def test_reward_parse_returns_stripped_blocks():
     text = "<think>\n Gram-negative diplococci. \n</think>\n<answer> C. Ceftriaxone \n</answer><|endoftext|>"
     assert parse(text) == (True, "C", "Gram-negative diplococci.", "C. Ceftriaxone")
     assert parse("<think>x</think><answer>or</answer>") == (True, None, "x", "or")
@@ -358,7 +461,7 @@ def test_parse_returns_stripped_blocks():
 
 
 @pytest.mark.parametrize("gold", list("ABCDEFGHIJ"))
-def test_every_gold_letter(gold):
+def test_reward_every_gold_letter(gold):
     for letter in "ABCDEFGHIJ":
         want = 1.0 if letter == gold else 0.0
         assert score(W(letter), gold) == want
@@ -366,7 +469,7 @@ def test_every_gold_letter(gold):
 
 
 @pytest.mark.parametrize("gold", ["K", "c", "", "CD", None, 3])
-def test_bad_gold_answer_raises(gold):
+def test_reward_bad_gold_answer_raises(gold):
     with pytest.raises(ValueError, match="gold answer"):
         score(W("C"), gold)
 
@@ -379,7 +482,7 @@ def _reference_valid(text):
     return re.fullmatch(rf"{blank}<think>{inner}</think>{blank}<answer>{inner}</answer>{blank}", text, re.S) is not None
 
 
-def test_format_matches_reference_on_random_texts():
+def test_reward_format_matches_reference_on_random_texts():
     pieces = ["<think>", "</think>", "<answer>", "</answer>", "<|endoftext|>", "<|im_end|>", "<|endo", "ftext|>",
               "<thi", "nk>", " ", "\n", "C", "x", "(A)"]
     rng = random.Random(0)
@@ -412,7 +515,7 @@ ADVERSARIAL = [  # ~1 MB each, with the outcome for gold "C" worked out by hand
 
 
 @pytest.mark.parametrize("i", range(len(ADVERSARIAL)))
-def test_linear_time_on_adversarial_megabyte(i):
+def test_reward_linear_time_on_adversarial_megabyte(i):
     text, expected = ADVERSARIAL[i]
     assert len(text) >= 900_000
     t0 = time.perf_counter()
@@ -421,7 +524,7 @@ def test_linear_time_on_adversarial_megabyte(i):
     assert got == expected
 
 
-def test_real_option_texts_read_as_their_letter():
+def test_reward_real_option_texts_read_as_their_letter():
     """Every real MedQA / MMLU-Pro health option, written "X. text" or "(X) text", reads as X."""
     if not SHARED.exists():
         pytest.skip("../shared not found: real option texts unavailable")
@@ -454,7 +557,7 @@ def raw_rows(path):
 # MedQA
 
 @pytest.mark.parametrize("split, n", [("dev", 1272), ("test", 1273)])
-def test_medqa_real_split(split, n):
+def test_data_medqa_real_split(split, n):
     need(MEDQA)
     path = MEDQA / f"{split}.jsonl"
     examples, raw = data.load_medqa(path), raw_rows(path)
@@ -471,7 +574,7 @@ def test_medqa_real_split(split, n):
 # -----------------------------------------------------------------------------
 # MMLU-Pro
 
-def test_mmlu_pro_health_file():
+def test_data_mmlu_pro_health_file():
     need(MMLU_PRO)
     path = MMLU_PRO / "health_test.jsonl"
     examples, raw = data.load_mmlu_pro(path), raw_rows(path)
@@ -483,7 +586,7 @@ def test_mmlu_pro_health_file():
         assert ex.answer == row["answer"] and ex.category == row["src"]
 
 
-def test_mmlu_pro_category_filter_matches_health_file():
+def test_data_mmlu_pro_category_filter_matches_health_file():
     need(MMLU_PRO)
     everything = data.load_mmlu_pro(MMLU_PRO / "test.jsonl")
     health = data.load_mmlu_pro(MMLU_PRO / "test.jsonl", category="health")
@@ -493,7 +596,7 @@ def test_mmlu_pro_category_filter_matches_health_file():
            [(e.question, e.options, e.answer) for e in reference]
 
 
-def test_mmlu_pro_uses_answer_letter_not_answer_index():
+def test_data_mmlu_pro_uses_answer_letter_not_answer_index():
     need(MMLU_PRO)
     path = MMLU_PRO / "test.jsonl"
     examples, raw = data.load_mmlu_pro(path), raw_rows(path)
@@ -503,7 +606,7 @@ def test_mmlu_pro_uses_answer_letter_not_answer_index():
     assert disagree == [3983]
 
 
-def test_mmlu_pro_drops_na_padding():
+def test_data_mmlu_pro_drops_na_padding():
     need(MMLU_PRO)
     path = MMLU_PRO / "validation.jsonl"
     for ex, row in zip(data.load_mmlu_pro(path), raw_rows(path)):
@@ -535,7 +638,7 @@ def write_lines(path, lines):
     (data.load_mmlu_pro, MMLU_ROW, json.dumps({k: v for k, v in MMLU_ROW.items() if k != "answer"})),
     (data.load_mmlu_pro, MMLU_ROW, json.dumps({**MMLU_ROW, "answer": "D"})),                       # 3 options only
 ])
-def test_corrupt_line_names_file_and_line(tmp_path, loader, good, bad_line):
+def test_data_corrupt_line_names_file_and_line(tmp_path, loader, good, bad_line):
     # line 1 good, line 2 blank (still counts as a line), line 3 corrupt, line 4 good
     path = write_lines(tmp_path / "rows.jsonl", [json.dumps(good), "", bad_line, json.dumps(good)])
     with pytest.raises(ValueError, match=r"rows\.jsonl line 3\b"):
@@ -544,19 +647,19 @@ def test_corrupt_line_names_file_and_line(tmp_path, loader, good, bad_line):
     assert len(loader(path)) == 2
 
 
-def test_medqa_options_out_of_order_are_sorted(tmp_path):
+def test_data_medqa_options_out_of_order_are_sorted(tmp_path):
     row = {**MEDQA_ROW, "options": {"C": "c", "A": "a", "D": "d", "B": "b"}}
     [ex] = data.load_medqa(write_lines(tmp_path / "rows.jsonl", [json.dumps(row)]))
     assert list(ex.options.items()) == [("A", "a"), ("B", "b"), ("C", "c"), ("D", "d")]
 
 
 @pytest.mark.parametrize("loader", [data.load_medqa, data.load_mmlu_pro])
-def test_missing_file(tmp_path, loader):
+def test_data_missing_file(tmp_path, loader):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         loader(tmp_path / "nope.jsonl")
 
 
-def test_parquet_needs_pyarrow(tmp_path):
+def test_data_parquet_needs_pyarrow(tmp_path):
     path = tmp_path / "test.parquet"
     try:
         import pyarrow as pa
@@ -571,7 +674,7 @@ def test_parquet_needs_pyarrow(tmp_path):
     assert len(examples) == 1 and examples[0].options == {"A": "a", "B": "b", "C": "c"}
 
 
-def test_missing_tokenizer(tmp_path):
+def test_data_missing_tokenizer(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         data.load_tokenizer(tmp_path)
 
@@ -579,7 +682,7 @@ def test_missing_tokenizer(tmp_path):
 # -----------------------------------------------------------------------------
 # prompt
 
-def test_build_prompt():
+def test_data_build_prompt():
     ex = data.Example("Which drug blocks cell wall synthesis?",
                       {"A": "Gentamicin", "B": "Ciprofloxacin", "C": "Ceftriaxone"}, "C", "step1")
     prompt = data.build_prompt(ex)
@@ -589,7 +692,7 @@ def test_build_prompt():
     assert "Ceftriaxone" not in data.PROMPT_TEMPLATE and "{question}" in data.PROMPT_TEMPLATE
 
 
-def test_build_prompt_mmlu_pro_ten_options():
+def test_data_build_prompt_mmlu_pro_ten_options():
     need(MMLU_PRO)
     ex = next(e for e in data.load_mmlu_pro(MMLU_PRO / "health_test.jsonl") if len(e.options) == 10)
     lines = data.build_prompt(ex).split("\n")
@@ -614,7 +717,7 @@ def read_llamacpp_vectors(folder):
     return list(zip(texts[:-1], ids[:-1], strict=True))
 
 
-def test_tokenizer_matches_llamacpp_vectors():
+def test_data_tokenizer_matches_llamacpp_vectors():
     need(QWEN)
     tok = data.load_tokenizer(QWEN)  # the folder form
     cases = read_llamacpp_vectors(QWEN / "llamacpp-vectors")
@@ -625,7 +728,7 @@ def test_tokenizer_matches_llamacpp_vectors():
     assert failures == []
 
 
-def test_tokenizer_special_tokens_and_decode():
+def test_data_tokenizer_special_tokens_and_decode():
     need(QWEN)
     tok = data.load_tokenizer(QWEN / "tokenizer.json")  # the file form
     ids = tok.encode("Hello world<|endoftext|>").ids
@@ -652,7 +755,7 @@ def ragged(lengths, T, seed=0):
 
 # ----------------------------------------------------------------------------- masked statistics
 
-def test_masked_mean_ignores_padding():
+def test_ppo_masked_mean_ignores_padding():
     x, mask = ragged([4, 1, 3], T=5)
     x[1, 3] = float("inf")  # even inf/NaN on padding must not leak
     x[2, 4] = float("nan")
@@ -664,7 +767,7 @@ def test_masked_mean_ignores_padding():
 
 
 @pytest.mark.parametrize("shift_mean", [True, False])
-def test_masked_whiten_matches_selected_entries(shift_mean):
+def test_ppo_masked_whiten_matches_selected_entries(shift_mean):
     x, mask = ragged([5, 2, 1], T=6, seed=1)
     sel = x[mask.bool()]
     mean, var = sel.mean(), sel.var(unbiased=False)  # biased variance, as OpenRLHF
@@ -676,7 +779,7 @@ def test_masked_whiten_matches_selected_entries(shift_mean):
 
 # ----------------------------------------------------------------------------- KL estimators
 
-def test_kl_k1_k3_hand_values():
+def test_ppo_kl_k1_k3_hand_values():
     lp = [-1.0, -0.2, -3.0, -0.5]
     ref = [-1.5, -0.2, -1.0, -2.5]
     k1 = ppo.kl_penalty(torch.tensor([lp]), torch.tensor([ref]), kind="k1")[0].tolist()
@@ -686,7 +789,7 @@ def test_kl_k1_k3_hand_values():
     assert k3[1] == 0.0 and all(v >= 0 for v in k3)  # k3 >= 0, zero iff equal
 
 
-def test_kl_k3_finite_for_huge_log_ratios():
+def test_ppo_kl_k3_finite_for_huge_log_ratios():
     lp = torch.tensor([[0.0, -1000.0, 0.0]])
     ref = torch.tensor([[-1000.0, 0.0, -1e30]])
     k3 = ppo.kl_penalty(lp, ref, kind="k3")
@@ -697,7 +800,7 @@ def test_kl_k3_finite_for_huge_log_ratios():
 
 # ----------------------------------------------------------------------------- rewards
 
-def test_token_rewards_score_on_last_real_token():
+def test_ppo_token_rewards_score_on_last_real_token():
     lengths, T, beta = [3, 1, 5], 5, 0.05
     kl, mask = ragged(lengths, T, seed=2)
     scores = torch.tensor([1.0, -0.5, 0.0])
@@ -711,7 +814,7 @@ def test_token_rewards_score_on_last_real_token():
             assert r[b, t].item() == pytest.approx(expect), (b, t)
 
 
-def test_token_rewards_rejects_empty_row():
+def test_ppo_token_rewards_rejects_empty_row():
     mask = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     with pytest.raises(ValueError, match="no response token"):
         ppo.token_rewards(torch.zeros(2), torch.zeros(2, 2), mask, 0.1)
@@ -732,7 +835,7 @@ def naive_gae(rewards, values, n, gamma, lam):
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (1.0, 0.9), (0.5, 0.0)])
-def test_gae_matches_naive_loop(gamma, lam):
+def test_ppo_gae_matches_naive_loop(gamma, lam):
     lengths, T = [6, 1, 3, 4], 6
     rewards, mask = ragged(lengths, T, seed=3)
     values, _ = ragged(lengths, T, seed=4)
@@ -743,7 +846,7 @@ def test_gae_matches_naive_loop(gamma, lam):
         assert ret[b].tolist() == pytest.approx(r_ref + [0.0] * (T - n), rel=1e-5, abs=1e-5)
 
 
-def test_gae_gamma1_lam1_is_reward_to_go_minus_value():
+def test_ppo_gae_gamma1_lam1_is_reward_to_go_minus_value():
     # with gamma = lam = 1 the advantage telescopes to (sum of future rewards) - V(s_t)
     rewards = torch.tensor([[0.0, 0.0, 1.0, GARBAGE]])
     values = torch.tensor([[0.3, 0.5, 0.7, GARBAGE]])
@@ -755,7 +858,7 @@ def test_gae_gamma1_lam1_is_reward_to_go_minus_value():
 
 # ----------------------------------------------------------------------------- policy loss
 
-def test_policy_loss_clip_gradients():
+def test_ppo_policy_loss_clip_gradients():
     eps = 0.2
     # (ratio, advantage, clipped?) ; token-mean over these 6 tokens (row 2 has 2 padding slots)
     cases = [(1.5, 1.0, True), (0.5, -1.0, True),     # clip active: no gradient
@@ -788,7 +891,7 @@ def test_policy_loss_clip_gradients():
     assert approx_kl.item() == pytest.approx(sum(-math.log(r) for r, _, _ in cases) / N, rel=1e-5)
 
 
-def test_policy_loss_token_mean_vs_seq_mean():
+def test_ppo_policy_loss_token_mean_vs_seq_mean():
     # at ratio 1 the loss is -A; rows of length 3 and 1 weigh differently under the two averagings
     lp = torch.zeros(2, 3)
     adv = torch.tensor([[1.0, 2.0, 3.0], [10.0, GARBAGE, GARBAGE]])
@@ -801,7 +904,7 @@ def test_policy_loss_token_mean_vs_seq_mean():
 
 # ----------------------------------------------------------------------------- value loss
 
-def test_value_loss_clipping_hand_computed():
+def test_ppo_value_loss_clipping_hand_computed():
     eps, R = 0.2, 1.0
     old = torch.zeros(1, 5)
     v = torch.tensor([[0.5, -0.5, 0.1, 1.5, GARBAGE]], requires_grad=True)
@@ -822,7 +925,7 @@ def test_value_loss_clipping_hand_computed():
     assert v.grad[0, N].item() == 0.0
 
 
-def test_value_loss_unclipped():
+def test_ppo_value_loss_unclipped():
     v = torch.tensor([[0.5, 3.0, GARBAGE]])
     old = torch.zeros(1, 3)
     R = torch.tensor([[1.0, -1.0, 0.0]])
@@ -831,7 +934,7 @@ def test_value_loss_unclipped():
     assert loss.item() == pytest.approx(0.5 * ((0.5 - 1) ** 2 + (3.0 + 1) ** 2) / 2)
 
 
-def test_value_loss_token_mean_vs_seq_mean():
+def test_ppo_value_loss_token_mean_vs_seq_mean():
     v = torch.tensor([[1.0, 2.0, 3.0], [4.0, GARBAGE, GARBAGE]])
     R = torch.zeros(2, 3)
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
@@ -845,7 +948,7 @@ def test_value_loss_token_mean_vs_seq_mean():
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_logprobs_from_logits_matches_categorical(temperature, dtype):
+def test_ppo_logprobs_from_logits_matches_categorical(temperature, dtype):
     g = torch.Generator().manual_seed(5)
     logits = (torch.randn(3, 4, 11, generator=g) * 30).to(dtype)  # large logits: stability
     tokens = torch.randint(0, 11, (3, 4), generator=g)
@@ -857,7 +960,7 @@ def test_logprobs_from_logits_matches_categorical(temperature, dtype):
     assert torch.equal(logits, before)  # caller's logits untouched
 
 
-def test_entropy_matches_categorical():
+def test_ppo_entropy_matches_categorical():
     g = torch.Generator().manual_seed(6)
     logits = torch.randn(2, 3, 13, generator=g) * 40
     logits[0, 0] = 0.0  # uniform: entropy log(13)
@@ -867,12 +970,7 @@ def test_entropy_matches_categorical():
 
 
 # ================================================================================================================
-# evaluate.py: the behaviour classifier and the training-dynamics table
-
-import importlib.util
-
-from evaluate import (CONCISE, DIRECT_ANSWER, FORMAT_FAILURE, LABELS, REASONING_OUTSIDE, VERBOSE, classify,
-                      direct_answer_rate, dynamics_table, format_table, plot_dynamics, read_samples)
+# reward.py's behaviour classifier, and evaluate.py's training-dynamics table
 
 END = "<|endoftext|>"
 MEASLES = {"A": "Rubella", "B": "Roseola", "C": "Measles", "D": "Scarlet fever"}
@@ -887,7 +985,7 @@ def r(think, answer="C", between="\n", after=END):
 SENTENCE = "The patient has fever and rash. "  # 6 words, no option letter in it
 
 # (response, options, expected label, why: the hand computation)
-CASES = [
+CLASSIFY_CASES = [
     # reasoning_outside
     (r("Short.", between="\nThe patient has fever and a rash, so step by step we conclude\n"), None,
      REASONING_OUTSIDE, "13 words between </think> and <answer> (>= 8)"),
@@ -947,19 +1045,19 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("response,options,expected,why", CASES, ids=[c[3][:40] for c in CASES])
-def test_classify_hand_labelled(response, options, expected, why):
+@pytest.mark.parametrize("response,options,expected,why", CLASSIFY_CASES, ids=[c[3][:40] for c in CLASSIFY_CASES])
+def test_reward_classify_hand_labelled(response, options, expected, why):
     assert classify(response, options) == expected, why
 
 
-def test_every_label_has_two_examples():
-    counts = {lab: sum(c[2] == lab for c in CASES) for lab in LABELS}
+def test_reward_classify_every_label_has_two_examples():
+    counts = {lab: sum(c[2] == lab for c in CLASSIFY_CASES) for lab in LABELS}
     assert all(n >= 2 for n in counts.values()), counts
 
 
-def test_labels_agree_with_reward_format():
+def test_reward_classify_labels_agree_with_reward_format():
     """Only reasoning_outside may cross the reward's format line; the other labels sit on one side of it."""
-    for response, options, expected, _ in CASES:
+    for response, options, expected, _ in CLASSIFY_CASES:
         valid = parse(response)[0]
         label = classify(response, options)
         if label == FORMAT_FAILURE:
@@ -967,12 +1065,12 @@ def test_labels_agree_with_reward_format():
         elif label != REASONING_OUTSIDE:
             assert valid
     # text outside the tags: invalid under the reward, yet labelled reasoning_outside (checked first)
-    assert parse(CASES[0][0])[0] is False and classify(CASES[0][0]) == REASONING_OUTSIDE
+    assert parse(CLASSIFY_CASES[0][0])[0] is False and classify(CLASSIFY_CASES[0][0]) == REASONING_OUTSIDE
     # reasoning in the answer block: a valid format, still reasoning_outside
-    assert parse(CASES[1][0])[0] is True and classify(CASES[1][0]) == REASONING_OUTSIDE
+    assert parse(CLASSIFY_CASES[1][0])[0] is True and classify(CLASSIFY_CASES[1][0]) == REASONING_OUTSIDE
 
 
-def test_long_option_text_discounted_only_when_options_given():
+def test_reward_classify_long_option_text_discounted_only_when_options_given():
     resp = r("Penicillins act here.", "C. Inhibition of bacterial cell wall synthesis by binding D-Ala-D-Ala")
     # think has 3 words (<= 3) -> a bare think, so with the option text discounted it is direct_answer
     assert classify(resp, LONG_OPTION) == DIRECT_ANSWER
@@ -982,7 +1080,7 @@ def test_long_option_text_discounted_only_when_options_given():
     assert classify(resp, LONG_OPTION) == CONCISE  # 6 think words, no letter early; answer 10 - 9 = 1 word
 
 
-def test_direct_answer_rate():
+def test_reward_direct_answer_rate():
     responses = [r("C"), r(SENTENCE * 25), r("Koplik spots mean measles."), "<think>truncated"]
     assert direct_answer_rate(responses) == 1 / 4  # only the bare one
     assert direct_answer_rate([r("(D)")]) == 1.0
@@ -1014,14 +1112,14 @@ def samples(tmp_path):
     return path
 
 
-def test_fixture_rows_labelled_by_hand(samples):
+def test_evaluate_fixture_rows_labelled_by_hand(samples):
     rows = read_samples(samples)
     assert len(rows) == len(ROWS)
     for row, (_, _, _, label, _) in zip(rows, ROWS):
         assert classify(row["response"]) == label
 
 
-def test_dynamics_table_per_step(samples):
+def test_evaluate_dynamics_table_per_step(samples):
     table = dynamics_table(read_samples(samples))
     zero = dict.fromkeys(LABELS, 0.0)
     expected = [
@@ -1035,7 +1133,7 @@ def test_dynamics_table_per_step(samples):
         assert got == pytest.approx(want)
 
 
-def test_dynamics_table_buckets(samples):
+def test_evaluate_dynamics_table_buckets(samples):
     table = dynamics_table(read_samples(samples), every=2)
     assert [(t["step"], t["n"]) for t in table] == [(2, 6), (3, 2)]  # steps 1-2 -> labelled 2; step 3 alone
     assert table[0][FORMAT_FAILURE] == pytest.approx(2 / 6) and table[0][CONCISE] == pytest.approx(2 / 6)
@@ -1044,7 +1142,7 @@ def test_dynamics_table_buckets(samples):
         dynamics_table([], every=0)
 
 
-def test_format_table(samples):
+def test_evaluate_format_table(samples):
     text = format_table(dynamics_table(read_samples(samples)))
     lines = text.splitlines()
     assert lines[0] == ("| step | n | format failure | reasoning outside | direct answer | verbose | concise "
@@ -1054,7 +1152,7 @@ def test_format_table(samples):
     assert len(lines) == 5
 
 
-def test_bad_input(tmp_path):
+def test_evaluate_dynamics_bad_input(tmp_path):
     with pytest.raises(ValueError, match="row 1"):
         dynamics_table([{"step": 1, "response": "x", "score": 0.0}, {"step": 2, "score": 1.0}])
     bad = tmp_path / "bad.jsonl"
@@ -1065,7 +1163,7 @@ def test_bad_input(tmp_path):
         read_samples(tmp_path / "missing.jsonl")
 
 
-def test_plot_dynamics(samples, tmp_path):
+def test_evaluate_plot_dynamics(samples, tmp_path):
     table = dynamics_table(read_samples(samples))
     out = tmp_path / "dynamics.png"
     if importlib.util.find_spec("matplotlib") is None:
@@ -1087,7 +1185,7 @@ HUGE = {  # 1 MB adversarial responses, built on demand
 
 
 @pytest.mark.parametrize("name", list(HUGE))
-def test_linear_time(name):
+def test_reward_classify_linear_time(name):
     response = HUGE[name]()
     assert len(response) >= 1_000_000
     for options in (None, MEASLES):
@@ -1098,16 +1196,6 @@ def test_linear_time(name):
 
 # ================================================================================================================
 # sft.py and train.py: the loss masks, FSDP = one process, resume = uninterrupted, and learning
-
-import shutil
-import subprocess
-import sys
-from types import SimpleNamespace
-
-import sft
-import train
-
-ROOT = Path(__file__).resolve().parent
 
 
 def make_demo_like_checkpoint(path, seed=0):
@@ -1156,39 +1244,37 @@ def _fixed_experience(vocab, n=6, seed=0):
 
 def _experience_for(prompts, responses, rows):
     input_ids, attn, mask, P = train.pack(prompts, responses, "cpu")
-    exp = dict(input_ids=input_ids, attn=attn, mask=mask, P=P)
+    per_token = {}
     for k in rows[0]:
-        exp[k] = torch.zeros_like(mask)
+        per_token[k] = torch.zeros_like(mask)
         for i, row in enumerate(rows):
-            exp[k][i, :len(row[k])] = row[k]
-    return exp
+            per_token[k][i, :len(row[k])] = row[k]
+    return train.Experience(input_ids, attn, mask, P, **per_token, texts=[""] * len(rows), scores=[0.0] * len(rows))
 
 
 def _worker(kind, ckpt, out):
     """Run under torchrun (or plain python): one optimizer step on fixed data; rank 0 saves the weights."""
-    from safetensors.torch import save_file
-    rank, world, device = sft.init_distributed()
+    rank, world, device = common.init_distributed()
     torch.manual_seed(0)
-    actor = sft.shard(model.load_model(ckpt).train(), world)
+    actor = common.shard(model.load_model(ckpt).train(), world)
     vocab = actor.config.vocab_size
     if kind == "ppo":
-        critic = sft.shard(model.load_model(ckpt, value_head=True).train(), world)
+        critic = common.shard(model.load_model(ckpt, value_head=True).train(), world)
         prompts, responses, rows = _fixed_experience(vocab)
         mine = list(range(rank, len(prompts), world))
         exp = _experience_for([prompts[i] for i in mine], [responses[i] for i in mine], [rows[i] for i in mine])
-        args = SimpleNamespace(loss_agg="token", micro_batch=2, temperature=0.7, clip=0.2, value_clip=0.2,
-                               grad_clip=1.0)
         # SGD, not Adam: Adam turns the ~1e-9 rounding noise of a zero gradient (k_proj.bias) into a full step
         opts = [torch.optim.SGD(net.parameters(), lr=0.5) for net in (actor, critic)]
-        train.ppo_update(actor, critic, *opts, exp, list(range(len(mine))), args, world)
-        state = {**sft.full_state_dict(actor, world),
-                 **{"critic." + k: v for k, v in sft.full_state_dict(critic, world).items()}}
+        train.ppo_update(actor, critic, *opts, exp, list(range(len(mine))), micro_batch=2, temperature=0.7, clip=0.2,
+                         value_clip=0.2, grad_clip=1.0, loss_agg="token", world=world)
+        state = {**common.full_state_dict(actor, world),
+                 **{"critic." + k: v for k, v in common.full_state_dict(critic, world).items()}}
     elif kind == "rollout":
         # ranks decode different prompts for different numbers of steps (each row stops at its own EOS):
         # under full_weights that needs no collective, so nothing may hang, and the tokens equal one process's
         g = torch.Generator().manual_seed(2)
         prompts = [torch.randint(0, vocab, (1 + i % 5,), generator=g).tolist() for i in range(6)]
-        with train.full_weights(actor):
+        with common.full_weights(actor):
             result = rollout.generate(actor, prompts[rank::world], 12, temperature=0, eos_token_id=[3, 10, 20, 40])
         shares = [result.responses]
         if world > 1:
@@ -1201,17 +1287,16 @@ def _worker(kind, ckpt, out):
         pairs = [(torch.randint(0, vocab, (3 + i % 3,), generator=g).tolist(),
                   torch.randint(0, vocab, (1 + i % 4,), generator=g).tolist()) for i in range(8)]
         sft.train(actor, pairs, epochs=1, batch=8, micro_batch=3, lr=1e-2, warmup=1, rank=rank, world=world)
-        state = sft.full_state_dict(actor, world)
+        state = common.full_state_dict(actor, world)
     if rank == 0:
         save_file({k: v.detach().clone() for k, v in state.items()}, out)
     if world > 1:
         torch.distributed.destroy_process_group()
-        os._exit(0)              # as sft.cli: skip the interpreter teardown, where gloo now and then aborts
+        os._exit(0)              # as common.cli: skip the interpreter teardown, where gloo now and then aborts
 
 
 @pytest.mark.parametrize("kind", ["ppo", "sft", "rollout"])
-def test_fsdp_two_ranks_equal_one_process(tmp_path, kind):
-    from safetensors.torch import load_file
+def test_train_fsdp_two_ranks_equal_one_process(tmp_path, kind):
     make_checkpoint(tmp_path / "m", tied=True, heads=4, kv_heads=2, layers=2)
     single, double = tmp_path / "single.safetensors", tmp_path / "double.safetensors"
     run = dict(cwd=ROOT, capture_output=True, text=True, timeout=240)
@@ -1247,9 +1332,8 @@ def _run_train(argv, world):
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_resume_equals_uninterrupted_run(tmp_path, world):
+def test_train_resume_equals_uninterrupted_run(tmp_path, world):
     """Also under torchrun with 2 ranks: sharded optimizer state saved in full, read back by every rank."""
-    from safetensors.torch import load_file
     make_demo_like_checkpoint(tmp_path / "base")
     _run_train(_ppo_argv(tmp_path / "base", tmp_path / "straight", 4), world)
     _run_train(_ppo_argv(tmp_path / "base", tmp_path / "resumed", 2), world)
@@ -1294,7 +1378,7 @@ def test_train_bad_inputs_give_clear_errors(tmp_path):
         train.main(_ppo_argv(tmp_path / "small", tmp_path / "out", 1))
 
 
-def test_ppo_raises_the_reward_of_a_tiny_model(tmp_path):
+def test_train_ppo_raises_the_reward_of_a_tiny_model(tmp_path):
     """The demo, fast: a tiny model fine-tuned for a moment on worked dose calculations (most of them adding
     where they should multiply), then PPO. The reward must rise, from the reward alone."""
     questions = data.make_dose_questions(1024, seed=1)
@@ -1319,7 +1403,6 @@ def test_ppo_raises_the_reward_of_a_tiny_model(tmp_path):
 
 
 def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path):
-    from transformers import AutoModelForCausalLM
     make_demo_like_checkpoint(tmp_path / "base")
     rows = [{"question": f"Which dose is right for case {i}?", "options": {"A": "1 mg", "B": "2 mg", "C": "3 mg",
              "D": "4 mg"}, "answer": "x", "answer_idx": "ABCD"[i % 4], "meta_info": "step1"} for i in range(16)]
@@ -1333,7 +1416,7 @@ def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path):
     sft.main(["--model", str(tmp_path / "base"), "--train", str(tmp_path / "train.jsonl"), "--out",
               str(tmp_path / "sft"), "--epochs", "1", "--batch", "8", "--lr", "1e-3"])
     ours = model.load_model(tmp_path / "sft")
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "sft").eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sft").eval()
     x = torch.tensor([tok.encode(texts[0][0]).ids])
     with torch.no_grad():
         assert (theirs(x).logits - ours(x)).abs().max() <= 1e-4
@@ -1342,7 +1425,6 @@ def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path):
 
 def test_evaluate_scores_with_the_reward_rules(tmp_path, monkeypatch):
     """Scripted responses: accuracy, format rate, letters and per-category accuracy follow reward.parse."""
-    import evaluate
     examples = data.make_dose_questions(4, seed=5)
     wrong = next(k for k in examples[1].options if k != examples[1].answer)
     scripted = [f" x </think><answer>{examples[0].answer}</answer>", f" x </think><answer>{wrong}</answer>",
@@ -1360,7 +1442,6 @@ def test_evaluate_scores_with_the_reward_rules(tmp_path, monkeypatch):
 def test_evaluate_two_models_on_real_questions(tmp_path):
     for f in (MEDQA / "test.jsonl", MMLU_PRO / "health_test.jsonl", QWEN / "tokenizer.json"):
         need(f)
-    import evaluate
     for name, seed in (("base", 0), ("rl", 1)):
         config = model.Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)

@@ -19,16 +19,16 @@ One PPO step, as OpenRLHF 0.5.9 (which Med-RLVR used) does it:
 The old log-probs come from the actor's training forward over the finished sequences (as OpenRLHF), at the
 rollout's temperature, so the ratio starts at exactly 1; in fp32 they equal the sampler's own (tested), and the
 gap between the two is logged as `sampler_logprob_err` (bf16 decoding drifts a little).
-On GPUs actor and critic keep fp32 weights and AdamW state and compute in bf16 (sft.shard explains why).
+On GPUs actor and critic keep fp32 weights and AdamW state and compute in bf16 (common.py explains why).
 
 Deliberate simplifications: one response per prompt (OpenRLHF's PPO default); a fixed KL coefficient; no
 reward or value normalisation. A truncated response (no EOS within max_new_tokens) is scored like any other
 (it rarely closes </answer>, so it usually gets -1 for its format), its last token ends the episode (GAE does
 not bootstrap past it), and the share of them is logged as `truncated`.
 
-Distributed: actor, critic and reference are each sharded with FSDP2 per decoder block (sft.shard). Rollouts
-must not all-gather every block for every decoded token, and the ranks stop decoding at different times; so
-before sampling every FSDP unit gathers its full weights once and keeps them (full_weights), and frees them after.
+Distributed (common.py): actor, critic and reference are each sharded with FSDP2 per decoder block. Rollouts must
+not all-gather every block for every decoded token, and the ranks stop decoding at different times; so before
+sampling every FSDP unit gathers its full weights once and keeps them (common.full_weights), and frees them after.
 """
 import argparse
 import json
@@ -36,15 +36,15 @@ import os
 import random
 import shutil
 import time
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import common
 import data
-import evaluate
 import model as M
 import ppo
 import reward
@@ -52,29 +52,9 @@ import rollout
 import sft
 
 # ------------------------------------------------------------------------------------------------ flags
-# The defaults are the CPU demo: a tiny model (built by sft.build_demo_base), synthetic dose questions.
-DEFAULTS = dict(
-    model=None,             # base checkpoint folder (HF layout); None: the demo's tiny base model
-    train_data=None,        # MedQA train jsonl; None: the demo's synthetic dose questions
-    eval_data=None,         # held-out set for eval_accuracy (MedQA test jsonl); None: fresh dose questions
-    out="runs/demo",
-    steps=60,               # PPO steps; 0 = one pass over the train data
-    rollout_batch=64,       # prompts sampled per step, over all ranks (one response each)
-    train_batch=32,         # sequences per optimizer step, over all ranks
-    micro_batch=32,         # sequences per forward/backward on one rank (memory, not maths)
-    ppo_epochs=2,
-    actor_lr=5e-4, critic_lr=1e-3, warmup=3, weight_decay=0.0, grad_clip=1.0,
-    kl_coef=0.01, kl_estimator="k1", gamma=1.0, lam=1.0, clip=0.2, value_clip=0.2,
-    loss_agg="token",       # "token": token-mean over the minibatch; "seq": mean per response, then over responses
-    temperature=1.0, top_p=1.0, max_prompt_len=1024, max_new_tokens=40,
-    incorrect_reward=0.0,   # -1.0 is the paper's ablation
-    eval_limit=256, eval_batch=64,
-    save_every=10, sample_every=5, seed=0, resume=False,
-    grad_checkpoint=False,  # recompute each block's activations in backward (long sequences on GPUs)
-)
 PRESETS = {
-    # Med-RLVR (arXiv 2502.19655) as far as it is published: OpenRLHF 0.5.9 on Qwen2.5-3B base, with the
-    # hyper-parameters of this reproduction's brief (lambda 1; OpenRLHF's CLI default is 0.95: --lam 0.95).
+    # Med-RLVR (arXiv 2502.19655) as far as it is published: OpenRLHF 0.5.9 on Qwen2.5-3B base with its PPO
+    # defaults (gamma 1, lambda 1, clip 0.2, value clip 0.2, k1 KL in the reward) and the paper's learning rates.
     # Deliberate deviations from OpenRLHF: constant lr after warmup (it decays by cosine to 0.1 lr), token-mean
     # loss (0.5.x averages per sequence: --loss-agg seq), old log-probs and all else as documented above.
     "med-rlvr": dict(steps=0, rollout_batch=512, train_batch=128, micro_batch=4, ppo_epochs=1,
@@ -83,44 +63,106 @@ PRESETS = {
                      max_new_tokens=1024, eval_limit=0, eval_batch=128, save_every=5, sample_every=1,
                      grad_checkpoint=True),
 }
-TIMING_KEYS = ("time_rollout", "time_experience", "time_train", "time_step", "tokens_per_s")
+
+
+def make_parser():
+    """The defaults are the CPU demo: a tiny model (built by sft.build_demo_base), synthetic dose questions."""
+    p = common.parser(__doc__)
+    c = common
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; flags given explicitly still win")
+    p.add_argument("--model", help="base checkpoint folder (HF layout); default: the CPU demo's tiny base model, "
+                                   "built into runs/demo-base on first use")
+    p.add_argument("--train-data", help="MedQA train split (jind11 JSON lines); default: synthetic dose questions")
+    p.add_argument("--eval-data", help="held-out questions for eval_accuracy (MedQA test jsonl); default: 256 "
+                                       "dose questions of another seed")
+    p.add_argument("--out", default="runs/demo", help="run folder: metrics.jsonl, samples.jsonl, checkpoint/, final/")
+    p.add_argument("--steps", type=c.nonneg_int, default=60, help="PPO steps; 0 = one pass over the train data")
+    p.add_argument("--rollout-batch", type=c.positive_int, default=64,
+                   help="prompts sampled per step, all ranks together (one response each)")
+    p.add_argument("--train-batch", type=c.positive_int, default=32,
+                   help="sequences per optimizer step, all ranks together")
+    p.add_argument("--micro-batch", type=c.positive_int, default=32,
+                   help="sequences per forward/backward on one rank (memory, not maths)")
+    p.add_argument("--ppo-epochs", type=c.positive_int, default=2, help="passes over each step's experience")
+    p.add_argument("--actor-lr", type=c.positive_float, default=5e-4, help="actor AdamW learning rate")
+    p.add_argument("--critic-lr", type=c.positive_float, default=1e-3, help="critic AdamW learning rate")
+    p.add_argument("--warmup", type=c.nonneg_int, default=3, help="steps of linear learning-rate warmup")
+    p.add_argument("--weight-decay", type=c.nonneg_float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=c.positive_float, default=1.0, help="gradient-norm clip, actor and critic")
+    p.add_argument("--kl-coef", type=c.nonneg_float, default=0.01, help="beta: weight of the per-token KL penalty")
+    p.add_argument("--kl-estimator", choices=["k1", "k3"], default="k1",
+                   help="k1 = log pi - log pi_ref (OpenRLHF's default), k3 = Schulman's positive estimator")
+    p.add_argument("--gamma", type=c.prob_float, default=1.0, help="GAE discount")
+    p.add_argument("--lam", type=c.prob_float, default=1.0, help="GAE lambda (OpenRLHF 0.5.9's default is 1)")
+    p.add_argument("--clip", type=c.positive_float, default=0.2, help="PPO ratio clip epsilon")
+    p.add_argument("--value-clip", type=c.positive_float, default=0.2, help="value clip around the old values")
+    p.add_argument("--loss-agg", choices=["token", "seq"], default="token",
+                   help="token: token-mean over the minibatch; seq: mean per response, then over responses")
+    p.add_argument("--temperature", type=c.positive_float, default=1.0, help="sampling temperature of rollouts")
+    p.add_argument("--top-p", type=c.unit_float, default=1.0, help="nucleus sampling; keep 1 for training")
+    p.add_argument("--max-prompt-len", type=c.positive_int, default=1024,
+                   help="longest prompt in tokens; a longer one is an error, never cut")
+    p.add_argument("--max-new-tokens", type=c.positive_int, default=40,
+                   help="response budget; a response without EOS by then is truncated")
+    p.add_argument("--incorrect-reward", type=c.any_float, default=0.0,
+                   help="reward of a valid format with a wrong answer; -1 is the paper's ablation")
+    p.add_argument("--eval-limit", type=c.nonneg_int, default=256,
+                   help="first N held-out questions for eval_accuracy (0: all)")
+    p.add_argument("--eval-batch", type=c.positive_int, default=64, help="prompts per greedy-decoding batch")
+    p.add_argument("--save-every", type=c.nonneg_int, default=10,
+                   help="write checkpoint/ every N steps and after the last (0: never)")
+    p.add_argument("--sample-every", type=c.nonneg_int, default=5,
+                   help="append 4 responses to samples.jsonl every N steps (0: never)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data order, the samplers and the value head")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute each block's activations in backward (long sequences on GPUs)")
+    return p
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="PPO with verifiable rewards (Med-RLVR)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
-    for k, v in DEFAULTS.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=v)
-        else:
-            parser.add_argument(flag, type=type(v) if v is not None else str, default=v)
-    preset = parser.parse_known_args(argv)[0].preset
+    p = make_parser()
+    preset = p.parse_known_args(argv)[0].preset
     if preset:
-        parser.set_defaults(**PRESETS[preset])        # flags given explicitly still win
-    return parser.parse_args(argv)
+        p.set_defaults(**PRESETS[preset])
+    return p.parse_args(argv)
 
 
-# ------------------------------------------------------------------------------------------------ helpers
-@contextmanager
-def full_weights(model):
-    """Gather every FSDP unit's full weights once (in the compute dtype: bf16 on CUDA) and keep them until the
-    block ends (no communication while decoding, so ranks may decode different numbers of tokens); free them
-    after. A plain module needs nothing."""
-    from torch.distributed.fsdp import FSDPModule
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    blocks = [u for u in units if u is not model]               # the root is never resharded after forward
-    for u in units:
-        u.unshard()
-    for u in blocks:
-        u.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield
-    finally:
-        for u in units:
-            u.reshard()
-        for u in blocks:
-            u.set_reshard_after_forward(True, recurse=False)
+TIMING_KEYS = ("time_rollout", "time_experience", "time_train", "time_step", "tokens_per_s")
+
+
+def seed_for(kind: str, seed: int, i: int, j: int = 0) -> int:
+    """Every random draw after the value head's init comes from a generator seeded here from --seed and the
+    position in the run, so that a resumed run draws exactly what an uninterrupted one would.
+      "data"       the shuffle of pass i over the train set
+      "rollout"    the sampler of step i on rank j
+      "minibatch"  the minibatch order of step i, PPO epoch j
+    The multipliers are primes larger than what they multiply ever reaches in practice (1009 ranks, 31 PPO
+    epochs), so two different positions never share a seed."""
+    if kind == "data":
+        return seed * 7919 + i
+    if kind == "rollout":
+        return seed * 1_000_003 + i * 1009 + j
+    if kind == "minibatch":
+        return seed * 1_000_003 + i * 31 + j
+    raise ValueError(f"seed_for: unknown kind {kind!r}")
+
+
+# ------------------------------------------------------------------------------------------------ experience
+@dataclass
+class Experience:
+    """One rank's share of a step's rollouts, ready for PPO. Rows are sequences; P is the prompt width, so
+    every response starts at column P of input_ids; the per-token tensors cover the responses only."""
+    input_ids: torch.Tensor      # [B, P+R] left-padded prompts + right-padded responses
+    attn: torch.Tensor           # [B, P+R] 1 = real token
+    mask: torch.Tensor           # [B, R]   1.0 = response token
+    P: int
+    old_logprobs: torch.Tensor   # [B, R]   log pi_old(token) at the rollout temperature
+    values: torch.Tensor         # [B, R]   V_old(state before the token)
+    advantages: torch.Tensor     # [B, R]   GAE, whitened over the whole rollout batch
+    returns: torch.Tensor        # [B, R]   advantages (raw) + values: the critic's target
+    texts: list[str]             # "<think>" + decoded response, as scored
+    scores: list[float]          # the verifiable reward of each response
 
 
 def pack(prompts, responses, device):
@@ -163,30 +205,13 @@ def score_texts(tok, responses, examples, incorrect_reward):
     return texts, [reward.score(t, ex.answer, incorrect_reward) for t, ex in zip(texts, examples)]
 
 
-@torch.no_grad()
-def eval_accuracy(policy, tok, examples, prompts, args, rank, world):
-    """Greedy accuracy and valid-format rate on held-out examples (each rank decodes its share)."""
-    n_right = n_valid = 0
-    mine = list(range(rank, len(examples), world))
-    with full_weights(policy):
-        for k in range(0, len(mine), args.eval_batch):
-            idx = mine[k:k + args.eval_batch]
-            out = rollout.generate(policy, [prompts[i] for i in idx], args.max_new_tokens, temperature=0,
-                                   eos_token_id=data.eos_token_id(tok))
-            _, scores = score_texts(tok, out.responses, [examples[i] for i in idx], 0.0)
-            n_right += sum(s == 1.0 for s in scores)
-            n_valid += sum(s > -1.0 for s in scores)
-    return sft.all_sum(n_right, world) / len(examples), sft.all_sum(n_valid, world) / len(examples)
-
-
-# ------------------------------------------------------------------------------------------------ one PPO step
-def make_experience(actor, critic, ref, tok, examples, prompts, step, args, rank, world, device):
-    """Rollout + reward + reference / critic forwards + GAE, for this rank's share of the step's prompts."""
+def make_experience(actor, critic, ref, tok, examples, prompts, generator, args, world, device):
+    """Steps 1-3 for this rank's share of the step's prompts: rollout, reward, reference / critic forwards, GAE.
+    -> (Experience, stats: sums over this rank's rows and the phase times)."""
     t0 = time.time()
-    gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
-    with full_weights(actor):
+    with common.full_weights(actor):
         out = rollout.generate(actor, prompts, args.max_new_tokens, temperature=args.temperature,
-                               top_p=args.top_p, eos_token_id=data.eos_token_id(tok), generator=gen)
+                               top_p=args.top_p, eos_token_id=data.eos_token_id(tok), generator=generator)
     t_rollout = time.time() - t0
     texts, scores = score_texts(tok, out.responses, examples, args.incorrect_reward)
 
@@ -210,51 +235,88 @@ def make_experience(actor, critic, ref, tok, examples, prompts, step, args, rank
     rewards = ppo.token_rewards(torch.tensor(scores, device=device), kl, mask, args.kl_coef)
     advantages, returns = ppo.compute_gae(rewards, values, mask, args.gamma, args.lam)
     advantages = whiten(advantages, mask, world)
-    exp = dict(input_ids=input_ids, attn=attn, mask=mask, P=P, old_logprobs=old_logprobs, values=values,
-               advantages=advantages, returns=returns)
-    n = len(prompts)
-    stats = dict(reward=sum(scores), accuracy=sum(s == 1.0 for s in scores), format=sum(s > -1.0 for s in scores),
-                 response_length=float(mask.sum()), truncated=sum(not f for f in out.finished),
-                 kl=float(ppo.masked_mean(kl, mask, dim=-1).sum()), n=n,
-                 sampler_logprob_err=float(ppo.masked_mean((sampler_logprobs - old_logprobs).abs(), mask, dim=-1).sum()),
+    exp = Experience(input_ids, attn, mask, P, old_logprobs, values, advantages, returns, texts, scores)
+    stats = dict(n=len(prompts), reward=sum(scores), accuracy=sum(s == 1.0 for s in scores),
+                 format=sum(s > -1.0 for s in scores), response_length=float(mask.sum()),
+                 truncated=sum(not f for f in out.finished), kl=float(ppo.masked_mean(kl, mask, dim=-1).sum()),
+                 sampler_logprob_err=float(ppo.masked_mean((sampler_logprobs - old_logprobs).abs(), mask,
+                                                           dim=-1).sum()),
                  # the paper's "direct answer hacker" stage: the answer shows up early in the think block
-                 direct_answer=sum(evaluate.classify(t, ex.options) == evaluate.DIRECT_ANSWER
-                                   for t, ex in zip(texts, examples)))
-    return exp, stats, texts, scores, t_rollout, time.time() - t0 - t_rollout
+                 direct_answer=sum(reward.classify(t, ex.options) == reward.DIRECT_ANSWER
+                                   for t, ex in zip(texts, examples)),
+                 time_rollout=t_rollout, time_experience=time.time() - t0 - t_rollout)
+    return exp, stats
 
 
-def ppo_update(actor, critic, actor_opt, critic_opt, exp, idx, args, world):
-    """One optimizer step of actor and critic on the rows `idx` of this rank's experience.
+# ------------------------------------------------------------------------------------------------ learning
+def ppo_update(actor, critic, actor_opt, critic_opt, exp: Experience, rows, *, micro_batch, temperature, clip,
+               value_clip, grad_clip, loss_agg, world):
+    """Step 4, one optimizer step of actor and critic on the rows `rows` of this rank's experience.
 
     The loss is averaged over the whole minibatch of all ranks ("token": every response token weighs the same;
     "seq": every response does): each micro-batch's mean is weighted by its share of the global count, and the
-    world size undoes FSDP's gradient averaging. Returns summed metrics (divide by the global count)."""
-    mask = exp["mask"]
-    count = (lambda m: float(m.sum())) if args.loss_agg == "token" else (lambda m: float(len(m)))
-    n_global = sft.all_sum(count(mask[idx]), world)
-    seq_mean = args.loss_agg == "seq"
+    world size undoes FSDP's gradient averaging. Returns the minibatch's metrics, this rank's share of them
+    (all_sum them over the ranks)."""
+    count = (lambda m: float(m.sum())) if loss_agg == "token" else (lambda m: float(len(m)))
+    n_global = common.all_sum(count(exp.mask[rows]), world)
+    seq_mean = loss_agg == "seq"
     m = dict(policy_loss=0.0, value_loss=0.0, clip_frac=0.0, entropy=0.0, approx_kl=0.0)
-    for a in range(0, len(idx), args.micro_batch):
-        s = idx[a:a + args.micro_batch]
-        ids, attn, mk, P = exp["input_ids"][s], exp["attn"][s], mask[s], exp["P"]
-        weight = count(mk) / n_global
+    for a in range(0, len(rows), micro_batch):
+        s = rows[a:a + micro_batch]
+        ids, attn, mask, P = exp.input_ids[s], exp.attn[s], exp.mask[s], exp.P
+        weight = count(mask) / n_global
         logits = response_logits(actor, ids, attn, P)                              # [b, R, V]
-        logprobs = ppo.logprobs_from_logits(logits, ids[:, P:], args.temperature)  # same temperature as rollout
-        pl, clip_frac, approx_kl = ppo.policy_loss(logprobs, exp["old_logprobs"][s], exp["advantages"][s], mk,
-                                                   args.clip, seq_mean)
+        logprobs = ppo.logprobs_from_logits(logits, ids[:, P:], temperature)       # same temperature as rollout
+        pl, clip_frac, approx_kl = ppo.policy_loss(logprobs, exp.old_logprobs[s], exp.advantages[s], mask, clip,
+                                                   seq_mean)
         (pl * weight * world).backward()
         values = response_values(critic, ids, attn, P)
-        vl = ppo.value_loss(values, exp["values"][s], exp["returns"][s], mk, args.value_clip, seq_mean)
+        vl = ppo.value_loss(values, exp.values[s], exp.returns[s], mask, value_clip, seq_mean)
         (vl * weight * world).backward()
         with torch.no_grad():
-            entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), mk)
+            entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
         for k, v in zip(m, (pl, vl, clip_frac, entropy, approx_kl)):
             m[k] += float(v.detach()) * weight
     for net, opt in ((actor, actor_opt), (critic, critic_opt)):
-        torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return m
+
+
+def learn(actor, critic, actor_opt, critic_opt, exp: Experience, step, args, world):
+    """Step 4: `ppo_epochs` passes over the experience in minibatches of `train_batch` (this rank's share of each
+    minibatch, in a seeded order). -> the metrics averaged over the updates."""
+    m = dict(policy_loss=0.0, value_loss=0.0, clip_frac=0.0, entropy=0.0, approx_kl=0.0)
+    per_rank, n_updates = args.train_batch // world, 0
+    for epoch in range(args.ppo_epochs):
+        g = torch.Generator().manual_seed(seed_for("minibatch", args.seed, step, epoch))
+        order = torch.randperm(len(exp.scores), generator=g).tolist()
+        for a in range(0, len(order), per_rank):
+            update = ppo_update(actor, critic, actor_opt, critic_opt, exp, order[a:a + per_rank],
+                                micro_batch=args.micro_batch, temperature=args.temperature, clip=args.clip,
+                                value_clip=args.value_clip, grad_clip=args.grad_clip, loss_agg=args.loss_agg,
+                                world=world)
+            for k, v in update.items():
+                m[k] += common.all_sum(v, world)
+            n_updates += 1
+    return {k: v / n_updates for k, v in m.items()}
+
+
+@torch.no_grad()
+def eval_accuracy(policy, tok, examples, prompts, max_new_tokens, batch, rank, world):
+    """Greedy accuracy and valid-format rate on held-out examples (each rank decodes its share)."""
+    n_right = n_valid = 0
+    mine = list(range(rank, len(examples), world))
+    with common.full_weights(policy):
+        for k in range(0, len(mine), batch):
+            idx = mine[k:k + batch]
+            out = rollout.generate(policy, [prompts[i] for i in idx], max_new_tokens, temperature=0,
+                                   eos_token_id=data.eos_token_id(tok))
+            _, scores = score_texts(tok, out.responses, [examples[i] for i in idx], 0.0)
+            n_right += sum(s == 1.0 for s in scores)
+            n_valid += sum(s > -1.0 for s in scores)
+    return common.all_sum(n_right, world) / len(examples), common.all_sum(n_valid, world) / len(examples)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -266,17 +328,15 @@ def save_checkpoint(out: Path, actor, critic, actor_opt, critic_opt, step, args,
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    if world > 1:
-        dist.barrier()
+    common.barrier(world)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    actor_sd, critic_sd = sft.full_state_dict(actor, world), sft.full_state_dict(critic, world)
+    actor_sd, critic_sd = common.full_state_dict(actor, world), common.full_state_dict(critic, world)
     optim = {"actor": get_optimizer_state_dict(actor, actor_opt, options=opts),
              "critic": get_optimizer_state_dict(critic, critic_opt, options=opts)}
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0)},
                tmp / f"rng_rank{rank}.pt")
-    if world > 1:
-        dist.barrier()                                           # every rank's file is in before the rename
+    common.barrier(world)                                        # every rank's file is in before the rename
     if rank == 0:
         M.save_model(actor, tmp / "actor", state_dict=actor_sd)
         M.save_model(critic, tmp / "critic", state_dict=critic_sd)
@@ -288,11 +348,30 @@ def save_checkpoint(out: Path, actor, critic, actor_opt, critic_opt, step, args,
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-    if world > 1:
-        dist.barrier()
+    common.barrier(world)
 
 
-def load_optimizers(ckpt: Path, actor, critic, actor_opt, critic_opt, rank):
+def find_checkpoint(args):
+    """Resuming, part 1: -> (checkpoint folder, its step), or (None, 0) for a fresh run. The reference model must
+    be the run's own base, so a resumed run takes --model from the checkpoint."""
+    if not args.resume:
+        return None, 0
+    out = Path(args.out)
+    ckpt = out / "checkpoint"
+    if not ckpt.exists() and (out / "checkpoint.old").exists():
+        ckpt = out / "checkpoint.old"                            # a crash between the two renames
+    if not (ckpt / "state.json").exists():
+        return None, 0
+    state = json.loads((ckpt / "state.json").read_text())
+    saved = state["args"]["model"]
+    if args.model not in (None, saved):
+        raise ValueError(f"{ckpt} was trained from --model {saved}, not {args.model}")
+    args.model = saved
+    return ckpt, state["step"]
+
+
+def restore(ckpt: Path, actor, critic, actor_opt, critic_opt, rank):
+    """Resuming, part 2: optimizer states and this rank's RNG state (the weights were loaded from ckpt)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     optim = torch.load(ckpt / "optim.pt", weights_only=True, mmap=True)   # tensors and numbers; read lazily
     opts = StateDictOptions(full_state_dict=True)
@@ -316,39 +395,13 @@ def truncate_jsonl(path: Path, last_step: int):
         path.write_text("".join(r + "\n" for r in rows))
 
 
-# ------------------------------------------------------------------------------------------------ main
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = sft.init_distributed()
-    torch.manual_seed(args.seed)                  # the critic's fresh value head; every other draw is seeded
-    out = Path(args.out)
-    log = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
-    ckpt = out / "checkpoint"
-    if args.resume and not ckpt.exists() and (out / "checkpoint.old").exists():
-        ckpt = out / "checkpoint.old"                            # a crash between the two renames
-    resuming = args.resume and (ckpt / "state.json").exists()
-    if resuming:                                                 # the reference must be the run's own base
-        saved = json.loads((ckpt / "state.json").read_text())["args"]["model"]
-        if args.model not in (None, saved):
-            raise ValueError(f"{ckpt} was trained from --model {saved}, not {args.model}")
-        args.model = saved
-
-    # the data and the starting checkpoint
-    if args.model is None:                                       # the CPU demo
-        args.model = str(sft.build_demo_base(Path("runs/demo-base"), rank, world, device, log))
-    if args.train_data is None:
-        train_set = data.make_dose_questions(4096, seed=2)
-    else:
-        train_set = data.load_medqa(args.train_data)
+# ------------------------------------------------------------------------------------------------ setup
+def load_data(args, tok):
+    """-> (train examples, train prompt ids, eval examples, eval prompt ids)."""
+    train_set = data.make_dose_questions(4096, seed=2) if args.train_data is None else data.load_medqa(args.train_data)
     eval_set = data.make_dose_questions(256, seed=3) if args.eval_data is None else data.load_medqa(args.eval_data)
     if args.eval_limit:
         eval_set = eval_set[:args.eval_limit]
-    tok = data.load_tokenizer(args.model)
-    steps = args.steps or len(train_set) // args.rollout_batch
-    if args.rollout_batch % world or args.train_batch % world:
-        raise ValueError(f"--rollout-batch and --train-batch must be divisible by the world size {world}")
-    if (args.rollout_batch // world) % (args.train_batch // world):
-        raise ValueError("--rollout-batch must be a multiple of --train-batch")
 
     def encode(examples):
         ids = [tok.encode(data.build_prompt(ex)).ids for ex in examples]
@@ -357,28 +410,61 @@ def main(argv=None):
             raise ValueError(f"{len(too_long)} prompts exceed --max-prompt-len {args.max_prompt_len} "
                              f"(the first: example {too_long[0]})")
         return ids
-    train_prompts, eval_prompts = encode(train_set), encode(eval_set)
+    return train_set, encode(train_set), eval_set, encode(eval_set)
 
-    # actor, critic (value head on the same base), frozen reference; resume from the checkpoint if asked
-    start = 0
-    if resuming:
-        start = json.loads((ckpt / "state.json").read_text())["step"]
-        actor_path, critic_path = ckpt / "actor", ckpt / "critic"
-    else:
-        actor_path = critic_path = Path(args.model)
-    actor = M.load_model(actor_path, device=device, dtype=torch.float32)   # fp32 master weights (sft.shard)
+
+def build_models(args, tok, ckpt, rank, world, device):
+    """Actor and critic (a value head on the same base) in fp32, trained; the frozen reference; their AdamWs.
+    From the checkpoint when resuming."""
+    actor_path, critic_path = (ckpt / "actor", ckpt / "critic") if ckpt else (Path(args.model), Path(args.model))
+    actor = M.load_model(actor_path, device=device, dtype=torch.float32)   # fp32 master weights (common.shard)
     if actor.config.vocab_size < tok.get_vocab_size():
         raise ValueError(f"{args.model}: tokenizer.json has {tok.get_vocab_size()} tokens but the model's "
                          f"vocabulary has {actor.config.vocab_size}")
     critic = M.load_model(critic_path, device=device, dtype=torch.float32, value_head=True)
     actor.model.gradient_checkpointing = critic.model.gradient_checkpointing = args.grad_checkpoint
-    actor, critic = sft.shard(actor.train(), world), sft.shard(critic.train(), world)
-    ref = sft.shard(M.load_model(args.model, device=device).requires_grad_(False), world)   # bf16 on CUDA
+    actor, critic = common.shard(actor.train(), world), common.shard(critic.train(), world)
+    ref = common.shard(M.load_model(args.model, device=device).requires_grad_(False), world)   # bf16 on CUDA
     betas = (0.9, 0.95)                                          # as OpenRLHF
     actor_opt = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay, betas=betas)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay, betas=betas)
-    if start:
-        load_optimizers(ckpt, actor, critic, actor_opt, critic_opt, rank)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay,
+                                   betas=betas)
+    if ckpt:
+        restore(ckpt, actor, critic, actor_opt, critic_opt, rank)
+    return actor, critic, ref, actor_opt, critic_opt
+
+
+def step_rows(step, n_train, rollout_batch, seed, perms):
+    """The train-set rows of one step: the next rollout_batch of an endless sequence of seeded shuffles."""
+    rows = []
+    for i in range(step * rollout_batch, (step + 1) * rollout_batch):
+        epoch = i // n_train
+        if epoch not in perms:
+            perms[epoch] = random.Random(seed_for("data", seed, epoch)).sample(range(n_train), n_train)
+        rows.append(perms[epoch][i % n_train])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = common.init_distributed()
+    torch.manual_seed(args.seed)                  # the critic's fresh value head; every other draw uses seed_for
+    out = Path(args.out)
+    log = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
+    if args.rollout_batch % world or args.train_batch % world:
+        raise ValueError(f"--rollout-batch and --train-batch must be divisible by the world size {world}")
+    if (args.rollout_batch // world) % (args.train_batch // world):
+        raise ValueError("--rollout-batch must be a multiple of --train-batch")
+
+    # data, models, and where the run starts (a checkpoint when resuming)
+    ckpt, start = find_checkpoint(args)
+    if args.model is None:                                       # the CPU demo
+        args.model = str(sft.build_demo_base(Path("runs/demo-base"), rank, world, device, log))
+    tok = data.load_tokenizer(args.model)
+    train_set, train_prompts, eval_set, eval_prompts = load_data(args, tok)
+    steps = args.steps or len(train_set) // args.rollout_batch
+    actor, critic, ref, actor_opt, critic_opt = build_models(args, tok, ckpt, rank, world, device)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for f in ("metrics.jsonl", "samples.jsonl"):
@@ -390,71 +476,53 @@ def main(argv=None):
             with open(out / name, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    if start == 0:
-        acc, fmt = eval_accuracy(actor, tok, eval_set, eval_prompts, args, rank, world)
-        write("metrics.jsonl", {"step": 0, "eval_accuracy": acc, "eval_format": fmt})
-        log(f"step 0: eval accuracy {acc:.3f}, valid format {fmt:.3f}")
+    def evaluate(step):
+        acc, fmt = eval_accuracy(actor, tok, eval_set, eval_prompts, args.max_new_tokens, args.eval_batch, rank, world)
+        write("metrics.jsonl", {"step": step, "eval_accuracy": acc, "eval_format": fmt})
+        log(f"step {step}: eval accuracy {acc:.3f}, valid format {fmt:.3f}")
 
+    if start == 0:
+        evaluate(0)
     perms = {}
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=rank != 0, desc="ppo")
     for step in bar:
         t0 = time.time()
-        # this step's prompts: the next rollout_batch of an endless sequence of seeded shuffles of the train set
-        idx = []
-        for i in range(step * args.rollout_batch, (step + 1) * args.rollout_batch):
-            epoch = i // len(train_set)
-            if epoch not in perms:
-                perms[epoch] = random.Random(args.seed * 7919 + epoch).sample(range(len(train_set)), len(train_set))
-            idx.append(perms[epoch][i % len(train_set)])
-        idx = idx[rank::world]
-        for g in actor_opt.param_groups:
-            g["lr"] = sft.lr_at(step, args.actor_lr, args.warmup)
-        for g in critic_opt.param_groups:
-            g["lr"] = sft.lr_at(step, args.critic_lr, args.warmup)
-
-        exp, stats, texts, scores, t_rollout, t_exp = make_experience(
-            actor, critic, ref, tok, [train_set[i] for i in idx], [train_prompts[i] for i in idx], step, args,
-            rank, world, device)
+        rows = step_rows(step, len(train_set), args.rollout_batch, args.seed, perms)[rank::world]
+        for opt, lr in ((actor_opt, args.actor_lr), (critic_opt, args.critic_lr)):
+            for g in opt.param_groups:
+                g["lr"] = common.lr_at(step, lr, args.warmup)
+        # 1-3. rollout, reward, experience
+        gen = torch.Generator(device).manual_seed(seed_for("rollout", args.seed, step, rank))
+        exp, stats = make_experience(actor, critic, ref, tok, [train_set[i] for i in rows],
+                                     [train_prompts[i] for i in rows], gen, args, world, device)
+        # 4. learn
         t1 = time.time()
-        m = dict(policy_loss=0.0, value_loss=0.0, clip_frac=0.0, entropy=0.0, approx_kl=0.0)
-        per_rank = args.train_batch // world
-        n_updates = 0
-        for epoch in range(args.ppo_epochs):
-            g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 31 + epoch)
-            order = torch.randperm(len(idx), generator=g).tolist()
-            for a in range(0, len(order), per_rank):
-                for k, v in ppo_update(actor, critic, actor_opt, critic_opt, exp, order[a:a + per_rank],
-                                       args, world).items():
-                    m[k] += sft.all_sum(v, world)
-                n_updates += 1
-        t_train = time.time() - t1
+        m = learn(actor, critic, actor_opt, critic_opt, exp, step, args, world)
 
-        n = sft.all_sum(stats["n"], world)
-        row = {"step": step + 1, "lr": sft.lr_at(step, args.actor_lr, args.warmup)}
-        row.update({k: sft.all_sum(stats[k], world) / n for k in
+        n = common.all_sum(stats["n"], world)
+        row = {"step": step + 1, "lr": common.lr_at(step, args.actor_lr, args.warmup)}
+        row.update({k: common.all_sum(stats[k], world) / n for k in
                     ("reward", "accuracy", "format", "truncated", "kl", "direct_answer", "sampler_logprob_err")})
-        row["response_length"] = sft.all_sum(stats["response_length"], world) / n
-        row.update({k: v / n_updates for k, v in m.items()})
-        row.update(time_rollout=t_rollout, time_experience=t_exp, time_train=t_train, time_step=time.time() - t0,
-                   tokens_per_s=row["response_length"] * n / max(t_rollout, 1e-9))
+        row["response_length"] = common.all_sum(stats["response_length"], world) / n
+        row.update(m)
+        row.update(time_rollout=stats["time_rollout"], time_experience=stats["time_experience"],
+                   time_train=time.time() - t1, time_step=time.time() - t0,
+                   tokens_per_s=row["response_length"] * n / max(stats["time_rollout"], 1e-9))
         write("metrics.jsonl", row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row['kl']:.3f}")
         if args.sample_every and (step + 1) % args.sample_every == 0:
-            for t, s, i in list(zip(texts, scores, idx))[:4]:
+            for t, s, i in list(zip(exp.texts, exp.scores, rows))[:4]:
                 write("samples.jsonl", {"step": step + 1, "question": train_set[i].question,
                                         "options": train_set[i].options, "answer": train_set[i].answer,
                                         "response": t, "score": s})
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == steps):
             save_checkpoint(out, actor, critic, actor_opt, critic_opt, step + 1, args, rank, world, tok)
 
-    acc, fmt = eval_accuracy(actor, tok, eval_set, eval_prompts, args, rank, world)
-    write("metrics.jsonl", {"step": steps, "eval_accuracy": acc, "eval_format": fmt})
-    log(f"step {steps}: eval accuracy {acc:.3f}, valid format {fmt:.3f}")
-    sft.save(actor, world, rank, tok, out / "final")
+    evaluate(steps)
+    common.export(actor, tok, out / "final", rank, world)
     log(f"final policy: {out / 'final'}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    common.finish(world)
 
 
 if __name__ == "__main__":
-    sft.cli(main)
+    common.cli(main)
