@@ -24,6 +24,7 @@ The command line. Every script declares its flags with plain argparse at the top
 message that names the flag, before any work starts.
 """
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -76,6 +77,114 @@ def all_sum(x: float, world: int) -> float:
 def barrier(world: int):
     if world > 1:
         dist.barrier()
+
+
+def agree(message: str | None, world: int) -> None:
+    """Raise ValueError(message) on every rank when rank 0 found a problem (rank 0 checked alone; the others
+    must not wait forever in the next collective)."""
+    if world > 1:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message:
+        raise ValueError(message)
+
+
+class StopSignal:
+    """SIGTERM / SIGINT (a scheduler's preemption notice, Ctrl-C) set a flag instead of killing the process; the
+    trainer checks `requested(world)` between steps, and all ranks stop when any rank got a signal. A second
+    signal stops at once, the usual way."""
+
+    def __init__(self):
+        import signal
+        self.got = 0
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self):
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, sig, frame):
+        import signal
+        self.got = sig
+        signal.signal(sig, signal.SIG_DFL)          # the second one is not caught
+        print(f"\n{signal.Signals(sig).name}: finishing this step, then writing a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def requested(self, world: int) -> int:
+        """The signal number any rank got (0: none)."""
+        return int(max(self.got, 0) if world == 1 else all_max(self.got, world))
+
+
+def all_max(x: float, world: int) -> float:
+    if world == 1:
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+# ------------------------------------------------------------------------------------------------ run folders
+def non_finite(state: dict) -> str | None:
+    """The name of the first tensor of a state dict (nested dicts and lists too) holding a NaN or inf, or None."""
+    def walk(x, name):
+        if isinstance(x, torch.Tensor):
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                return name
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                if (bad := walk(v, f"{name}.{k}" if name else str(k))) is not None:
+                    return bad
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                if (bad := walk(v, f"{name}[{i}]")) is not None:
+                    return bad
+        return None
+    return walk(state, "")
+
+
+def lock(out: Path) -> Path:
+    """Take <out>/.lock for this process, or raise naming the process that holds it. A lock whose process is gone
+    (a SIGKILL, a crash) is stale and taken over. Release it with unlock()."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ".lock"
+    me = f"{os.getpid()} {os.uname().nodename}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid, host = path.read_text().split()
+                pid = int(pid)
+            except (OSError, ValueError):
+                pid, host = -1, ""               # unreadable or half-written: treat as stale
+            if host == os.uname().nodename and pid > 0 and _alive(pid):
+                raise ValueError(f"--out {out} is in use by another run (pid {pid}); wait for it or stop it "
+                                 f"(a dead run's {path} is taken over by itself)") from None
+            if host and host != os.uname().nodename:
+                raise ValueError(f"--out {out} is locked by pid {pid} on {host}; delete {path} if that run is over")
+            path.unlink(missing_ok=True)         # stale
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return path
+    raise ValueError(f"could not take {path}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def unlock(path: Path | None):
+    if path is not None:
+        path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2
@@ -132,6 +241,8 @@ def export(model, tokenizer, out, rank: int, world: int):
     loads: gathered to rank 0, written to <out>.tmp, then renamed over <out>."""
     import model as M
     state = full_state_dict(model, world)
+    bad = non_finite(state) if rank == 0 else None
+    agree(bad and f"refusing to write {out}: tensor {bad} is not finite (NaN or inf)", world)
     if rank == 0:
         out = Path(out)
         tmp = out.with_name(out.name + ".tmp")
@@ -141,6 +252,72 @@ def export(model, tokenizer, out, rank: int, world: int):
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     barrier(world)
+
+
+SKIP_LIMIT = 3   # optimizer steps skipped in a row for a non-finite gradient before a trainer gives up
+
+
+def clip_and_step(nets_and_opts, grad_clip: float) -> bool:
+    """Clip each model's gradient norm and step its optimizer, unless some norm is NaN or inf (a diverging loss):
+    then nothing steps and the gradients are dropped, so no NaN ever reaches the weights. Returns whether it
+    stepped. Under FSDP the norm covers all ranks, so all ranks decide alike."""
+    norms = [torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip) for net, _ in nets_and_opts]
+    ok = all(bool(torch.isfinite(n.full_tensor() if hasattr(n, "full_tensor") else n)) for n in norms)
+    for _, opt in nets_and_opts:
+        if ok:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    return ok
+
+
+def save_checkpoint(out: Path, models: dict, state: dict, tokenizer, rank: int, world: int):
+    """<out>/checkpoint: a folder per model (HF safetensors; the tokenizer beside the first), optim.pt (every
+    optimizer's full state), rng_rank*.pt (each rank's RNG), state.json (`state`). models: name -> (model,
+    optimizer). Written to checkpoint.tmp, checked to be finite, then swapped in by two renames, so a kill at any
+    moment leaves the previous checkpoint (or, between the renames, checkpoint.old) whole."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(world)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = {name: full_state_dict(net, world) for name, (net, _) in models.items()}
+    optim = {name: get_optimizer_state_dict(net, opt, options=opts) for name, (net, opt) in models.items()}
+    torch.save({"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0)},
+               tmp / f"rng_rank{rank}.pt")
+    bad = non_finite({"weights": weights, "optim": optim}) if rank == 0 else None
+    agree(bad and f"refusing to write a checkpoint at {state}: {bad} is not finite; {final} is untouched", world)
+    barrier(world)                                               # every rank's file is in before the rename
+    if rank == 0:
+        import model as M
+        for name, (net, _) in models.items():
+            M.save_model(net, tmp / name, state_dict=weights[name])
+        tokenizer.save(str(tmp / next(iter(models)) / "tokenizer.json"))
+        torch.save(optim, tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        shutil.rmtree(old, ignore_errors=True)                   # a leftover of a kill between the renames
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier(world)
+
+
+def restore_checkpoint(ckpt: Path, models: dict, rank: int):
+    """The optimizer states of save_checkpoint's models (name -> (model, optimizer); the weights were loaded with
+    the models) and this rank's RNG state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    optim = torch.load(ckpt / "optim.pt", weights_only=True, mmap=True)   # tensors and numbers; read lazily
+    for name, (net, opt) in models.items():
+        set_optimizer_state_dict(net, opt, optim[name], options=StateDictOptions(full_state_dict=True))
+    rng_file = ckpt / f"rng_rank{rank}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if torch.cuda.is_available() and rng["cuda"].numel():
+            torch.cuda.set_rng_state(rng["cuda"])
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:
@@ -187,13 +364,24 @@ prob_float = _typed(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 any_float = _typed(float, lambda v: abs(v) != float("inf") and v == v, "finite")
 
 
+class Abort(Exception):
+    """A run that stops on purpose (a signal, a diverging loss): exit with this message and code, no traceback."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
 def cli(main):
-    """Run main(); a user mistake (a missing file, a bad checkpoint, flag or data row) exits with its one-line
-    message instead of a traceback from every rank."""
+    """Run main(); a user mistake (a missing file or package, a bad checkpoint, flag or data row) or an Abort exits
+    with its one-line message instead of a traceback from every rank."""
     try:
         main()
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
+    except Abort as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(e.code)
     if "RANK" in os.environ:
         # Under torchrun, a gloo thread now and then aborts the process during interpreter teardown ("terminate
         # called without an active exception"), after all is written: leave without the teardown.

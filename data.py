@@ -92,8 +92,13 @@ def _rows(path):
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path} row {i + 1}", row
         return
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
+    with open(path, "rb") as f:  # bytes, decoded line by line, so a bad byte is reported on its own line
+        for i, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8-sig" if i == 0 else "utf-8")  # -sig: a byte-order mark is skipped
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} line {i + 1}: not UTF-8 ({e.reason} at byte {e.start} of the line); "
+                                 "re-save the file as UTF-8") from None
             if not line.strip():
                 continue  # tolerate blank lines (e.g. a trailing one); line numbers stay physical
             where = f"{path} line {i + 1}"
@@ -114,11 +119,16 @@ def _load(path, to_example) -> list[Example]:
             raise ValueError(f"{where}: malformed row ({type(e).__name__}: {e})") from None
         if ex is None:
             continue  # filtered out by the caller
+        if not 2 <= len(ex.options) <= 10:
+            raise ValueError(f"{where}: {len(ex.options)} options; 2 to 10 (A-J, the letters the reward reads) "
+                             "are supported")
         if list(ex.options) != list(LETTERS[:len(ex.options)]):
             raise ValueError(f"{where}: option letters {list(ex.options)} are not A, B, C, ... in order")
         if ex.answer not in ex.options:
             raise ValueError(f"{where}: answer {ex.answer!r} is not one of the options {list(ex.options)}")
         examples.append(ex)
+    if not examples:
+        raise ValueError(f"{path}: no examples (an empty file, or none of the asked category)")
     return examples
 
 

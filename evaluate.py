@@ -30,7 +30,7 @@ import data
 import model as M
 import reward
 import rollout
-from reward import CONCISE, DIRECT_ANSWER, FORMAT_FAILURE, LABELS, REASONING_OUTSIDE, VERBOSE, classify  # noqa: F401
+from reward import LABELS, classify
 
 DIRECT_PROMPT = "Question: {question}\n{options}\nAnswer:"
 COT_PROMPT = ("Question: {question}\n{options}\nAnswer the question, then finish with \"The answer is (X)\" "
@@ -232,6 +232,13 @@ def main(argv=None):
     if args.limit:
         datasets = {k: v[:args.limit] for k, v in datasets.items()}
 
+    for path in args.model:                      # every model is checked before the first one is evaluated
+        config = M.Qwen2Config.from_json(path)
+        if not any((Path(path) / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+            raise FileNotFoundError(f"{path}: no model.safetensors (or its index)")
+        if config.vocab_size < data.load_tokenizer(path).get_vocab_size():
+            raise ValueError(f"{path}: tokenizer.json has more tokens than the model's vocabulary "
+                             f"({config.vocab_size})")
     results = {}
     for path in args.model:
         tok, policy = data.load_tokenizer(path), M.load_model(path)

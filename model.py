@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 
@@ -304,9 +304,12 @@ def read_safetensors(path: Path, device) -> dict[str, tuple[torch.Tensor, str]]:
     for name in files:
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name}: listed in {index.name} but missing")
-        with safe_open(path / name, framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                tensors[key] = (f.get_tensor(key), name)
+        try:
+            with safe_open(path / name, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    tensors[key] = (f.get_tensor(key), name)
+        except (SafetensorError, OSError) as e:       # empty, truncated or not safetensors at all
+            raise ValueError(f"{path / name}: not a readable safetensors file ({e})") from None
     return tensors
 
 

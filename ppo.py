@@ -28,12 +28,13 @@ def masked_whiten(x, mask, shift_mean=True):
     Uses the *biased* variance (divide by N), as OpenRLHF's advantage normalisation does;
     TinyZero/verl's masked_whiten uses the unbiased one (N-1). The difference is negligible
     for thousands of tokens. Call it on the whole rollout batch, before splitting into minibatches."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    xd = x.double()  # fp64 sums: over ~10^5 tokens fp32 rounding alone would whiten equal values into noise
+    mean = masked_mean(xd, mask)
+    var = masked_mean((xd - mean) ** 2, mask)  # two passes: E[x^2] - mean^2 can come out negative
+    whitened = (xd - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened)).to(x.dtype)
 
 # -----------------------------------------------------------------------------
 # log-probs, entropy, KL

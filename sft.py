@@ -34,6 +34,7 @@ def make_parser():
     p.add_argument("--model", help="base checkpoint folder (HF layout: config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--train", help="MedQA train split, jind11 JSON lines")
     p.add_argument("--out", default="runs/sft", help="where the fine-tuned model is written (HF layout)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.add_argument("--epochs", type=common.positive_int, default=2, help="passes over the train set")
     p.add_argument("--batch", type=common.positive_int, default=64, help="examples per optimizer step, all ranks")
     p.add_argument("--micro-batch", type=common.positive_int, default=8,
@@ -96,7 +97,9 @@ def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=
         raise ValueError(f"--batch {batch} must be divisible by the world size {world}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     steps_per_epoch = len(pairs) // batch
-    losses = []
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(pairs)} training examples, fewer than --batch {batch}: not one optimizer step")
+    losses, skipped_in_a_row = [], 0
     for step in range(epochs * steps_per_epoch):
         epoch, i = divmod(step, steps_per_epoch)
         order = list(range(len(pairs)))
@@ -109,11 +112,14 @@ def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=
             loss = response_loss_sum(model, input_ids, loss_mask) / n_tokens
             (loss * world).backward()                                               # FSDP averages over ranks
             total += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         for group in opt.param_groups:
             group["lr"] = common.lr_at(step, lr, warmup)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        skipped_in_a_row = 0 if common.clip_and_step([(model, opt)], grad_clip) else skipped_in_a_row + 1
+        if skipped_in_a_row and rank == 0:
+            log(f"sft step {step + 1}: non-finite gradient, step skipped")
+        if skipped_in_a_row >= common.SKIP_LIMIT:
+            raise common.Abort(f"sft step {step + 1}: {skipped_in_a_row} steps in a row had a non-finite loss or "
+                               "gradient; nothing was saved. Lower --lr.")
         losses.append(common.all_sum(total, world))
         if rank == 0 and (step % 10 == 0 or step == epochs * steps_per_epoch - 1):
             log(f"sft step {step + 1}/{epochs * steps_per_epoch}  loss {losses[-1]:.4f}")
@@ -168,8 +174,14 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = common.init_distributed()
     torch.manual_seed(args.seed)
+    out = Path(args.out)
+    if (out / "config.json").exists() and not args.overwrite:
+        raise ValueError(f"--out {out} already holds a model; pass --overwrite to replace it")
     tokenizer = data.load_tokenizer(args.model)
     texts = [medqa_pair(ex) for ex in data.load_medqa(args.train)]
+    if len(texts) < args.batch:
+        raise ValueError(f"--train {args.train}: {len(texts)} examples, fewer than --batch {args.batch}: "
+                         "not one optimizer step")
     pairs = tokenize_pairs(tokenizer, texts, args.max_len)
     policy = M.load_model(args.model, device=device, dtype=torch.float32)   # fp32 master weights (common.shard)
     policy.model.gradient_checkpointing = args.grad_checkpoint
@@ -180,7 +192,7 @@ def main(argv=None):
     train(policy, pairs, epochs=args.epochs, batch=args.batch, micro_batch=args.micro_batch, lr=args.lr,
           warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
           rank=rank, world=world, device=device)
-    common.export(policy, tokenizer, Path(args.out), rank, world)
+    common.export(policy, tokenizer, out, rank, world)
     if rank == 0:
         print(f"saved {args.out}")
     common.finish(world)

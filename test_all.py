@@ -47,7 +47,6 @@ import data
 import evaluate
 import model
 import ppo
-import reward
 import rollout
 import sft
 import train
@@ -289,6 +288,11 @@ def test_model_bad_checkpoints_give_one_clear_error(tmp_path):
     save_file(tensors, tmp_path / "m" / "model.safetensors")
     with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.1\.self_attn\.k_proj\.bias' has shape"):
         model.load_model(tmp_path / "m")
+    for size in (0, 100):                                   # empty, and cut short by a failed copy
+        raw = (tmp_path / "m" / "model.safetensors").read_bytes()
+        (tmp_path / "m" / "model.safetensors").write_bytes(raw[:size])
+        with pytest.raises(ValueError, match=r"m/model\.safetensors: not a readable safetensors file"):
+            model.load_model(tmp_path / "m")
 
 
 def test_rollout_greedy_batch_equals_transformers_alone_and_stops_at_eos(tiny):
@@ -647,6 +651,23 @@ def test_data_corrupt_line_names_file_and_line(tmp_path, loader, good, bad_line)
     assert len(loader(path)) == 2
 
 
+def test_data_encodings_empty_files_and_option_counts(tmp_path):
+    row = json.dumps(MEDQA_ROW)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (row + "\n").encode() * 2)
+    assert len(data.load_medqa(tmp_path / "bom.jsonl")) == 2             # a byte-order mark is fine
+    latin = json.dumps({**MEDQA_ROW, "question": "Qu\u00e9?"}, ensure_ascii=False).encode("latin-1")
+    (tmp_path / "latin.jsonl").write_bytes((row + "\n").encode() * 2 + latin + b"\n")
+    with pytest.raises(ValueError, match=r"latin\.jsonl line 3: not UTF-8"):
+        data.load_medqa(tmp_path / "latin.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"empty\.jsonl: no examples"):
+        data.load_medqa(tmp_path / "empty.jsonl")
+    eleven = {**MEDQA_ROW, "options": {k: k.lower() for k in "ABCDEFGHIJK"}}
+    write_lines(tmp_path / "k.jsonl", [row, json.dumps(eleven)])
+    with pytest.raises(ValueError, match=r"k\.jsonl line 2: 11 options"):
+        data.load_medqa(tmp_path / "k.jsonl")
+
+
 def test_data_medqa_options_out_of_order_are_sorted(tmp_path):
     row = {**MEDQA_ROW, "options": {"C": "c", "A": "a", "D": "d", "B": "b"}}
     [ex] = data.load_medqa(write_lines(tmp_path / "rows.jsonl", [json.dumps(row)]))
@@ -775,6 +796,12 @@ def test_ppo_masked_whiten_matches_selected_entries(shift_mean):
     out = ppo.masked_whiten(x, mask, shift_mean=shift_mean)
     torch.testing.assert_close(out[mask.bool()], expect)
     assert (out[~mask.bool()] == 0).all()
+
+
+def test_ppo_masked_whiten_of_equal_values_is_zero():
+    """65,536 equal advantages: the variance is 0, so every whitened value is 0 (not NaN, not fp32 noise)."""
+    out = ppo.masked_whiten(torch.full((8, 8192), 0.7), torch.ones(8, 8192))
+    assert (out == 0).all()
 
 
 # ----------------------------------------------------------------------------- KL estimators
@@ -1265,10 +1292,26 @@ def _worker(kind, ckpt, out):
         exp = _experience_for([prompts[i] for i in mine], [responses[i] for i in mine], [rows[i] for i in mine])
         # SGD, not Adam: Adam turns the ~1e-9 rounding noise of a zero gradient (k_proj.bias) into a full step
         opts = [torch.optim.SGD(net.parameters(), lr=0.5) for net in (actor, critic)]
-        train.ppo_update(actor, critic, *opts, exp, list(range(len(mine))), micro_batch=2, temperature=0.7, clip=0.2,
-                         value_clip=0.2, grad_clip=1.0, loss_agg="token", world=world)
+        hyper = dict(micro_batch=2, temperature=0.7, clip=0.2, value_clip=0.2, grad_clip=1.0, loss_agg="token",
+                     world=world)
+        assert train.ppo_update(actor, critic, *opts, exp, list(range(len(mine))), **hyper)["skipped"] == 0.0
+        # a NaN in rank 0's advantages only: every rank must skip the step (the weights stay as they are)
+        if rank == 0:
+            exp.advantages[0, 0] = float("nan")
+        skipped = train.ppo_update(actor, critic, *opts, exp, list(range(len(mine))), **hyper)["skipped"]
         state = {**common.full_state_dict(actor, world),
-                 **{"critic." + k: v for k, v in common.full_state_dict(critic, world).items()}}
+                 **{"critic." + k: v for k, v in common.full_state_dict(critic, world).items()},
+                 "nan_step_skipped": torch.tensor([skipped])}
+        # cross-rank whitening equals one process's, also for advantages that are all equal (65,536 tokens of 0.7,
+        # where E[x^2] - mean^2 comes out negative)
+        g = torch.Generator().manual_seed(3)
+        for name, x in (("const", torch.full((8, 8192), 0.7)), ("random", torch.randn(8, 16, generator=g))):
+            mask = (torch.arange(x.shape[1]) < torch.arange(8, 0, -1)[:, None] * x.shape[1] // 8).float()
+            shares = [train.whiten(x[rank::world], mask[rank::world], world)]
+            if world > 1:
+                shares = [None] * world
+                torch.distributed.all_gather_object(shares, train.whiten(x[rank::world], mask[rank::world], world))
+            state["whiten." + name] = torch.stack([shares[i % world][i // world] for i in range(8)])
     elif kind == "rollout":
         # ranks decode different prompts for different numbers of steps (each row stops at its own EOS):
         # under full_weights that needs no collective, so nothing may hang, and the tokens equal one process's
@@ -1310,6 +1353,10 @@ def test_train_fsdp_two_ranks_equal_one_process(tmp_path, kind):
         assert torch.equal(a["responses"], b["responses"])
         assert (a["responses"] == -1).any(), "no row stopped early: the test would not exercise uneven decoding"
         return
+    if kind == "ppo":
+        assert a["nan_step_skipped"].item() == b["nan_step_skipped"].item() == 1.0
+        for name in ("whiten.const", "whiten.random"):
+            assert torch.isfinite(b[name]).all() and (a[name] - b[name]).abs().max() <= 1e-5, name
     before = load_file(tmp_path / "m" / "model.safetensors")
     assert a.keys() == b.keys()
     assert any(not torch.equal(a[k], before[k]) for k in before)          # the step did change the weights
@@ -1376,6 +1423,175 @@ def test_train_bad_inputs_give_clear_errors(tmp_path):
     shutil.copy(tmp_path / "base" / "tokenizer.json", tmp_path / "small" / "tokenizer.json")
     with pytest.raises(ValueError, match="tokenizer"):
         train.main(_ppo_argv(tmp_path / "small", tmp_path / "out", 1))
+
+
+@pytest.mark.parametrize("script, argv, flag", [
+    (train, ["--temperature", "-1"], "--temperature"), (train, ["--temperature", "0"], "--temperature"),
+    (train, ["--top-p", "0"], "--top-p"), (train, ["--loss-agg", "foo"], "--loss-agg"),
+    (train, ["--steps", "-1"], "--steps"), (train, ["--train-batch", "0"], "--train-batch"),
+    (train, ["--ppo-epochs", "0"], "--ppo-epochs"), (train, ["--micro-batch", "0"], "--micro-batch"),
+    (train, ["--rollout-batch", "0"], "--rollout-batch"), (train, ["--max-new-tokens", "0"], "--max-new-tokens"),
+    (train, ["--kl-estimator", "k2"], "--kl-estimator"), (train, ["--actor-lr", "nan"], "--actor-lr"),
+    (evaluate, ["--limit", "-1"], "--limit"), (evaluate, ["--batch", "0"], "--batch"),
+    (evaluate, ["--dose", "-5"], "--dose"), (sft, ["--batch", "0"], "--batch"), (bench, ["--new", "x"], "--new"),
+], ids=lambda x: x.__name__ if hasattr(x, "__name__") else None)
+def test_train_sft_evaluate_bench_bad_flags_one_line(script, argv, flag, capsys):
+    """A bad flag value stops the script at once with one line that names the flag (no traceback, no usage)."""
+    main = script.main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"argument {flag}" in err, err
+
+
+def _mistake(fn, match, out=None):
+    """fn must fail with a one-line message matching `match`, and (when given) create nothing in `out`."""
+    with pytest.raises((ValueError, FileNotFoundError), match=match) as e:
+        fn()
+    assert "\n" not in str(e.value)
+    if out is not None:
+        assert not Path(out).exists(), f"{out} was written before the mistake was found"
+
+
+def test_train_bad_inputs_found_before_any_work(tmp_path):
+    make_demo_like_checkpoint(tmp_path / "base")
+    out = tmp_path / "out"
+    argv = lambda *extra: _ppo_argv(tmp_path / "base", out, 1, *extra)          # noqa: E731
+    (tmp_path / "empty.jsonl").write_text("")
+    _mistake(lambda: train.main(argv("--train-data", str(tmp_path / "empty.jsonl"))), "empty.jsonl: no examples", out)
+    write_lines(tmp_path / "four.jsonl", [json.dumps(MEDQA_ROW)] * 4)
+    _mistake(lambda: train.main(argv("--train-data", str(tmp_path / "four.jsonl"))),
+             "4 examples, fewer than --rollout-batch 8", out)
+    _mistake(lambda: train.main(argv("--train-batch", "3")), "multiple of --train-batch 3", out)
+    _mistake(lambda: train.main(_ppo_argv(tmp_path / "nobase", out, 1)), "nobase", out)
+    (tmp_path / "run").mkdir()
+    write_lines(tmp_path / "tiny.jsonl", [json.dumps(r) for r in [{**MEDQA_ROW, "question": "Q" * 400}] * 8])
+    _mistake(lambda: train.main(_ppo_argv(tmp_path / "base", tmp_path / "run" / "x", 1, "--train-data",
+                                          str(tmp_path / "tiny.jsonl"), "--max-prompt-len", "16")),
+             "exceed --max-prompt-len 16", tmp_path / "run" / "x" / "metrics.jsonl")
+    # evaluate: the second model's path is wrong -> nothing is evaluated, no results file
+    _mistake(lambda: evaluate.main(["--model", str(tmp_path / "base"), str(tmp_path / "typo"), "--dose", "4",
+                                    "--out", str(tmp_path / "res.json")]), "typo", tmp_path / "res.json")
+    # sft: fewer examples than --batch -> no "saved" untouched base
+    _mistake(lambda: sft.main(["--model", str(tmp_path / "base"), "--train", str(tmp_path / "four.jsonl"), "--out",
+                               str(tmp_path / "sft"), "--batch", "8"]), "4 examples, fewer than --batch 8",
+             tmp_path / "sft")
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_protects_an_existing_run_and_locks_it(tmp_path):
+    make_demo_like_checkpoint(tmp_path / "base")
+    out = tmp_path / "run"
+    train.main(_ppo_argv(tmp_path / "base", out, 1, "--save-every", "0"))
+    before = (out / "metrics.jsonl").read_text()
+    _mistake(lambda: train.main(_ppo_argv(tmp_path / "base", out, 2)), "holds a run.*--resume.*--overwrite")
+    _mistake(lambda: train.main(_ppo_argv(tmp_path / "base", out, 2, "--resume")), "no checkpoint to continue")
+    assert (out / "metrics.jsonl").read_text() == before                     # nothing was touched
+    assert not (out / ".lock").exists()                                      # released after each run
+    # a live process holds the lock: refused; a dead one's lock is stale and taken over
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(f"{sleeper.pid} {os.uname().nodename}")
+        _mistake(lambda: train.main(_ppo_argv(tmp_path / "base", out, 2, "--overwrite")), f"pid {sleeper.pid}")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    train.main(_ppo_argv(tmp_path / "base", out, 2, "--overwrite"))          # the dead pid's lock is taken over
+    assert [r["step"] for r in _metrics(out)] == [0, 1, 2, 2] and not (out / ".lock").exists()
+
+
+def test_train_resume_checks_flags_and_survives_torn_files(tmp_path):
+    make_demo_like_checkpoint(tmp_path / "base")
+    out = tmp_path / "run"
+    train.main(_ppo_argv(tmp_path / "base", out, 2))                         # checkpoint at step 2
+    _mistake(lambda: train.main(_ppo_argv(tmp_path / "base", out, 3, "--resume", "--seed", "1",
+                                          "--rollout-batch", "16")),
+             "made with --rollout-batch 8, --seed 0, not --rollout-batch 16, --seed 1")
+    make_demo_like_checkpoint(tmp_path / "other", seed=1)
+    _mistake(lambda: train.main(_ppo_argv(tmp_path / "other", out, 3, "--resume")), "trained from --model")
+    # a kill between the checkpoint's two renames left checkpoint.old beside it; a kill mid-write tore metrics
+    shutil.copytree(out / "checkpoint", out / "checkpoint.old")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "rew')
+    # the same base, written another way (absolute, trailing slash), is the same model
+    train.main(_ppo_argv(str(tmp_path / "base") + "/", out, 3, "--resume"))
+    assert [r["step"] for r in _metrics(out)] == [0, 1, 2, 3, 3]
+    assert not (out / "checkpoint.old").exists()
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
+
+
+def test_train_diverging_run_stops_and_writes_nothing_non_finite(tmp_path):
+    """--actor-lr 1e3 --critic-lr 1e6: the first update wrecks the weights, the next losses are NaN; those updates
+    are skipped, the run stops with a message, and no NaN reaches metrics.jsonl, a checkpoint or final/."""
+    make_demo_like_checkpoint(tmp_path / "base")
+    out = tmp_path / "bad"
+    with pytest.raises(common.Abort, match="non-finite"):
+        train.main(_ppo_argv(tmp_path / "base", out, 6, "--actor-lr", "1e3", "--critic-lr", "1e6", "--save-every", "1"))
+    for f in out.rglob("*.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_file(f).values()), f
+    assert not (out / "final").exists() and not (out / ".lock").exists()
+    assert "NaN" not in (out / "metrics.jsonl").read_text()
+    # the writers themselves refuse non-finite weights
+    net = model.load_model(tmp_path / "base")
+    with torch.no_grad():
+        net.model.norm.weight[0] = float("nan")
+    _mistake(lambda: common.export(net, data.load_tokenizer(tmp_path / "base"), tmp_path / "nan", 0, 1),
+             r"model\.norm\.weight is not finite", tmp_path / "nan")
+    # sft too: --lr 1e6 stops after a few skipped steps and leaves the weights finite
+    tok = data.load_tokenizer(tmp_path / "base")
+    qs = data.make_dose_questions(64, seed=1)
+    pairs = sft.tokenize_pairs(tok, [(data.build_prompt(q), data.dose_solution(q, True)) for q in qs], 512)
+    net = model.load_model(tmp_path / "base").train()
+    with pytest.raises(common.Abort, match="non-finite"):
+        sft.train(net, pairs, epochs=1, batch=8, micro_batch=8, lr=1e6, warmup=1, log=lambda msg: None)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def _children(pid):
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_train_sigterm_to_one_rank_checkpoints_and_stops_all(tmp_path):
+    """A scheduler's SIGTERM reaching one worker of two: both finish the step, one checkpoint is written, the run
+    exits non-zero saying how to resume, and --resume continues it."""
+    import signal
+    make_demo_like_checkpoint(tmp_path / "base")
+    out = tmp_path / "run"
+    argv = _ppo_argv(tmp_path / "base", out, 400, "--save-every", "1000", "--eval-limit", "2")
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not any("reward" in r for r in
+                                                 (_metrics(out) if (out / "metrics.jsonl").exists() else [])):
+            time.sleep(0.2)
+        workers = sorted(_children(agent.pid))
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGTERM)                       # rank 1 only (workers start in rank order)
+        _, err = agent.communicate(timeout=120)
+    finally:
+        agent.kill()
+    assert agent.returncode != 0
+    assert "--resume" in err and "SIGTERM" in err
+    steps = [r["step"] for r in _metrics(out) if "reward" in r]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == steps[-1] < 400
+    assert not (out / "final").exists() and not (out / ".lock").exists()
+    train.main(argv[:argv.index("--steps")] + ["--steps", str(steps[-1] + 1)] + argv[argv.index("--steps") + 2:]
+               + ["--resume"])
+    assert [r["step"] for r in _metrics(out) if "reward" in r] == list(range(1, steps[-1] + 2))
+    assert (out / "final").exists()
 
 
 def test_train_ppo_raises_the_reward_of_a_tiny_model(tmp_path):

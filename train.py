@@ -32,9 +32,11 @@ sampling every FSDP unit gathers its full weights once and keeps them (common.fu
 """
 import argparse
 import json
+import math
 import os
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +117,7 @@ def make_parser():
                    help="append 4 responses to samples.jsonl every N steps (0: never)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order, the samplers and the value head")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes it)")
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute each block's activations in backward (long sequences on GPUs)")
     return p
@@ -190,14 +193,16 @@ def response_values(critic, input_ids, attn, P):
 
 
 def whiten(x, mask, world):
-    """ppo.masked_whiten over the whole rollout batch, all ranks together."""
+    """ppo.masked_whiten over the whole rollout batch, all ranks together: two passes, the mean and then the mean
+    squared deviation from it (E[x^2] - mean^2 cancels catastrophically when the advantages are nearly equal)."""
     if world == 1:
         return ppo.masked_whiten(x, mask)
-    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
-    dist.all_reduce(stats)
-    mean = stats[0] / stats[2]
-    var = stats[1] / stats[2] - mean ** 2
-    return ((x - mean) * torch.rsqrt(var + 1e-8) * mask).float()
+    total = torch.stack([(x.double() * mask).sum(), mask.double().sum()])
+    dist.all_reduce(total)
+    mean = total[0] / total[1]
+    sq = (((x.double() - mean) ** 2) * mask).sum()
+    dist.all_reduce(sq)
+    return ((x.double() - mean) * torch.rsqrt(sq / total[1] + 1e-8) * mask).float()
 
 
 def score_texts(tok, responses, examples, incorrect_reward):
@@ -277,18 +282,17 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp: Experience, rows, *, m
             entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
         for k, v in zip(m, (pl, vl, clip_frac, entropy, approx_kl)):
             m[k] += float(v.detach()) * weight
-    for net, opt in ((actor, actor_opt), (critic, critic_opt)):
-        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    # a NaN or inf anywhere (a diverging loss) skips the step of both models: nothing non-finite reaches a weight
+    m["skipped"] = float(not common.clip_and_step([(actor, actor_opt), (critic, critic_opt)], grad_clip))
     return m
 
 
-def learn(actor, critic, actor_opt, critic_opt, exp: Experience, step, args, world):
+def learn(actor, critic, actor_opt, critic_opt, exp: Experience, step, args, world, skipped_in_a_row):
     """Step 4: `ppo_epochs` passes over the experience in minibatches of `train_batch` (this rank's share of each
-    minibatch, in a seeded order). -> the metrics averaged over the updates."""
+    minibatch, in a seeded order). -> (the metrics averaged over the updates, with the number of skipped updates;
+    the count of updates skipped in a row so far). Too many skipped in a row stop the run."""
     m = dict(policy_loss=0.0, value_loss=0.0, clip_frac=0.0, entropy=0.0, approx_kl=0.0)
-    per_rank, n_updates = args.train_batch // world, 0
+    per_rank, n_updates, n_skipped = args.train_batch // world, 0, 0
     for epoch in range(args.ppo_epochs):
         g = torch.Generator().manual_seed(seed_for("minibatch", args.seed, step, epoch))
         order = torch.randperm(len(exp.scores), generator=g).tolist()
@@ -297,10 +301,18 @@ def learn(actor, critic, actor_opt, critic_opt, exp: Experience, step, args, wor
                                 micro_batch=args.micro_batch, temperature=args.temperature, clip=args.clip,
                                 value_clip=args.value_clip, grad_clip=args.grad_clip, loss_agg=args.loss_agg,
                                 world=world)
+            skipped = update.pop("skipped")                 # the same on every rank
+            n_skipped += skipped
+            skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+            if skipped_in_a_row >= common.SKIP_LIMIT:
+                raise common.Abort(f"step {step + 1}: {skipped_in_a_row} updates in a row had a non-finite loss or "
+                                   "gradient and were skipped, so the run stops here; nothing non-finite was "
+                                   f"written, and {Path(args.out) / 'checkpoint'} (if any) holds the last good "
+                                   "state. Lower --actor-lr / --critic-lr.")
             for k, v in update.items():
                 m[k] += common.all_sum(v, world)
             n_updates += 1
-    return {k: v / n_updates for k, v in m.items()}
+    return {**{k: v / n_updates for k, v in m.items()}, "skipped_updates": n_skipped}, skipped_in_a_row
 
 
 @torch.no_grad()
@@ -320,97 +332,121 @@ def eval_accuracy(policy, tok, examples, prompts, max_new_tokens, batch, rank, w
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(out: Path, actor, critic, actor_opt, critic_opt, step, args, rank, world, tok):
-    """<out>/checkpoint: actor/ and critic/ (safetensors), optim.pt, rng_rank*.pt, state.json (the step; the data
-    position and every sampler seed derive from it). Written to checkpoint.tmp, then swapped in by a rename."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    common.barrier(world)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    actor_sd, critic_sd = common.full_state_dict(actor, world), common.full_state_dict(critic, world)
-    optim = {"actor": get_optimizer_state_dict(actor, actor_opt, options=opts),
-             "critic": get_optimizer_state_dict(critic, critic_opt, options=opts)}
-    torch.save({"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0)},
-               tmp / f"rng_rank{rank}.pt")
-    common.barrier(world)                                        # every rank's file is in before the rename
-    if rank == 0:
-        M.save_model(actor, tmp / "actor", state_dict=actor_sd)
-        M.save_model(critic, tmp / "critic", state_dict=critic_sd)
-        tok.save(str(tmp / "actor" / "tokenizer.json"))
-        torch.save(optim, tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "args": vars(args)}, indent=1))
-        old = out / "checkpoint.old"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    common.barrier(world)
+# The flags that decide a run's trajectory: a resumed run must use the checkpoint's values, or it would not continue
+# the same run (the data position, the seeds, the optimiser, the reward all derive from them).
+TRAJECTORY_FLAGS = ("rollout_batch", "train_batch", "ppo_epochs", "actor_lr", "critic_lr", "warmup", "weight_decay",
+                    "grad_clip", "kl_coef", "kl_estimator", "gamma", "lam", "clip", "value_clip", "loss_agg",
+                    "temperature", "top_p", "max_prompt_len", "max_new_tokens", "incorrect_reward", "seed")
 
 
 def find_checkpoint(args):
     """Resuming, part 1: -> (checkpoint folder, its step), or (None, 0) for a fresh run. The reference model must
-    be the run's own base, so a resumed run takes --model from the checkpoint."""
+    be the run's own base, so a resumed run takes --model from the checkpoint; every trajectory flag must match."""
     if not args.resume:
         return None, 0
     out = Path(args.out)
     ckpt = out / "checkpoint"
-    if not ckpt.exists() and (out / "checkpoint.old").exists():
-        ckpt = out / "checkpoint.old"                            # a crash between the two renames
+    if not (ckpt / "state.json").exists() and (out / "checkpoint.old" / "state.json").exists():
+        ckpt = out / "checkpoint.old"                            # a kill between the two renames
     if not (ckpt / "state.json").exists():
         return None, 0
     state = json.loads((ckpt / "state.json").read_text())
-    saved = state["args"]["model"]
-    if args.model not in (None, saved):
-        raise ValueError(f"{ckpt} was trained from --model {saved}, not {args.model}")
-    args.model = saved
+    saved = state["args"]
+
+    def same_path(a, b):
+        return a == b or (a is not None and b is not None and Path(a).resolve() == Path(b).resolve())
+    if args.model is not None and not same_path(args.model, saved["model"]):
+        raise ValueError(f"--resume: {ckpt} was trained from --model {saved['model']}, not {args.model}")
+    if not same_path(args.train_data, saved.get("train_data")):
+        raise ValueError(f"--resume: {ckpt} was trained on --train-data {saved.get('train_data')}, "
+                         f"not {args.train_data}")
+    changed = [k for k in TRAJECTORY_FLAGS if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
+        now = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in changed)
+        raise ValueError(f"--resume: {ckpt} was made with {was}, not {now} (these decide the run: pass the "
+                         "original values, or start a new --out)")
+    args.model = saved["model"]
     return ckpt, state["step"]
 
 
-def restore(ckpt: Path, actor, critic, actor_opt, critic_opt, rank):
-    """Resuming, part 2: optimizer states and this rank's RNG state (the weights were loaded from ckpt)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    optim = torch.load(ckpt / "optim.pt", weights_only=True, mmap=True)   # tensors and numbers; read lazily
-    opts = StateDictOptions(full_state_dict=True)
-    set_optimizer_state_dict(actor, actor_opt, optim["actor"], options=opts)
-    set_optimizer_state_dict(critic, critic_opt, optim["critic"], options=opts)
-    rng_file = ckpt / f"rng_rank{rank}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if torch.cuda.is_available() and rng["cuda"].numel():
-            torch.cuda.set_rng_state(rng["cuda"])
-
-
-def truncate_jsonl(path: Path, last_step: int):
+def truncate_jsonl(path: Path, last_step: int, log=print):
     """Keep the rows up to the checkpoint's step: the resumed run redoes the later ones, identically. (An
-    evaluation row at that step was the end of the interrupted run, not a part of the whole one.)"""
-    def keep(row):
-        return row["step"] < last_step or (row["step"] == last_step and "eval_accuracy" not in row)
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if keep(json.loads(line))]
-        path.write_text("".join(r + "\n" for r in rows))
+    evaluation row at that step was the end of the interrupted run, not a part of the whole one.) A torn last
+    line (a kill mid-write) is dropped; a bad line elsewhere is an error naming it."""
+    if not path.exists():
+        return
+    lines, rows = path.read_text().splitlines(), []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                log(f"{path} line {i + 1}: torn by the interruption, dropped")
+                continue
+            raise ValueError(f"{path} line {i + 1}: not JSON; repair or delete the line, then resume") from None
+        if row["step"] < last_step or (row["step"] == last_step and "eval_accuracy" not in row):
+            rows.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)                                        # never a half-written metrics file
+
+
+def claim_out(args, start, rank, world):
+    """Before anything is written: refuse an --out that holds another run (unless --resume continues it or
+    --overwrite deletes it), and lock it against a second run. -> the lock file (rank 0) or None."""
+    out, message, lock = Path(args.out), None, None
+    if rank == 0:
+        held = [f for f in ("metrics.jsonl", "checkpoint", "checkpoint.old", "final") if (out / f).exists()]
+        if held and not args.overwrite and not args.resume:
+            message = (f"--out {out} holds a run ({', '.join(held)}): add --resume to continue it, --overwrite to "
+                       "delete it and start over, or choose another --out")
+        elif held and not args.overwrite and start == 0:
+            message = (f"--resume: {out} holds a run ({', '.join(held)}) but no checkpoint to continue from; "
+                       "add --overwrite to delete it and start over")
+        else:
+            try:
+                lock = common.lock(out)
+            except ValueError as e:
+                message = str(e)
+    common.agree(message, world)
+    return lock
 
 
 # ------------------------------------------------------------------------------------------------ setup
-def load_data(args, tok):
-    """-> (train examples, train prompt ids, eval examples, eval prompt ids)."""
+def check_flags(args, world):
+    """What argparse cannot check alone: flags against each other and the world size."""
+    if args.rollout_batch % world or args.train_batch % world:
+        raise ValueError(f"--rollout-batch {args.rollout_batch} and --train-batch {args.train_batch} must be "
+                         f"divisible by the world size {world}")
+    if args.rollout_batch % args.train_batch:
+        raise ValueError(f"--rollout-batch {args.rollout_batch} must be a multiple of --train-batch {args.train_batch}")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: choose one")
+    if args.model is not None:
+        M.Qwen2Config.from_json(args.model)                    # a missing or broken checkpoint, named, now
+        data.load_tokenizer(args.model)
+
+
+def load_examples(args):
+    """-> (train examples, eval examples), read and checked before any model is loaded."""
     train_set = data.make_dose_questions(4096, seed=2) if args.train_data is None else data.load_medqa(args.train_data)
     eval_set = data.make_dose_questions(256, seed=3) if args.eval_data is None else data.load_medqa(args.eval_data)
     if args.eval_limit:
         eval_set = eval_set[:args.eval_limit]
+    if len(train_set) < args.rollout_batch:
+        raise ValueError(f"--train-data {args.train_data}: {len(train_set)} examples, fewer than --rollout-batch "
+                         f"{args.rollout_batch}: not one PPO step")
+    return train_set, eval_set
 
-    def encode(examples):
-        ids = [tok.encode(data.build_prompt(ex)).ids for ex in examples]
-        too_long = [i for i, p in enumerate(ids) if len(p) > args.max_prompt_len]
-        if too_long:
-            raise ValueError(f"{len(too_long)} prompts exceed --max-prompt-len {args.max_prompt_len} "
-                             f"(the first: example {too_long[0]})")
-        return ids
-    return train_set, encode(train_set), eval_set, encode(eval_set)
+
+def encode_prompts(examples, tok, max_prompt_len, what):
+    ids = [tok.encode(data.build_prompt(ex)).ids for ex in examples]
+    too_long = [i for i, p in enumerate(ids) if len(p) > max_prompt_len]
+    if too_long:
+        raise ValueError(f"{what}: {len(too_long)} prompts exceed --max-prompt-len {max_prompt_len} "
+                         f"(the first: example {too_long[0] + 1})")
+    return ids
 
 
 def build_models(args, tok, ckpt, rank, world, device):
@@ -429,8 +465,8 @@ def build_models(args, tok, ckpt, rank, world, device):
     actor_opt = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay, betas=betas)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay,
                                    betas=betas)
-    if ckpt:
-        restore(ckpt, actor, critic, actor_opt, critic_opt, rank)
+    if ckpt:                                                     # resuming, part 2
+        common.restore_checkpoint(ckpt, {"actor": (actor, actor_opt), "critic": (critic, critic_opt)}, rank)
     return actor, critic, ref, actor_opt, critic_opt
 
 
@@ -452,27 +488,38 @@ def main(argv=None):
     torch.manual_seed(args.seed)                  # the critic's fresh value head; every other draw uses seed_for
     out = Path(args.out)
     log = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
-    if args.rollout_batch % world or args.train_batch % world:
-        raise ValueError(f"--rollout-batch and --train-batch must be divisible by the world size {world}")
-    if (args.rollout_batch // world) % (args.train_batch // world):
-        raise ValueError("--rollout-batch must be a multiple of --train-batch")
 
-    # data, models, and where the run starts (a checkpoint when resuming)
-    ckpt, start = find_checkpoint(args)
+    # everything the user gave is checked before a model is loaded or an output touched
+    check_flags(args, world)
+    ckpt, start = find_checkpoint(args)          # resuming: the checkpoint and its step; (None, 0): a fresh run
+    train_set, eval_set = load_examples(args)
+    lock = claim_out(args, start, rank, world)
+    try:
+        run(args, ckpt, start, train_set, eval_set, out, rank, world, device, log)
+    finally:
+        common.unlock(lock)
+    common.finish(world)
+
+
+def run(args, ckpt, start, train_set, eval_set, out, rank, world, device, log):
     if args.model is None:                                       # the CPU demo
         args.model = str(sft.build_demo_base(Path("runs/demo-base"), rank, world, device, log))
     tok = data.load_tokenizer(args.model)
-    train_set, train_prompts, eval_set, eval_prompts = load_data(args, tok)
+    train_prompts = encode_prompts(train_set, tok, args.max_prompt_len, args.train_data or "train questions")
+    eval_prompts = encode_prompts(eval_set, tok, args.max_prompt_len, args.eval_data or "eval questions")
     steps = args.steps or len(train_set) // args.rollout_batch
     actor, critic, ref, actor_opt, critic_opt = build_models(args, tok, ckpt, rank, world, device)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "final"):
+                shutil.rmtree(out / d, ignore_errors=True)
         for f in ("metrics.jsonl", "samples.jsonl"):
-            (truncate_jsonl(out / f, start) if start else (out / f).unlink(missing_ok=True))
+            (truncate_jsonl(out / f, start, log) if start else (out / f).unlink(missing_ok=True))
         log(f"PPO: {args.model}, {M.num_params(actor) / 1e6:.2f}M params, world {world}, steps {start}..{steps}")
 
     def write(name, row):
-        if rank == 0:
+        if rank == 0:                                            # NaN / inf are written as null: valid JSON
+            row = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
             with open(out / name, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -481,47 +528,62 @@ def main(argv=None):
         write("metrics.jsonl", {"step": step, "eval_accuracy": acc, "eval_format": fmt})
         log(f"step {step}: eval accuracy {acc:.3f}, valid format {fmt:.3f}")
 
+    def checkpoint(step):                                        # the data position and all seeds derive from step
+        common.save_checkpoint(out, {"actor": (actor, actor_opt), "critic": (critic, critic_opt)},
+                               {"step": step, "args": vars(args)}, tok, rank, world)
+
     if start == 0:
         evaluate(0)
-    perms = {}
-    bar = tqdm(range(start, steps), initial=start, total=steps, disable=rank != 0, desc="ppo")
-    for step in bar:
-        t0 = time.time()
-        rows = step_rows(step, len(train_set), args.rollout_batch, args.seed, perms)[rank::world]
-        for opt, lr in ((actor_opt, args.actor_lr), (critic_opt, args.critic_lr)):
-            for g in opt.param_groups:
-                g["lr"] = common.lr_at(step, lr, args.warmup)
-        # 1-3. rollout, reward, experience
-        gen = torch.Generator(device).manual_seed(seed_for("rollout", args.seed, step, rank))
-        exp, stats = make_experience(actor, critic, ref, tok, [train_set[i] for i in rows],
-                                     [train_prompts[i] for i in rows], gen, args, world, device)
-        # 4. learn
-        t1 = time.time()
-        m = learn(actor, critic, actor_opt, critic_opt, exp, step, args, world)
+    perms, skipped_in_a_row, stop = {}, 0, common.StopSignal()
+    try:
+        bar = tqdm(range(start, steps), initial=start, total=steps, disable=rank != 0, desc="ppo")
+        for step in bar:
+            t0 = time.time()
+            rows = step_rows(step, len(train_set), args.rollout_batch, args.seed, perms)[rank::world]
+            for opt, lr in ((actor_opt, args.actor_lr), (critic_opt, args.critic_lr)):
+                for g in opt.param_groups:
+                    g["lr"] = common.lr_at(step, lr, args.warmup)
+            # 1-3. rollout, reward, experience
+            gen = torch.Generator(device).manual_seed(seed_for("rollout", args.seed, step, rank))
+            exp, stats = make_experience(actor, critic, ref, tok, [train_set[i] for i in rows],
+                                         [train_prompts[i] for i in rows], gen, args, world, device)
+            # 4. learn
+            t1 = time.time()
+            m, skipped_in_a_row = learn(actor, critic, actor_opt, critic_opt, exp, step, args, world,
+                                        skipped_in_a_row)
 
-        n = common.all_sum(stats["n"], world)
-        row = {"step": step + 1, "lr": common.lr_at(step, args.actor_lr, args.warmup)}
-        row.update({k: common.all_sum(stats[k], world) / n for k in
-                    ("reward", "accuracy", "format", "truncated", "kl", "direct_answer", "sampler_logprob_err")})
-        row["response_length"] = common.all_sum(stats["response_length"], world) / n
-        row.update(m)
-        row.update(time_rollout=stats["time_rollout"], time_experience=stats["time_experience"],
-                   time_train=time.time() - t1, time_step=time.time() - t0,
-                   tokens_per_s=row["response_length"] * n / max(stats["time_rollout"], 1e-9))
-        write("metrics.jsonl", row)
-        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row['kl']:.3f}")
-        if args.sample_every and (step + 1) % args.sample_every == 0:
-            for t, s, i in list(zip(exp.texts, exp.scores, rows))[:4]:
-                write("samples.jsonl", {"step": step + 1, "question": train_set[i].question,
-                                        "options": train_set[i].options, "answer": train_set[i].answer,
-                                        "response": t, "score": s})
-        if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == steps):
-            save_checkpoint(out, actor, critic, actor_opt, critic_opt, step + 1, args, rank, world, tok)
+            n = common.all_sum(stats["n"], world)
+            row = {"step": step + 1, "lr": common.lr_at(step, args.actor_lr, args.warmup)}
+            row.update({k: common.all_sum(stats[k], world) / n for k in
+                        ("reward", "accuracy", "format", "truncated", "kl", "direct_answer", "sampler_logprob_err")})
+            row["response_length"] = common.all_sum(stats["response_length"], world) / n
+            row.update(m)
+            row.update(time_rollout=stats["time_rollout"], time_experience=stats["time_experience"],
+                       time_train=time.time() - t1, time_step=time.time() - t0,
+                       tokens_per_s=row["response_length"] * n / max(stats["time_rollout"], 1e-9))
+            write("metrics.jsonl", row)
+            bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row['kl']:.3f}")
+            if args.sample_every and (step + 1) % args.sample_every == 0:
+                for t, s, i in list(zip(exp.texts, exp.scores, rows))[:4]:
+                    write("samples.jsonl", {"step": step + 1, "question": train_set[i].question,
+                                            "options": train_set[i].options, "answer": train_set[i].answer,
+                                            "response": t, "score": s})
+            saved = args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == steps)
+            if saved:
+                checkpoint(step + 1)
+            sig = stop.requested(world)                          # all ranks stop together, after the same step
+            if sig:
+                if not saved:
+                    checkpoint(step + 1)
+                raise common.Abort(f"{signal.Signals(sig).name} after step {step + 1}: checkpoint written to "
+                                   f"{out / 'checkpoint'}; continue with the same command and --resume",
+                                   code=128 + sig)
+    finally:
+        stop.restore()
 
     evaluate(steps)
     common.export(actor, tok, out / "final", rank, world)
     log(f"final policy: {out / 'final'}")
-    common.finish(world)
 
 
 if __name__ == "__main__":
