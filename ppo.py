@@ -8,6 +8,15 @@ order a training step uses them:
   logprobs_from_logits -> kl_penalty -> token_rewards -> compute_gae -> masked_whiten
   -> policy_loss / value_loss  (+ entropy_from_logits as a metric)
 
+The critic-free estimators replace compute_gae (and the critic) by a baseline taken from the other
+responses to the same prompt, then the plain discounted return:
+
+  gae          PPO with a critic: GAE(gamma, lambda) of the per-token rewards, whitened (Med-RLVR)
+  grpo         score - group mean, / group std (DeepSeekMath; without the std: Dr. GRPO)  -> returns
+  rloo         score - mean of the group's *other* responses (Ahmadian et al. 2024)       -> returns
+  reinforce++  the score as it is, returns whitened over the batch (Hu 2025)
+  (group_scores, then token_rewards, then discounted_returns; reinforce++ then masked_whiten)
+
 Modelled on OpenRLHF (models/utils.py, models/loss.py, experience_maker.py), which Med-RLVR used, and
 TinyZero's verl/trainer/ppo/core_algos.py. Deliberate simplifications: a fixed KL coefficient beta
 (no adaptive KL controller), no dual-clip PPO, no reward clipping or value normalisation.
@@ -109,6 +118,39 @@ def compute_gae(rewards, values, mask, gamma, lam):
         advantages[:, t] = next_adv
         next_value = values[:, t]
     return advantages, advantages + values
+
+# -----------------------------------------------------------------------------
+# critic-free advantages
+
+def group_scores(scores, group_size, kind, scale_by_std=True, eps=1e-6):
+    """Scores [B] of consecutive groups of `group_size` responses to one prompt, minus a baseline from their
+    group -> [B]. The baseline needs no critic: the other responses to the same prompt are the estimate.
+      grpo: (r - mean) / (std + eps), std unbiased as OpenRLHF and verl; scale_by_std=False: r - mean (Dr. GRPO)
+      rloo: r - mean of the other group_size - 1 = group_size / (group_size - 1) * (r - mean)"""
+    if group_size < 2 or scores.numel() % group_size:
+        raise ValueError(f"group_scores: {scores.numel()} scores do not form groups of {group_size} >= 2")
+    r = scores.float().view(-1, group_size)  # [prompts, group_size]
+    mean = r.mean(dim=1, keepdim=True)
+    if kind == "grpo":
+        shifted = (r - mean) / (r.std(dim=1, keepdim=True) + eps) if scale_by_std else r - mean
+    elif kind == "rloo":
+        shifted = (r - mean) * group_size / (group_size - 1)
+    else:
+        raise ValueError(f"group_scores: unknown kind {kind!r}, expected 'grpo' or 'rloo'")
+    return shifted.view(-1)
+
+@torch.no_grad()
+def discounted_returns(rewards, mask, gamma):
+    """Return-to-go G_t = r_t + gamma * G_{t+1} of per-token rewards on right-padded rows [B, T] -> [B, T];
+    0 on padding. The advantage of every critic-free estimator: with the score on the last token and gamma 1,
+    every token of a response gets its (baseline-shifted) score minus the KL still to come."""
+    rewards = torch.where(mask.bool(), rewards.float(), 0.0)
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], device=rewards.device)  # [B]
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return torch.where(mask.bool(), returns, 0.0)
 
 # -----------------------------------------------------------------------------
 # losses

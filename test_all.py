@@ -883,6 +883,44 @@ def test_ppo_gae_gamma1_lam1_is_reward_to_go_minus_value():
     assert ret[0].tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0])
 
 
+# ----------------------------------------------------------------------------- critic-free estimators
+
+def test_ppo_group_scores_by_hand():
+    scores = torch.tensor([1.0, 0.0, 0.0, -1.0,   1.0, 1.0, 1.0, 1.0])   # two prompts, 4 responses each
+    # group 1: mean 0, unbiased std sqrt(2/3); group 2: all equal -> 0 whatever the scaling
+    s = math.sqrt(2 / 3)
+    assert ppo.group_scores(scores, 4, "grpo").tolist() == pytest.approx(
+        [1 / s, 0.0, 0.0, -1 / s, 0.0, 0.0, 0.0, 0.0], rel=1e-5)
+    assert ppo.group_scores(scores, 4, "grpo", scale_by_std=False).tolist() == [1.0, 0.0, 0.0, -1.0] + [0.0] * 4
+    # rloo: each score minus the mean of the *other* three, computed naively
+    naive = [scores[i].item() - sum(scores[j].item() for j in range(4 * (i // 4), 4 * (i // 4) + 4) if j != i) / 3
+             for i in range(8)]
+    assert ppo.group_scores(scores, 4, "rloo").tolist() == pytest.approx(naive)
+    with pytest.raises(ValueError, match="groups of 3"):
+        ppo.group_scores(scores, 3, "grpo")
+    with pytest.raises(ValueError, match="groups of 1"):
+        ppo.group_scores(scores, 1, "rloo")
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_ppo_discounted_returns_match_naive_loop(gamma):
+    rewards, mask = ragged([5, 2, 1], T=6, seed=4)
+    got = ppo.discounted_returns(rewards, mask, gamma)
+    for b, n in enumerate([5, 2, 1]):
+        for t in range(n):
+            want = sum(gamma ** (k - t) * rewards[b, k].item() for k in range(t, n))
+            assert got[b, t].item() == pytest.approx(want, abs=1e-5)
+        assert (got[b, n:] == 0).all()
+
+
+def test_ppo_critic_free_advantage_is_the_shifted_score_minus_kl_to_come():
+    """The whole critic-free pipeline on one response by hand: score on the last token, -beta*kl on each."""
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    kl = torch.tensor([[0.1, 0.2, 0.3, GARBAGE]])
+    adv = ppo.discounted_returns(ppo.token_rewards(torch.tensor([0.5]), kl, mask, 0.1), mask, 1.0)
+    assert adv[0].tolist() == pytest.approx([0.5 - 0.06, 0.5 - 0.05, 0.5 - 0.03, 0.0])
+
+
 # ----------------------------------------------------------------------------- policy loss
 
 def test_ppo_policy_loss_clip_gradients():
@@ -1264,7 +1302,8 @@ def _fixed_experience(vocab, n=6, seed=0):
     responses = [torch.randint(0, vocab, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
                  for _ in range(n)]
     rows = [dict(old_logprobs=-3 + 0.3 * torch.randn(len(r), generator=g), values=torch.randn(len(r), generator=g),
-                 advantages=torch.randn(len(r), generator=g), returns=torch.randn(len(r), generator=g))
+                 advantages=torch.randn(len(r), generator=g), returns=torch.randn(len(r), generator=g),
+                 ref_logprobs=-3 + 0.3 * torch.randn(len(r), generator=g))
             for r in responses]
     return prompts, responses, rows
 
@@ -1295,6 +1334,9 @@ def _worker(kind, ckpt, out):
         hyper = dict(micro_batch=2, temperature=0.7, clip=0.2, value_clip=0.2, grad_clip=1.0, loss_agg="token",
                      world=world)
         assert train.ppo_update(actor, critic, *opts, exp, list(range(len(mine))), **hyper)["skipped"] == 0.0
+        # the critic-free update: the actor alone, with the KL to the reference as a loss term (GRPO's k3)
+        assert train.ppo_update(actor, None, opts[0], None, exp, list(range(len(mine))), kl_coef=0.1,
+                                kl_estimator="k3", **hyper)["skipped"] == 0.0
         # a NaN in rank 0's advantages only: every rank must skip the step (the weights stay as they are)
         if rank == 0:
             exp.advantages[0, 0] = float("nan")
@@ -1378,14 +1420,46 @@ def _run_train(argv, world):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_train_resume_equals_uninterrupted_run(tmp_path, world):
-    """Also under torchrun with 2 ranks: sharded optimizer state saved in full, read back by every rank."""
-    make_demo_like_checkpoint(tmp_path / "base")
-    _run_train(_ppo_argv(tmp_path / "base", tmp_path / "straight", 4), world)
-    _run_train(_ppo_argv(tmp_path / "base", tmp_path / "resumed", 2), world)
+@pytest.fixture(scope="module")
+def taught_base(tmp_path_factory):
+    """The demo's base in miniature: a tiny model fine-tuned for a moment on worked dose calculations, most of
+    them adding where they should multiply. Its responses earn different rewards, which critic-free estimators
+    need (a random model's are all -1, so every group baseline cancels every score)."""
+    path = tmp_path_factory.mktemp("taught") / "base"
+    questions = data.make_dose_questions(1024, seed=1)
+    rng = random.Random(0)
+    texts = [(data.build_prompt(q), data.dose_solution(q, correct=rng.random() < 0.4)) for q in questions]
+    tok = data.train_demo_tokenizer([p + r for p, r in texts])
+    config = model.Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=192,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               tie_word_embeddings=True, torch_dtype="float32")
+    net = model.init_model(config)
+    sft.train(net, sft.tokenize_pairs(tok, texts, 512), epochs=1, batch=16, micro_batch=16, lr=3e-3, warmup=5,
+              log=lambda msg: None)
+    model.save_model(net, path)
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+ESTIMATOR_ARGV = {"gae": [], "grpo": ["--advantage", "grpo", "--samples-per-prompt", "2"],
+                  "rloo": ["--advantage", "rloo", "--samples-per-prompt", "4", "--kl-in", "loss", "--kl-estimator", "k3"],
+                  "reinforce++": ["--advantage", "reinforce++", "--gamma", "0.99"]}
+
+
+@pytest.mark.parametrize("world, advantage", [(1, "gae"), (2, "gae"), (1, "grpo"), (2, "grpo"), (1, "rloo"),
+                                              (1, "reinforce++")])
+def test_train_resume_equals_uninterrupted_run(tmp_path, world, advantage, taught_base):
+    """Also under torchrun with 2 ranks: sharded optimizer state saved in full, read back by every rank; for every
+    estimator (the critic-free ones build, step and save no critic)."""
+    extra = ESTIMATOR_ARGV[advantage] + ["--max-new-tokens", "24"]          # room for a whole worked answer
+    _run_train(_ppo_argv(taught_base, tmp_path / "straight", 4, *extra), world)
+    _run_train(_ppo_argv(taught_base, tmp_path / "resumed", 2, *extra), world)
     (tmp_path / "resumed" / "final").rename(tmp_path / "first-half")
-    _run_train(_ppo_argv(tmp_path / "base", tmp_path / "resumed", 4, "--resume"), world)
+    _run_train(_ppo_argv(taught_base, tmp_path / "resumed", 4, "--resume", *extra), world)
+    ckpt = tmp_path / "resumed" / "checkpoint"
+    assert (ckpt / "critic").exists() == (advantage == "gae")
+    assert set(torch.load(ckpt / "optim.pt", weights_only=True)) == ({"actor", "critic"} if advantage == "gae"
+                                                                     else {"actor"})
 
     def metrics(run):
         rows = [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -1594,22 +1668,9 @@ def test_train_sigterm_to_one_rank_checkpoints_and_stops_all(tmp_path):
     assert (out / "final").exists()
 
 
-def test_train_ppo_raises_the_reward_of_a_tiny_model(tmp_path):
-    """The demo, fast: a tiny model fine-tuned for a moment on worked dose calculations (most of them adding
-    where they should multiply), then PPO. The reward must rise, from the reward alone."""
-    questions = data.make_dose_questions(1024, seed=1)
-    rng = random.Random(0)
-    texts = [(data.build_prompt(q), data.dose_solution(q, correct=rng.random() < 0.4)) for q in questions]
-    tok = data.train_demo_tokenizer([p + r for p, r in texts])
-    config = model.Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=192,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               tie_word_embeddings=True, torch_dtype="float32")
-    net = model.init_model(config)
-    sft.train(net, sft.tokenize_pairs(tok, texts, 512), epochs=1, batch=16, micro_batch=16, lr=3e-3, warmup=5,
-              log=lambda msg: None)
-    model.save_model(net, tmp_path / "base")
-    tok.save(str(tmp_path / "base" / "tokenizer.json"))
-    train.main(["--model", str(tmp_path / "base"), "--out", str(tmp_path / "ppo"), "--steps", "40",
+def test_train_ppo_raises_the_reward_of_a_tiny_model(tmp_path, taught_base):
+    """The demo, fast: the taught base, then PPO. The reward must rise, from the reward alone."""
+    train.main(["--model", str(taught_base), "--out", str(tmp_path / "ppo"), "--steps", "40",
                 "--rollout-batch", "32", "--train-batch", "16", "--micro-batch", "16", "--max-new-tokens", "24",
                 "--eval-limit", "64", "--save-every", "0", "--actor-lr", "5e-4", "--critic-lr", "1e-3"])
     rows = [json.loads(l) for l in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]

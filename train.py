@@ -80,7 +80,7 @@ def make_parser():
     p.add_argument("--out", default="runs/demo", help="run folder: metrics.jsonl, samples.jsonl, checkpoint/, final/")
     p.add_argument("--steps", type=c.nonneg_int, default=60, help="PPO steps; 0 = one pass over the train data")
     p.add_argument("--rollout-batch", type=c.positive_int, default=64,
-                   help="prompts sampled per step, all ranks together (one response each)")
+                   help="prompts sampled per step, all ranks together (--samples-per-prompt responses each)")
     p.add_argument("--train-batch", type=c.positive_int, default=32,
                    help="sequences per optimizer step, all ranks together")
     p.add_argument("--micro-batch", type=c.positive_int, default=32,
@@ -91,7 +91,16 @@ def make_parser():
     p.add_argument("--warmup", type=c.nonneg_int, default=3, help="steps of linear learning-rate warmup")
     p.add_argument("--weight-decay", type=c.nonneg_float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=c.positive_float, default=1.0, help="gradient-norm clip, actor and critic")
+    p.add_argument("--advantage", choices=["gae", "grpo", "rloo", "reinforce++"], default="gae",
+                   help="gae: PPO with a critic (Med-RLVR); grpo, rloo, reinforce++: critic-free (ppo.py)")
+    p.add_argument("--samples-per-prompt", type=c.positive_int, default=1,
+                   help="responses sampled per prompt, a group (grpo and rloo need >= 2)")
+    p.add_argument("--group-std", action=argparse.BooleanOptionalAction, default=True,
+                   help="grpo: divide by the group's score std (--no-group-std: Dr. GRPO)")
     p.add_argument("--kl-coef", type=c.nonneg_float, default=0.01, help="beta: weight of the per-token KL penalty")
+    p.add_argument("--kl-in", choices=["reward", "loss"], default="reward",
+                   help="reward: -beta*KL in every token's reward (OpenRLHF); loss: beta*KL added to the policy "
+                        "loss (GRPO, with --kl-estimator k3)")
     p.add_argument("--kl-estimator", choices=["k1", "k3"], default="k1",
                    help="k1 = log pi - log pi_ref (OpenRLHF's default), k3 = Schulman's positive estimator")
     p.add_argument("--gamma", type=c.prob_float, default=1.0, help="GAE discount")
@@ -111,6 +120,8 @@ def make_parser():
     p.add_argument("--eval-limit", type=c.nonneg_int, default=256,
                    help="first N held-out questions for eval_accuracy (0: all)")
     p.add_argument("--eval-batch", type=c.positive_int, default=64, help="prompts per greedy-decoding batch")
+    p.add_argument("--eval-every", type=c.nonneg_int, default=0,
+                   help="also evaluate every N steps (0: only before the first step and after the last)")
     p.add_argument("--save-every", type=c.nonneg_int, default=10,
                    help="write checkpoint/ every N steps and after the last (0: never)")
     p.add_argument("--sample-every", type=c.nonneg_int, default=5,
@@ -161,9 +172,10 @@ class Experience:
     mask: torch.Tensor           # [B, R]   1.0 = response token
     P: int
     old_logprobs: torch.Tensor   # [B, R]   log pi_old(token) at the rollout temperature
-    values: torch.Tensor         # [B, R]   V_old(state before the token)
-    advantages: torch.Tensor     # [B, R]   GAE, whitened over the whole rollout batch
-    returns: torch.Tensor        # [B, R]   advantages (raw) + values: the critic's target
+    ref_logprobs: torch.Tensor   # [B, R]   log pi_ref(token): the KL's other side
+    advantages: torch.Tensor     # [B, R]   what the policy loss weighs each token's log-ratio by
+    values: torch.Tensor | None  # [B, R]   V_old(state before the token); gae only
+    returns: torch.Tensor | None # [B, R]   advantages (raw GAE) + values: the critic's target; gae only
     texts: list[str]             # "<think>" + decoded response, as scored
     scores: list[float]          # the verifiable reward of each response
 
@@ -211,9 +223,12 @@ def score_texts(tok, responses, examples, incorrect_reward):
 
 
 def make_experience(actor, critic, ref, tok, examples, prompts, generator, args, world, device):
-    """Steps 1-3 for this rank's share of the step's prompts: rollout, reward, reference / critic forwards, GAE.
-    -> (Experience, stats: sums over this rank's rows and the phase times)."""
+    """Steps 1-3 for this rank's share of the step's prompts: rollout, reward, reference / critic forwards, GAE (or
+    a critic-free estimator). Each prompt is sampled args.samples_per_prompt times; its responses sit next to each
+    other, a group. -> (Experience, stats: sums over this rank's responses and the phase times)."""
     t0 = time.time()
+    n = args.samples_per_prompt
+    examples, prompts = [ex for ex in examples for _ in range(n)], [p for p in prompts for _ in range(n)]
     with common.full_weights(actor):
         out = rollout.generate(actor, prompts, args.max_new_tokens, temperature=args.temperature,
                                top_p=args.top_p, eos_token_id=data.eos_token_id(tok), generator=generator)
@@ -227,20 +242,33 @@ def make_experience(actor, critic, ref, tok, examples, prompts, generator, args,
     # The old log-probs are recomputed by the same forward that training uses (as OpenRLHF does), so the PPO
     # ratio is exactly 1 on the first minibatch and the KL exactly 0 while actor == reference. In fp32 they equal
     # the sampler's (tested); in bf16 the cached decode drifts a little: logged as sampler_logprob_err.
-    old_logprobs, ref_logprobs, values = (torch.zeros_like(mask) for _ in range(3))
+    old_logprobs, ref_logprobs = torch.zeros_like(mask), torch.zeros_like(mask)
+    values = torch.zeros_like(mask) if critic is not None else None
     with torch.no_grad():
         for a in range(0, len(prompts), args.micro_batch):
             s = slice(a, a + args.micro_batch)
             for net, dest in ((actor, old_logprobs), (ref, ref_logprobs)):
                 logits = response_logits(net, input_ids[s], attn[s], P)
                 dest[s] = ppo.logprobs_from_logits(logits, input_ids[s, P:], args.temperature)
-            values[s] = response_values(critic, input_ids[s], attn[s], P)
+            if critic is not None:
+                values[s] = response_values(critic, input_ids[s], attn[s], P)
     kl = ppo.kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask     # [B, R]
-    # The KL goes here, into the reward of every token (not into the loss): the critic learns it, GAE spreads it.
-    rewards = ppo.token_rewards(torch.tensor(scores, device=device), kl, mask, args.kl_coef)
-    advantages, returns = ppo.compute_gae(rewards, values, mask, args.gamma, args.lam)
-    advantages = whiten(advantages, mask, world)
-    exp = Experience(input_ids, attn, mask, P, old_logprobs, values, advantages, returns, texts, scores)
+    score = torch.tensor(scores, device=device)                                   # [B]
+    # Where the KL goes: by default into the reward of every token (OpenRLHF), where the critic learns it and the
+    # returns spread it; with --kl-in loss, into the policy loss instead (ppo_update), and the reward is the score.
+    beta = args.kl_coef if args.kl_in == "reward" else 0.0
+    returns = None
+    if args.advantage == "gae":                                  # PPO: the critic's values are the baseline
+        advantages, returns = ppo.compute_gae(ppo.token_rewards(score, kl, mask, beta), values, mask, args.gamma,
+                                              args.lam)
+        advantages = whiten(advantages, mask, world)
+    else:                                                        # critic-free: the group is the baseline
+        if args.advantage in ("grpo", "rloo"):
+            score = ppo.group_scores(score, n, args.advantage, scale_by_std=args.group_std)
+        advantages = ppo.discounted_returns(ppo.token_rewards(score, kl, mask, beta), mask, args.gamma)
+        if args.advantage == "reinforce++":
+            advantages = whiten(advantages, mask, world)
+    exp = Experience(input_ids, attn, mask, P, old_logprobs, ref_logprobs, advantages, values, returns, texts, scores)
     stats = dict(n=len(prompts), reward=sum(scores), accuracy=sum(s == 1.0 for s in scores),
                  format=sum(s > -1.0 for s in scores), response_length=float(mask.sum()),
                  truncated=sum(not f for f in out.finished), kl=float(ppo.masked_mean(kl, mask, dim=-1).sum()),
@@ -255,17 +283,18 @@ def make_experience(actor, critic, ref, tok, examples, prompts, generator, args,
 
 # ------------------------------------------------------------------------------------------------ learning
 def ppo_update(actor, critic, actor_opt, critic_opt, exp: Experience, rows, *, micro_batch, temperature, clip,
-               value_clip, grad_clip, loss_agg, world):
-    """Step 4, one optimizer step of actor and critic on the rows `rows` of this rank's experience.
+               value_clip, grad_clip, loss_agg, world, kl_coef=0.0, kl_estimator="k3"):
+    """Step 4, one optimizer step of the actor (and the critic, unless it is None) on the rows `rows` of this
+    rank's experience. kl_coef > 0 adds kl_coef * KL(actor || reference) to the policy loss (--kl-in loss).
 
     The loss is averaged over the whole minibatch of all ranks ("token": every response token weighs the same;
     "seq": every response does): each micro-batch's mean is weighted by its share of the global count, and the
     world size undoes FSDP's gradient averaging. Returns the minibatch's metrics, this rank's share of them
-    (all_sum them over the ranks)."""
+    (all_sum them over the ranks), and `skipped` = 1.0 when a non-finite gradient skipped the step."""
     count = (lambda m: float(m.sum())) if loss_agg == "token" else (lambda m: float(len(m)))
     n_global = common.all_sum(count(exp.mask[rows]), world)
     seq_mean = loss_agg == "seq"
-    m = dict(policy_loss=0.0, value_loss=0.0, clip_frac=0.0, entropy=0.0, approx_kl=0.0)
+    m = {}
     for a in range(0, len(rows), micro_batch):
         s = rows[a:a + micro_batch]
         ids, attn, mask, P = exp.input_ids[s], exp.attn[s], exp.mask[s], exp.P
@@ -274,16 +303,23 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp: Experience, rows, *, m
         logprobs = ppo.logprobs_from_logits(logits, ids[:, P:], temperature)       # same temperature as rollout
         pl, clip_frac, approx_kl = ppo.policy_loss(logprobs, exp.old_logprobs[s], exp.advantages[s], mask, clip,
                                                    seq_mean)
+        out = dict(policy_loss=pl, clip_frac=clip_frac, approx_kl=approx_kl)
+        if kl_coef:                                                                # the KL as a loss term (GRPO)
+            kl = ppo.kl_penalty(logprobs, exp.ref_logprobs[s], kl_estimator)
+            out["kl_loss"] = ppo.masked_mean(kl, mask, dim=-1).mean() if seq_mean else ppo.masked_mean(kl, mask)
+            pl = pl + kl_coef * out["kl_loss"]
         (pl * weight * world).backward()
-        values = response_values(critic, ids, attn, P)
-        vl = ppo.value_loss(values, exp.values[s], exp.returns[s], mask, value_clip, seq_mean)
-        (vl * weight * world).backward()
+        if critic is not None:
+            values = response_values(critic, ids, attn, P)
+            out["value_loss"] = ppo.value_loss(values, exp.values[s], exp.returns[s], mask, value_clip, seq_mean)
+            (out["value_loss"] * weight * world).backward()
         with torch.no_grad():
-            entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
-        for k, v in zip(m, (pl, vl, clip_frac, entropy, approx_kl)):
-            m[k] += float(v.detach()) * weight
+            out["entropy"] = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
+        for k, v in out.items():
+            m[k] = m.get(k, 0.0) + float(v.detach()) * weight
     # a NaN or inf anywhere (a diverging loss) skips the step of both models: nothing non-finite reaches a weight
-    m["skipped"] = float(not common.clip_and_step([(actor, actor_opt), (critic, critic_opt)], grad_clip))
+    nets = [(actor, actor_opt)] + ([(critic, critic_opt)] if critic is not None else [])
+    m["skipped"] = float(not common.clip_and_step(nets, grad_clip))
     return m
 
 
@@ -291,8 +327,7 @@ def learn(actor, critic, actor_opt, critic_opt, exp: Experience, step, args, wor
     """Step 4: `ppo_epochs` passes over the experience in minibatches of `train_batch` (this rank's share of each
     minibatch, in a seeded order). -> (the metrics averaged over the updates, with the number of skipped updates;
     the count of updates skipped in a row so far). Too many skipped in a row stop the run."""
-    m = dict(policy_loss=0.0, value_loss=0.0, clip_frac=0.0, entropy=0.0, approx_kl=0.0)
-    per_rank, n_updates, n_skipped = args.train_batch // world, 0, 0
+    m, per_rank, n_updates, n_skipped = {}, args.train_batch // world, 0, 0
     for epoch in range(args.ppo_epochs):
         g = torch.Generator().manual_seed(seed_for("minibatch", args.seed, step, epoch))
         order = torch.randperm(len(exp.scores), generator=g).tolist()
@@ -300,7 +335,8 @@ def learn(actor, critic, actor_opt, critic_opt, exp: Experience, step, args, wor
             update = ppo_update(actor, critic, actor_opt, critic_opt, exp, order[a:a + per_rank],
                                 micro_batch=args.micro_batch, temperature=args.temperature, clip=args.clip,
                                 value_clip=args.value_clip, grad_clip=args.grad_clip, loss_agg=args.loss_agg,
-                                world=world)
+                                world=world, kl_coef=args.kl_coef if args.kl_in == "loss" else 0.0,
+                                kl_estimator=args.kl_estimator)
             skipped = update.pop("skipped")                 # the same on every rank
             n_skipped += skipped
             skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
@@ -310,7 +346,7 @@ def learn(actor, critic, actor_opt, critic_opt, exp: Experience, step, args, wor
                                    f"written, and {Path(args.out) / 'checkpoint'} (if any) holds the last good "
                                    "state. Lower --actor-lr / --critic-lr.")
             for k, v in update.items():
-                m[k] += common.all_sum(v, world)
+                m[k] = m.get(k, 0.0) + common.all_sum(v, world)
             n_updates += 1
     return {**{k: v / n_updates for k, v in m.items()}, "skipped_updates": n_skipped}, skipped_in_a_row
 
@@ -334,9 +370,10 @@ def eval_accuracy(policy, tok, examples, prompts, max_new_tokens, batch, rank, w
 # ------------------------------------------------------------------------------------------------ checkpoints
 # The flags that decide a run's trajectory: a resumed run must use the checkpoint's values, or it would not continue
 # the same run (the data position, the seeds, the optimiser, the reward all derive from them).
-TRAJECTORY_FLAGS = ("rollout_batch", "train_batch", "ppo_epochs", "actor_lr", "critic_lr", "warmup", "weight_decay",
-                    "grad_clip", "kl_coef", "kl_estimator", "gamma", "lam", "clip", "value_clip", "loss_agg",
-                    "temperature", "top_p", "max_prompt_len", "max_new_tokens", "incorrect_reward", "seed")
+TRAJECTORY_FLAGS = ("advantage", "samples_per_prompt", "group_std", "kl_in", "rollout_batch", "train_batch",
+                    "ppo_epochs", "actor_lr", "critic_lr", "warmup", "weight_decay", "grad_clip", "kl_coef",
+                    "kl_estimator", "gamma", "lam", "clip", "value_clip", "loss_agg", "temperature", "top_p",
+                    "max_prompt_len", "max_new_tokens", "incorrect_reward", "seed")
 
 
 def find_checkpoint(args):
@@ -419,8 +456,12 @@ def check_flags(args, world):
     if args.rollout_batch % world or args.train_batch % world:
         raise ValueError(f"--rollout-batch {args.rollout_batch} and --train-batch {args.train_batch} must be "
                          f"divisible by the world size {world}")
-    if args.rollout_batch % args.train_batch:
-        raise ValueError(f"--rollout-batch {args.rollout_batch} must be a multiple of --train-batch {args.train_batch}")
+    if args.rollout_batch * args.samples_per_prompt % args.train_batch:
+        raise ValueError(f"--rollout-batch {args.rollout_batch} x --samples-per-prompt {args.samples_per_prompt} "
+                         f"responses must be a multiple of --train-batch {args.train_batch}")
+    if args.advantage in ("grpo", "rloo") and args.samples_per_prompt < 2:
+        raise ValueError(f"--advantage {args.advantage} compares the responses to one prompt: give "
+                         "--samples-per-prompt 2 or more")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: choose one")
     if args.model is not None:
@@ -450,24 +491,26 @@ def encode_prompts(examples, tok, max_prompt_len, what):
 
 
 def build_models(args, tok, ckpt, rank, world, device):
-    """Actor and critic (a value head on the same base) in fp32, trained; the frozen reference; their AdamWs.
-    From the checkpoint when resuming."""
-    actor_path, critic_path = (ckpt / "actor", ckpt / "critic") if ckpt else (Path(args.model), Path(args.model))
-    actor = M.load_model(actor_path, device=device, dtype=torch.float32)   # fp32 master weights (common.shard)
-    if actor.config.vocab_size < tok.get_vocab_size():
-        raise ValueError(f"{args.model}: tokenizer.json has {tok.get_vocab_size()} tokens but the model's "
-                         f"vocabulary has {actor.config.vocab_size}")
-    critic = M.load_model(critic_path, device=device, dtype=torch.float32, value_head=True)
-    actor.model.gradient_checkpointing = critic.model.gradient_checkpointing = args.grad_checkpoint
-    actor, critic = common.shard(actor.train(), world), common.shard(critic.train(), world)
+    """-> (trained, ref): the trained models, name -> (model, AdamW), in fp32 from the base or, resuming, the
+    checkpoint: the actor, and for gae the critic (a value head on the same base; critic-free estimators build
+    none); and the frozen reference."""
+    trained = {}
+    for name, lr in (("actor", args.actor_lr), ("critic", args.critic_lr)):
+        if name == "critic" and args.advantage != "gae":
+            continue
+        net = M.load_model(ckpt / name if ckpt else args.model, device=device, dtype=torch.float32,
+                           value_head=name == "critic")                # fp32 master weights (common.shard)
+        if net.config.vocab_size < tok.get_vocab_size():
+            raise ValueError(f"{args.model}: tokenizer.json has {tok.get_vocab_size()} tokens but the model's "
+                             f"vocabulary has {net.config.vocab_size}")
+        net.model.gradient_checkpointing = args.grad_checkpoint
+        net = common.shard(net.train(), world)
+        trained[name] = (net, torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=args.weight_decay,
+                                                betas=(0.9, 0.95)))                  # betas as OpenRLHF
     ref = common.shard(M.load_model(args.model, device=device).requires_grad_(False), world)   # bf16 on CUDA
-    betas = (0.9, 0.95)                                          # as OpenRLHF
-    actor_opt = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay, betas=betas)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay,
-                                   betas=betas)
     if ckpt:                                                     # resuming, part 2
-        common.restore_checkpoint(ckpt, {"actor": (actor, actor_opt), "critic": (critic, critic_opt)}, rank)
-    return actor, critic, ref, actor_opt, critic_opt
+        common.restore_checkpoint(ckpt, trained, rank)
+    return trained, ref
 
 
 def step_rows(step, n_train, rollout_batch, seed, perms):
@@ -508,7 +551,8 @@ def run(args, ckpt, start, train_set, eval_set, out, rank, world, device, log):
     train_prompts = encode_prompts(train_set, tok, args.max_prompt_len, args.train_data or "train questions")
     eval_prompts = encode_prompts(eval_set, tok, args.max_prompt_len, args.eval_data or "eval questions")
     steps = args.steps or len(train_set) // args.rollout_batch
-    actor, critic, ref, actor_opt, critic_opt = build_models(args, tok, ckpt, rank, world, device)
+    trained, ref = build_models(args, tok, ckpt, rank, world, device)
+    (actor, actor_opt), (critic, critic_opt) = trained["actor"], trained.get("critic", (None, None))
     if rank == 0:
         if args.overwrite:
             for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "final"):
@@ -529,8 +573,7 @@ def run(args, ckpt, start, train_set, eval_set, out, rank, world, device, log):
         log(f"step {step}: eval accuracy {acc:.3f}, valid format {fmt:.3f}")
 
     def checkpoint(step):                                        # the data position and all seeds derive from step
-        common.save_checkpoint(out, {"actor": (actor, actor_opt), "critic": (critic, critic_opt)},
-                               {"step": step, "args": vars(args)}, tok, rank, world)
+        common.save_checkpoint(out, trained, {"step": step, "args": vars(args)}, tok, rank, world)
 
     if start == 0:
         evaluate(0)
@@ -540,7 +583,7 @@ def run(args, ckpt, start, train_set, eval_set, out, rank, world, device, log):
         for step in bar:
             t0 = time.time()
             rows = step_rows(step, len(train_set), args.rollout_batch, args.seed, perms)[rank::world]
-            for opt, lr in ((actor_opt, args.actor_lr), (critic_opt, args.critic_lr)):
+            for (_, opt), lr in zip(trained.values(), (args.actor_lr, args.critic_lr)):
                 for g in opt.param_groups:
                     g["lr"] = common.lr_at(step, lr, args.warmup)
             # 1-3. rollout, reward, experience
@@ -568,6 +611,8 @@ def run(args, ckpt, start, train_set, eval_set, out, rank, world, device, log):
                     write("samples.jsonl", {"step": step + 1, "question": train_set[i].question,
                                             "options": train_set[i].options, "answer": train_set[i].answer,
                                             "response": t, "score": s})
+            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps:
+                evaluate(step + 1)
             saved = args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == steps)
             if saved:
                 checkpoint(step + 1)
