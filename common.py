@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,21 +97,19 @@ class StopSignal:
     signal stops at once, the usual way."""
 
     def __init__(self):
-        import signal
         self.got = 0
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def restore(self):
-        import signal
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
     def _handle(self, sig, frame):
-        import signal
         self.got = sig
         signal.signal(sig, signal.SIG_DFL)          # the second one is not caught
-        print(f"\n{signal.Signals(sig).name}: finishing this step, then writing a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        # os.write, not print: the handler may run in the middle of a print to stderr (tqdm's), which would raise
+        os.write(2, f"\n{signal.Signals(sig).name}: finishing this step, then writing a checkpoint "
+                    "(send it again to stop at once)\n".encode())
 
     def requested(self, world: int) -> int:
         """The signal number any rank got (0: none)."""
@@ -144,47 +143,30 @@ def non_finite(state: dict) -> str | None:
     return walk(state, "")
 
 
-def lock(out: Path) -> Path:
-    """Take <out>/.lock for this process, or raise naming the process that holds it. A lock whose process is gone
-    (a SIGKILL, a crash) is stale and taken over. Release it with unlock()."""
+def lock(out: Path):
+    """Hold an exclusive lock on <out>/.lock for the rest of the run, or raise naming the process that holds it.
+    The kernel releases the lock when its process ends, however it ends (a crash, a SIGKILL): no stale locks.
+    -> the open lock file; unlock() releases it."""
+    import fcntl
     out.mkdir(parents=True, exist_ok=True)
-    path = out / ".lock"
-    me = f"{os.getpid()} {os.uname().nodename}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid, host = path.read_text().split()
-                pid = int(pid)
-            except (OSError, ValueError):
-                pid, host = -1, ""               # unreadable or half-written: treat as stale
-            if host == os.uname().nodename and pid > 0 and _alive(pid):
-                raise ValueError(f"--out {out} is in use by another run (pid {pid}); wait for it or stop it "
-                                 f"(a dead run's {path} is taken over by itself)") from None
-            if host and host != os.uname().nodename:
-                raise ValueError(f"--out {out} is locked by pid {pid} on {host}; delete {path} if that run is over")
-            path.unlink(missing_ok=True)         # stale
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return path
-    raise ValueError(f"could not take {path}")
-
-
-def _alive(pid: int) -> bool:
+    f = open(out / ".lock", "a+")
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"--out {out} is in use by another run ({holder}); wait for it or stop it") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    f.flush()
+    return f
 
 
-def unlock(path: Path | None):
-    if path is not None:
-        path.unlink(missing_ok=True)
+def unlock(f):
+    if f is not None:
+        f.close()                                # closing the file releases the lock; the file itself stays
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2
@@ -297,8 +279,8 @@ def save_checkpoint(out: Path, models: dict, state: dict, tokenizer, rank: int, 
         tokenizer.save(str(tmp / next(iter(models)) / "tokenizer.json"))
         torch.save(optim, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        shutil.rmtree(old, ignore_errors=True)                   # a leftover of a kill between the renames
-        if final.exists():
+        if final.exists():                                       # (else: resumed from a lone checkpoint.old, kept
+            shutil.rmtree(old, ignore_errors=True)               # until the new one is in place)
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -375,19 +357,22 @@ class Abort(Exception):
 def cli(main):
     """Run main(); a user mistake (a missing file or package, a bad checkpoint, flag or data row) or an Abort exits
     with its one-line message instead of a traceback from every rank."""
+    code = 0
     try:
         main()
     except (FileNotFoundError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
     except Abort as e:
         print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(e.code)
+        code = e.code
     if "RANK" in os.environ:
         # Under torchrun, a gloo thread now and then aborts the process during interpreter teardown ("terminate
         # called without an active exception"), after all is written: leave without the teardown.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
+    sys.exit(code)
 
 
 def finish(world: int):

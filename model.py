@@ -291,8 +291,10 @@ def default_device_dtype(device=None, dtype=None):
     return device, dtype
 
 
-def read_safetensors(path: Path, device) -> dict[str, tuple[torch.Tensor, str]]:
-    """All tensors of a checkpoint folder: name -> (tensor, file it came from); single file or sharded."""
+def read_safetensors(path: Path, device, headers_only=False) -> dict[str, tuple[torch.Tensor | None, str]]:
+    """All tensors of a checkpoint folder: name -> (tensor, file it came from); single file or sharded.
+    headers_only: read no tensor (None in its place), only check that every file is whole - fast at any size."""
+    path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -304,10 +306,10 @@ def read_safetensors(path: Path, device) -> dict[str, tuple[torch.Tensor, str]]:
     for name in files:
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name}: listed in {index.name} but missing")
-        try:
+        try:                                          # the header is checked to cover the file exactly
             with safe_open(path / name, framework="pt", device=str(device)) as f:
                 for key in f.keys():
-                    tensors[key] = (f.get_tensor(key), name)
+                    tensors[key] = (None if headers_only else f.get_tensor(key), name)
         except (SafetensorError, OSError) as e:       # empty, truncated or not safetensors at all
             raise ValueError(f"{path / name}: not a readable safetensors file ({e})") from None
     return tensors

@@ -1539,11 +1539,13 @@ def test_train_bad_inputs_found_before_any_work(tmp_path):
              "4 examples, fewer than --rollout-batch 8", out)
     _mistake(lambda: train.main(argv("--train-batch", "3")), "multiple of --train-batch 3", out)
     _mistake(lambda: train.main(_ppo_argv(tmp_path / "nobase", out, 1)), "nobase", out)
-    (tmp_path / "run").mkdir()
-    write_lines(tmp_path / "tiny.jsonl", [json.dumps(r) for r in [{**MEDQA_ROW, "question": "Q" * 400}] * 8])
-    _mistake(lambda: train.main(_ppo_argv(tmp_path / "base", tmp_path / "run" / "x", 1, "--train-data",
-                                          str(tmp_path / "tiny.jsonl"), "--max-prompt-len", "16")),
-             "exceed --max-prompt-len 16", tmp_path / "run" / "x" / "metrics.jsonl")
+    write_lines(tmp_path / "long.jsonl", [json.dumps(r) for r in [{**MEDQA_ROW, "question": "Q" * 400}] * 8])
+    _mistake(lambda: train.main(argv("--train-data", str(tmp_path / "long.jsonl"), "--max-prompt-len", "16")),
+             "exceed --max-prompt-len 16", out)
+    shutil.copytree(tmp_path / "base", tmp_path / "cut")                   # a copy that stopped half-way
+    raw = (tmp_path / "cut" / "model.safetensors").read_bytes()
+    (tmp_path / "cut" / "model.safetensors").write_bytes(raw[:len(raw) // 2])
+    _mistake(lambda: train.main(_ppo_argv(tmp_path / "cut", out, 1)), "cut/model.safetensors: not a readable", out)
     # evaluate: the second model's path is wrong -> nothing is evaluated, no results file
     _mistake(lambda: evaluate.main(["--model", str(tmp_path / "base"), str(tmp_path / "typo"), "--dose", "4",
                                     "--out", str(tmp_path / "res.json")]), "typo", tmp_path / "res.json")
@@ -1557,6 +1559,17 @@ def _metrics(run):
     return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
+def _unlocked(out):
+    """True when no process holds <out>/.lock (a lock that nobody holds can be taken at once)."""
+    import fcntl
+    with open(Path(out) / ".lock") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+
 def test_train_protects_an_existing_run_and_locks_it(tmp_path):
     make_demo_like_checkpoint(tmp_path / "base")
     out = tmp_path / "run"
@@ -1565,17 +1578,19 @@ def test_train_protects_an_existing_run_and_locks_it(tmp_path):
     _mistake(lambda: train.main(_ppo_argv(tmp_path / "base", out, 2)), "holds a run.*--resume.*--overwrite")
     _mistake(lambda: train.main(_ppo_argv(tmp_path / "base", out, 2, "--resume")), "no checkpoint to continue")
     assert (out / "metrics.jsonl").read_text() == before                     # nothing was touched
-    assert not (out / ".lock").exists()                                      # released after each run
-    # a live process holds the lock: refused; a dead one's lock is stale and taken over
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert _unlocked(out)                                                    # released after each run
+    # another live run holds the lock: refused, naming it; once it is killed (SIGKILL) the kernel frees the lock
+    holder = subprocess.Popen([sys.executable, "-c", "import common, pathlib, sys, time; "
+                               "f = common.lock(pathlib.Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)",
+                               str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
-        (out / ".lock").write_text(f"{sleeper.pid} {os.uname().nodename}")
-        _mistake(lambda: train.main(_ppo_argv(tmp_path / "base", out, 2, "--overwrite")), f"pid {sleeper.pid}")
+        assert holder.stdout.readline().strip() == "locked"
+        _mistake(lambda: train.main(_ppo_argv(tmp_path / "base", out, 2, "--overwrite")), f"pid {holder.pid}")
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    train.main(_ppo_argv(tmp_path / "base", out, 2, "--overwrite"))          # the dead pid's lock is taken over
-    assert [r["step"] for r in _metrics(out)] == [0, 1, 2, 2] and not (out / ".lock").exists()
+        holder.kill()
+        holder.wait()
+    train.main(_ppo_argv(tmp_path / "base", out, 2, "--overwrite"))
+    assert [r["step"] for r in _metrics(out)] == [0, 1, 2, 2] and _unlocked(out)
 
 
 def test_train_resume_checks_flags_and_survives_torn_files(tmp_path):
@@ -1587,8 +1602,8 @@ def test_train_resume_checks_flags_and_survives_torn_files(tmp_path):
              "made with --rollout-batch 8, --seed 0, not --rollout-batch 16, --seed 1")
     make_demo_like_checkpoint(tmp_path / "other", seed=1)
     _mistake(lambda: train.main(_ppo_argv(tmp_path / "other", out, 3, "--resume")), "trained from --model")
-    # a kill between the checkpoint's two renames left checkpoint.old beside it; a kill mid-write tore metrics
-    shutil.copytree(out / "checkpoint", out / "checkpoint.old")
+    # a kill between the checkpoint's two renames leaves only checkpoint.old; a kill mid-write tears metrics
+    (out / "checkpoint").rename(out / "checkpoint.old")
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "rew')
     # the same base, written another way (absolute, trailing slash), is the same model
@@ -1596,6 +1611,10 @@ def test_train_resume_checks_flags_and_survives_torn_files(tmp_path):
     assert [r["step"] for r in _metrics(out)] == [0, 1, 2, 3, 3]
     assert not (out / "checkpoint.old").exists()
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
+    # the next save, with both in place (a kill after the second rename), keeps going too
+    shutil.copytree(out / "checkpoint", out / "checkpoint.old")
+    train.main(_ppo_argv(tmp_path / "base", out, 4, "--resume"))
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
 
 
 def test_train_diverging_run_stops_and_writes_nothing_non_finite(tmp_path):
@@ -1607,7 +1626,7 @@ def test_train_diverging_run_stops_and_writes_nothing_non_finite(tmp_path):
         train.main(_ppo_argv(tmp_path / "base", out, 6, "--actor-lr", "1e3", "--critic-lr", "1e6", "--save-every", "1"))
     for f in out.rglob("*.safetensors"):
         assert all(torch.isfinite(t).all() for t in load_file(f).values()), f
-    assert not (out / "final").exists() and not (out / ".lock").exists()
+    assert not (out / "final").exists() and _unlocked(out)
     assert "NaN" not in (out / "metrics.jsonl").read_text()
     # the writers themselves refuse non-finite weights
     net = model.load_model(tmp_path / "base")
@@ -1661,11 +1680,9 @@ def test_train_sigterm_to_one_rank_checkpoints_and_stops_all(tmp_path):
     assert "--resume" in err and "SIGTERM" in err
     steps = [r["step"] for r in _metrics(out) if "reward" in r]
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == steps[-1] < 400
-    assert not (out / "final").exists() and not (out / ".lock").exists()
-    train.main(argv[:argv.index("--steps")] + ["--steps", str(steps[-1] + 1)] + argv[argv.index("--steps") + 2:]
-               + ["--resume"])
-    assert [r["step"] for r in _metrics(out) if "reward" in r] == list(range(1, steps[-1] + 2))
-    assert (out / "final").exists()
+    assert not (out / "final").exists() and _unlocked(out)
+    # resuming needs the same number of processes (the data split and the samplers' seeds follow the rank)
+    _mistake(lambda: train.main(argv + ["--resume"]), "written by 2 processes, this run has 1")
 
 
 def test_train_ppo_raises_the_reward_of_a_tiny_model(tmp_path, taught_base):

@@ -376,9 +376,10 @@ TRAJECTORY_FLAGS = ("advantage", "samples_per_prompt", "group_std", "kl_in", "ro
                     "max_prompt_len", "max_new_tokens", "incorrect_reward", "seed")
 
 
-def find_checkpoint(args):
+def find_checkpoint(args, world):
     """Resuming, part 1: -> (checkpoint folder, its step), or (None, 0) for a fresh run. The reference model must
-    be the run's own base, so a resumed run takes --model from the checkpoint; every trajectory flag must match."""
+    be the run's own base, so a resumed run takes --model from the checkpoint; every trajectory flag must match,
+    and the number of processes too (the data split and the samplers' seeds follow the rank)."""
     if not args.resume:
         return None, 0
     out = Path(args.out)
@@ -403,6 +404,9 @@ def find_checkpoint(args):
         now = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in changed)
         raise ValueError(f"--resume: {ckpt} was made with {was}, not {now} (these decide the run: pass the "
                          "original values, or start a new --out)")
+    if state.get("world", world) != world:
+        raise ValueError(f"--resume: {ckpt} was written by {state['world']} processes, this run has {world}; the "
+                         "data split and the samplers' seeds depend on it: resume with the same number")
     args.model = saved["model"]
     return ckpt, state["step"]
 
@@ -444,7 +448,7 @@ def claim_out(args, start, rank, world):
         else:
             try:
                 lock = common.lock(out)
-            except ValueError as e:
+            except (ValueError, OSError) as e:                   # in use; or not writable
                 message = str(e)
     common.agree(message, world)
     return lock
@@ -464,9 +468,13 @@ def check_flags(args, world):
                          "--samples-per-prompt 2 or more")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: choose one")
-    if args.model is not None:
-        M.Qwen2Config.from_json(args.model)                    # a missing or broken checkpoint, named, now
-        data.load_tokenizer(args.model)
+    if args.model is not None:                                   # a missing or broken checkpoint, named, now
+        config = M.Qwen2Config.from_json(args.model)
+        M.read_safetensors(args.model, "cpu", headers_only=True)  # every file whole (no tensor is read)
+        n_tokens = data.load_tokenizer(args.model).get_vocab_size()
+        if config.vocab_size < n_tokens:
+            raise ValueError(f"{args.model}: tokenizer.json has {n_tokens} tokens but the model's vocabulary has "
+                             f"{config.vocab_size}")
 
 
 def load_examples(args):
@@ -500,9 +508,6 @@ def build_models(args, tok, ckpt, rank, world, device):
             continue
         net = M.load_model(ckpt / name if ckpt else args.model, device=device, dtype=torch.float32,
                            value_head=name == "critic")                # fp32 master weights (common.shard)
-        if net.config.vocab_size < tok.get_vocab_size():
-            raise ValueError(f"{args.model}: tokenizer.json has {tok.get_vocab_size()} tokens but the model's "
-                             f"vocabulary has {net.config.vocab_size}")
         net.model.gradient_checkpointing = args.grad_checkpoint
         net = common.shard(net.train(), world)
         trained[name] = (net, torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=args.weight_decay,
@@ -533,23 +538,32 @@ def main(argv=None):
     log = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
 
     # everything the user gave is checked before a model is loaded or an output touched
+    for k in ("model", "train_data", "eval_data"):               # recorded resolved: a resume may start elsewhere
+        if getattr(args, k) is not None:
+            setattr(args, k, str(Path(getattr(args, k)).resolve()))
     check_flags(args, world)
-    ckpt, start = find_checkpoint(args)          # resuming: the checkpoint and its step; (None, 0): a fresh run
+    ckpt, start = find_checkpoint(args, world)   # resuming: the checkpoint and its step; (None, 0): a fresh run
     train_set, eval_set = load_examples(args)
+    prompts = encode_all(args, train_set, eval_set) if args.model is not None else None
     lock = claim_out(args, start, rank, world)
     try:
-        run(args, ckpt, start, train_set, eval_set, out, rank, world, device, log)
+        if prompts is None:                      # the CPU demo: its base model and tokenizer, built on first use
+            args.model = str(sft.build_demo_base(Path("runs/demo-base"), rank, world, device, log).resolve())
+            prompts = encode_all(args, train_set, eval_set)
+        run(args, ckpt, start, train_set, eval_set, *prompts, out, rank, world, device, log)
     finally:
         common.unlock(lock)
     common.finish(world)
 
 
-def run(args, ckpt, start, train_set, eval_set, out, rank, world, device, log):
-    if args.model is None:                                       # the CPU demo
-        args.model = str(sft.build_demo_base(Path("runs/demo-base"), rank, world, device, log))
+def encode_all(args, train_set, eval_set):
+    """-> (tokenizer, train prompt ids, eval prompt ids); a prompt longer than --max-prompt-len is an error."""
     tok = data.load_tokenizer(args.model)
-    train_prompts = encode_prompts(train_set, tok, args.max_prompt_len, args.train_data or "train questions")
-    eval_prompts = encode_prompts(eval_set, tok, args.max_prompt_len, args.eval_data or "eval questions")
+    return (tok, encode_prompts(train_set, tok, args.max_prompt_len, args.train_data or "train questions"),
+            encode_prompts(eval_set, tok, args.max_prompt_len, args.eval_data or "eval questions"))
+
+
+def run(args, ckpt, start, train_set, eval_set, tok, train_prompts, eval_prompts, out, rank, world, device, log):
     steps = args.steps or len(train_set) // args.rollout_batch
     trained, ref = build_models(args, tok, ckpt, rank, world, device)
     (actor, actor_opt), (critic, critic_opt) = trained["actor"], trained.get("critic", (None, None))
@@ -573,7 +587,7 @@ def run(args, ckpt, start, train_set, eval_set, out, rank, world, device, log):
         log(f"step {step}: eval accuracy {acc:.3f}, valid format {fmt:.3f}")
 
     def checkpoint(step):                                        # the data position and all seeds derive from step
-        common.save_checkpoint(out, trained, {"step": step, "args": vars(args)}, tok, rank, world)
+        common.save_checkpoint(out, trained, {"step": step, "world": world, "args": vars(args)}, tok, rank, world)
 
     if start == 0:
         evaluate(0)
