@@ -3,14 +3,25 @@ Rollout speed: our rollout.generate against transformers' generate, on the same 
 
     python bench.py                      # Qwen2.5-0.5B's shape, fp32, batch 8, 64-token prompts, 64 new tokens
     python bench.py --layers 4 --new 16  # a quicker look
+    python bench.py --memory             # peak memory of one PPO update's LM head: full logits vs chunked
 
 Both sides sample (temperature 1, top-p 1) from the same weights; neither may stop early (no EOS can match),
 so both produce exactly batch * new tokens. The two are timed alternately, several rounds, and the median is
 reported. Besides tokens/s and their ratio, it prints how near our decode step is to the memory-bandwidth
 floor: every decode step must read every weight once, so a step can take no less than
 (weight bytes) / (copy bandwidth measured here).
+
+--memory: one PPO policy-loss forward and backward with Qwen2.5's vocabulary (151,936) over 8 x 512 response
+tokens, on a 2-block body of the 0.5B shape, once through the full [8, 512, V] logits (ppo.logprobs_from_logits,
+as before) and once through model.head_logprobs (chunks of positions, recomputed in backward). Each runs in its
+own process; the peak resident memory above the process's memory before the update is reported.
 """
+import argparse
+import json
 import statistics
+import subprocess
+import sys
+import os
 import tempfile
 import time
 
@@ -18,6 +29,7 @@ import torch
 
 import common
 import model as M
+import ppo
 import rollout as R
 
 
@@ -33,6 +45,10 @@ def make_parser():
     parser.add_argument("--prompt", type=common.positive_int, default=64, help="prompt length in tokens")
     parser.add_argument("--new", type=common.positive_int, default=64, help="new tokens per prompt (at least 2)")
     parser.add_argument("--rounds", type=common.positive_int, default=3, help="timed rounds (the median is reported)")
+    parser.add_argument("--memory", action="store_true", help="measure the PPO update's LM-head memory instead")
+    parser.add_argument("--responses", type=common.positive_int, default=8, help="--memory: responses per update")
+    parser.add_argument("--response-len", type=common.positive_int, default=512, help="--memory: tokens each")
+    parser.add_argument("--memory-child", choices=["full", "chunked"], help=argparse.SUPPRESS)
     return parser
 
 
@@ -49,8 +65,53 @@ def copy_bandwidth(nbytes=1 << 29):
     return 2 * nbytes / min(timed(lambda: dst.copy_(src)) for _ in range(5))
 
 
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") / 2**20)
+
+
+def update_peak_mb(args, mode):
+    """In a fresh process: one policy-loss forward + backward; -> peak RSS above the RSS before it, in MB."""
+    import resource
+    torch.manual_seed(0)
+    cfg = M.Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                        num_hidden_layers=2, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                        tie_word_embeddings=True)
+    net = M.init_model(cfg).train()
+    P, R = 64, args.response_len
+    ids = torch.randint(0, args.vocab, (args.responses, P + R))
+    mask, adv = torch.ones(args.responses, R), torch.randn(args.responses, R)
+    before = rss_mb()
+    if mode == "full":                      # the [B, R, V] logits, kept for backward and for the entropy
+        logits = net(ids[:, :-1], logits_from=P - 1)
+        logprobs = ppo.logprobs_from_logits(logits, ids[:, P:])
+        with torch.no_grad():
+            ppo.entropy_from_logits(logits)
+    else:
+        logprobs, _ = net(ids[:, :-1], logits_from=P - 1, logprobs_of=ids[:, P:])
+    ppo.policy_loss(logprobs, logprobs.detach(), adv, mask)[0].backward()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+
+
+def memory(args):
+    peaks = {}
+    for mode in ("full", "chunked"):
+        r = subprocess.run([sys.executable, __file__, "--memory-child", mode, *sys.argv[1:]], capture_output=True,
+                           text=True, check=True)
+        peaks[mode] = json.loads(r.stdout.strip().splitlines()[-1])["peak_mb"]
+    print(f"one PPO update, {args.responses} x {args.response_len} response tokens, vocabulary {args.vocab}, "
+          f"fp32, CPU: peak memory above the model")
+    print(f"full logits  {peaks['full']:8.0f} MB")
+    print(f"chunked head {peaks['chunked']:8.0f} MB   ({peaks['full'] / peaks['chunked']:.1f}x less)")
+
+
 def main(argv=None):
     args = make_parser().parse_args(argv)
+    if args.memory_child:
+        print(json.dumps({"peak_mb": update_peak_mb(args, args.memory_child)}))
+        return
+    if args.memory:
+        return memory(args)
     if args.new < 2:
         raise ValueError(f"--new {args.new}: the decode step is timed from the second new token on, give >= 2")
     from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -191,23 +191,29 @@ def is_sharded(model) -> bool:
 
 @contextmanager
 def full_weights(model):
-    """The rollout's gather: every FSDP unit's full weights gathered once (in the compute dtype: bf16 on CUDA)
-    and kept until the block ends, then freed. No communication happens while decoding, so the ranks may
-    decode different numbers of tokens. A plain module needs nothing."""
+    """The rollout's gather: every FSDP unit's full weights gathered once (in the compute dtype: bf16 on CUDA),
+    yielded as a plain module of the same class that shares them: decoding runs none of FSDP's per-module hooks
+    and no communication, so the ranks may decode different numbers of tokens. Freed after. A plain module is
+    yielded as it is."""
+    if not is_sharded(model):
+        yield model
+        return
     from torch.distributed.fsdp import FSDPModule
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    blocks = [u for u in units if u is not model]               # the root is never resharded after forward
     for u in units:
-        u.unshard()
-    for u in blocks:
-        u.set_reshard_after_forward(False, recurse=False)
+        u.unshard()                              # the modules now hold the full (unsharded) parameters
     try:
-        yield
+        cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))   # fully_shard subclassed it
+        with torch.device("meta"):
+            plain = cls(model.config)
+        state = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
+        plain.load_state_dict(state, strict=True, assign=True)
+        if getattr(plain.config, "tie_word_embeddings", False) and hasattr(plain, "lm_head"):
+            plain.lm_head.weight = plain.model.embed_tokens.weight
+        yield plain.eval()
     finally:
         for u in units:
             u.reshard()
-        for u in blocks:
-            u.set_reshard_after_forward(True, recurse=False)
 
 
 def full_state_dict(model, world: int) -> dict:

@@ -193,6 +193,89 @@ def show_dynamics(samples: Path, every: int = 1):
     return table
 
 
+# -----------------------------------------------------------------------------
+# estimators side by side: train.py runs that differ in --advantage (and --seed), as in the README's comparison
+
+def compare_runs(folder) -> dict:
+    """Every run in `folder` (sub-folders holding train.py's args.json and metrics.jsonl), grouped by estimator:
+    {estimator: {"responses_per_step", "seeds", "eval": {step: [accuracy per seed]}, "wall_s": [...],
+    "peak_mem_mb": [...]}}. Wall time is the sum of the steps' times (evaluations excluded)."""
+    groups = {}
+    runs = sorted(p.parent for p in Path(folder).glob("*/metrics.jsonl"))
+    if not runs:
+        raise FileNotFoundError(f"--compare {folder}: no run folder (*/metrics.jsonl) in it")
+    for run in runs:
+        if not (run / "args.json").is_file():
+            raise FileNotFoundError(f"{run}: no args.json (written by train.py at the start of a run)")
+        args = json.loads((run / "args.json").read_text())
+        rows = read_samples(run / "metrics.jsonl")
+        steps = [r for r in rows if "reward" in r]
+        g = groups.setdefault(args["advantage"], dict(responses_per_step=args["rollout_batch"] *
+                                                      args["samples_per_prompt"], seeds=[], eval={}, wall_s=[],
+                                                      peak_mem_mb=[]))
+        g["seeds"].append(args["seed"])
+        for r in rows:
+            if "eval_accuracy" in r:
+                g["eval"].setdefault(r["step"], []).append(r["eval_accuracy"])
+        g["wall_s"].append(sum(r["time_step"] for r in steps))
+        g["peak_mem_mb"].append(max((r.get("peak_mem_mb") or 0.0) for r in steps) if steps else 0.0)
+    return groups
+
+
+def _mean_std(xs):
+    mean = sum(xs) / len(xs)
+    return mean, (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def comparison_table(groups: dict) -> str:
+    """Markdown: one row per estimator; held-out greedy accuracy at each evaluated step, wall time and peak memory,
+    each as mean ± sample std over the seeds."""
+    steps = sorted({s for g in groups.values() for s in g["eval"]})
+    lines = ["| estimator | responses / step | seeds | " + " | ".join(f"acc @ {s}" for s in steps)
+             + " | wall time (s) | peak memory (MB) |", "|---" * (len(steps) + 5) + "|"]
+    for name, g in groups.items():
+        cells = []
+        for s in steps:
+            xs = g["eval"].get(s)
+            cells.append("%.1f ± %.1f" % tuple(100 * v for v in _mean_std(xs)) if xs else "")
+        lines.append(f"| {name} | {g['responses_per_step']} | {len(g['seeds'])} | " + " | ".join(cells) +
+                     " | %.0f ± %.0f | %.0f ± %.0f |" % (*_mean_std(g["wall_s"]), *_mean_std(g["peak_mem_mb"])))
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(groups: dict, path) -> None:
+    """Held-out accuracy over steps, one line per estimator (mean over seeds, the band one std)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plot_comparison needs matplotlib: pip install matplotlib") from None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, g in groups.items():
+        steps = sorted(g["eval"])
+        mean, std = zip(*(_mean_std(g["eval"][s]) for s in steps))
+        ax.plot(steps, mean, marker="o", label=f"{name} ({len(g['seeds'])} seeds)")
+        ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+    ax.set(xlabel="training step", ylabel="held-out accuracy (greedy)", ylim=(0, 1))
+    ax.legend(loc="upper left", fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def show_comparison(folder):
+    groups = compare_runs(folder)
+    table = comparison_table(groups)
+    print(table)
+    (Path(folder) / "comparison.md").write_text(table)
+    try:
+        plot_comparison(groups, Path(folder) / "comparison.png")
+        print(f"plot: {Path(folder) / 'comparison.png'}")
+    except ImportError as e:
+        print(f"(no plot: {e})")
+    return groups
+
+
 def make_parser():
     parser = common.parser(__doc__)
     c = common
@@ -209,6 +292,8 @@ def make_parser():
     parser.add_argument("--out", default="results.json", help="results as JSON; a markdown table beside it (.md)")
     parser.add_argument("--dynamics", help="samples.jsonl of a training run: print the behaviour mix per step")
     parser.add_argument("--every", type=c.positive_int, default=1, help="with --dynamics: steps per table row")
+    parser.add_argument("--compare", help="a folder of train.py runs (one per estimator and seed): accuracy over "
+                                          "steps, wall time and peak memory side by side")
     return parser
 
 
@@ -217,6 +302,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.dynamics:
         return show_dynamics(Path(args.dynamics), args.every)
+    if args.compare:
+        return show_comparison(args.compare)
     if not args.model:
         parser.error("--model DIR [DIR ...] is required")
 

@@ -160,6 +160,13 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)                                     # [B, H_kv, S, D]
         gqa = self.n_kv != self.n_head
+        if gqa and T == 1:
+            # One new token (a decode step): fold each key/value head's G query heads into the query-length axis,
+            # [B, n_kv, G, D] against the cache [B, n_kv, S, D], so the cache is read as it is (never copied per
+            # query head) and every SDPA kernel applies; the mask [B, 1, 1, S] broadcasts over the G rows.
+            G = self.n_head // self.n_kv
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, G, self.head_dim), k, v, attn_mask=mask)
+            return self.o_proj(y.reshape(B, 1, self.n_head * self.head_dim))
         if gqa and mask is not None and q.is_cuda:
             # CUDA's memory-efficient kernel takes a mask but not enable_gqa; rather than fall back to the math
             # kernel's [B, H, T, S] fp32 matrices, give every query head its own copy of its key/value head
@@ -257,13 +264,66 @@ class Qwen2ForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, attention_mask=None, kv_cache=None, return_hidden=False, logits_from=0):
+    def forward(self, input_ids, attention_mask=None, kv_cache=None, return_hidden=False, logits_from=0,
+                logprobs_of=None, temperature=1.0):
         """input_ids [B, T] -> logits [B, T - logits_from, V] (and the final hidden states [B, T, hidden]).
 
-        logits_from skips the LM head on the first positions (PPO needs logits on the response only)."""
+        logits_from skips the LM head on the first positions (PPO needs logits on the response only).
+        logprobs_of: tokens [B, T - logits_from]; then, instead of the logits, (log-probs of those tokens under
+        softmax(logits / temperature), entropy of that distribution), both [B, T - logits_from] in fp32, computed
+        a chunk of positions at a time (head_logprobs): the [B, T, V] logits are never held."""
         hidden = self.model(input_ids, attention_mask, kv_cache)
+        if logprobs_of is not None:
+            h = hidden[:, logits_from:]
+            lp, ent = head_logprobs(h.reshape(-1, h.shape[-1]), self.lm_head.weight, logprobs_of.reshape(-1),
+                                    temperature)
+            return lp.view(logprobs_of.shape), ent.view(logprobs_of.shape)
         logits = self.lm_head(hidden[:, logits_from:])
         return (logits, hidden) if return_hidden else logits
+
+
+HEAD_CHUNK_BYTES = 1 << 28    # 256 MiB: the fp32 logits of one chunk of positions (~440 positions at V = 151,936)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """log softmax(h W^T / temperature) at `tokens`, and the entropy, one chunk of positions at a time. Backward
+    recomputes each chunk's logits rather than keeping them: memory is one chunk's [chunk, V], not [N, V]."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens, temperature, chunk):             # [N, H], [V, H], [N]
+        logprobs = torch.empty(len(hidden), device=hidden.device)               # [N] fp32
+        entropy = torch.empty(len(hidden), device=hidden.device)
+        for a in range(0, len(hidden), chunk):
+            z = (hidden[a:a + chunk] @ weight.T).float() / temperature          # [c, V], in fp32 as the reference
+            lse = torch.logsumexp(z, dim=-1)
+            logprobs[a:a + chunk] = z.gather(-1, tokens[a:a + chunk, None]).squeeze(-1) - lse
+            entropy[a:a + chunk] = lse - (torch.softmax(z, dim=-1) * z).sum(-1)   # stable: no log of a tiny p
+        ctx.save_for_backward(hidden, weight, tokens)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(entropy)                                    # a metric
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, _):
+        hidden, weight, tokens = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, device=weight.device)            # fp32 sum over the chunks
+        for a in range(0, len(hidden), ctx.chunk):
+            h, g_out = hidden[a:a + ctx.chunk], grad_logprobs[a:a + ctx.chunk]
+            p = torch.softmax((h @ weight.T).float() / ctx.temperature, dim=-1)  # [c, V]
+            # d logprob(token) / d z = onehot(token) - softmax(z); z = logits / temperature
+            g = (-p * g_out[:, None]).scatter_add_(-1, tokens[a:a + ctx.chunk, None], g_out[:, None])
+            g = (g / ctx.temperature).to(hidden.dtype)
+            grad_hidden[a:a + ctx.chunk] = g @ weight
+            grad_weight += (g.T @ h).float()
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
+def head_logprobs(hidden, weight, tokens, temperature=1.0, chunk=None):
+    """hidden [N, H], LM-head weight [V, H], tokens [N] -> (log-prob of each token under softmax(h W^T / T),
+    entropy), both [N] fp32; differentiable in the log-probs (hidden and weight), the entropy a metric."""
+    chunk = chunk or max(1, HEAD_CHUNK_BYTES // (4 * weight.shape[0]))
+    return _HeadLogprobs.apply(hidden, weight, tokens, float(temperature), chunk)
 
 
 class Qwen2Critic(nn.Module):

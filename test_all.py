@@ -235,6 +235,32 @@ def test_model_gradient_checkpointing_gives_the_same_gradients(tiny):
 
 
 @pytest.mark.parametrize("tied", [True, False])
+def test_model_chunked_head_logprobs_equal_full_logits_and_gradients(tmp_path, tied, monkeypatch):
+    """logprobs_of (the LM head a few positions at a time, recomputed in backward) against the plain path, the
+    full [B, T, V] logits through ppo.logprobs_from_logits / entropy_from_logits: values and every gradient."""
+    make_checkpoint(tmp_path / "m", tied=tied)
+    net = model.load_model(tmp_path / "m").train()
+    monkeypatch.setattr(model, "HEAD_CHUNK_BYTES", 3 * 4 * net.config.vocab_size)    # chunks of 3 positions
+    g = torch.Generator().manual_seed(0)
+    x, weights = torch.randint(0, 97, (3, 11), generator=g), torch.randn(3, 7, generator=g)
+    results = []
+    for chunked in (False, True):
+        net.zero_grad()
+        if chunked:
+            lp, ent = net(x[:, :-1], logits_from=3, logprobs_of=x[:, 4:], temperature=0.7)
+        else:
+            logits = net(x[:, :-1], logits_from=3)                                  # [3, 7, V]
+            lp, ent = ppo.logprobs_from_logits(logits, x[:, 4:], 0.7), ppo.entropy_from_logits(logits / 0.7)
+        (lp * weights).sum().backward()
+        results.append((lp.detach(), ent.detach(), [p.grad.clone() for p in net.parameters()]))
+    (lp_a, ent_a, grads_a), (lp_b, ent_b, grads_b) = results
+    torch.testing.assert_close(lp_b, lp_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_b, ent_a, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
 def test_model_save_model_loads_in_transformers(tmp_path, tied):
     make_checkpoint(tmp_path / "src", tied=tied, legacy_config=True)
     ours = model.load_model(tmp_path / "src")
@@ -1359,8 +1385,9 @@ def _worker(kind, ckpt, out):
         # under full_weights that needs no collective, so nothing may hang, and the tokens equal one process's
         g = torch.Generator().manual_seed(2)
         prompts = [torch.randint(0, vocab, (1 + i % 5,), generator=g).tolist() for i in range(6)]
-        with common.full_weights(actor):
-            result = rollout.generate(actor, prompts[rank::world], 12, temperature=0, eos_token_id=[3, 10, 20, 40])
+        with common.full_weights(actor) as plain:
+            assert not common.is_sharded(plain)                  # decoding runs no FSDP hooks
+            result = rollout.generate(plain, prompts[rank::world], 12, temperature=0, eos_token_id=[3, 10, 20, 40])
         shares = [result.responses]
         if world > 1:
             shares = [None] * world
@@ -1685,6 +1712,24 @@ def test_train_sigterm_to_one_rank_checkpoints_and_stops_all(tmp_path):
     _mistake(lambda: train.main(argv + ["--resume"]), "written by 2 processes, this run has 1")
 
 
+def test_train_memory_plan_refuses_3b_on_one_gpu():
+    """The plan's parameter count equals transformers' Qwen2.5-3B (built on the meta device: no memory); 16 bytes
+    each for actor and critic do not fit one 80 GB GPU, and the refusal says what to change; 8 GPUs fit."""
+    cfg = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+               num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg)).parameters())
+    args = train.parse_args(["--preset", "med-rlvr"])
+    plan = train.memory_plan(model.Qwen2Config(**cfg), args, 1)
+    assert plan["actor (fp32 weights, grads, AdamW)"] == pytest.approx(16 * n / 1e9)
+    assert plan["reference (bf16)"] == pytest.approx(2 * n / 1e9)
+    with pytest.raises(ValueError, match=r"needs about \d+ GB per GPU .* has 80 GB: use more GPUs \(now 1\)"):
+        train.check_fits(plan, 80.0, 1)
+    train.check_fits(train.memory_plan(model.Qwen2Config(**cfg), args, 8), 80.0, 8)
+    grpo = train.parse_args(["--preset", "med-rlvr", "--advantage", "grpo", "--samples-per-prompt", "4"])
+    assert "critic (fp32 weights, grads, AdamW)" not in train.memory_plan(model.Qwen2Config(**cfg), grpo, 8)
+
+
 def test_train_ppo_raises_the_reward_of_a_tiny_model(tmp_path, taught_base):
     """The demo, fast: the taught base, then PPO. The reward must rise, from the reward alone."""
     train.main(["--model", str(taught_base), "--out", str(tmp_path / "ppo"), "--steps", "40",
@@ -1715,6 +1760,32 @@ def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path):
     with torch.no_grad():
         assert (theirs(x).logits - ours(x)).abs().max() <= 1e-4
     assert data.load_tokenizer(tmp_path / "sft").get_vocab_size() == tok.get_vocab_size()
+
+
+def test_evaluate_compare_runs_by_hand(tmp_path):
+    """Two seeds of two estimators, metrics written by hand: mean ± sample std per evaluated step, wall time as
+    the sum of step times, peak memory as the largest row."""
+    def run(name, advantage, seed, evals, times, mems, n=1):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "args.json").write_text(json.dumps(
+            {"advantage": advantage, "seed": seed, "rollout_batch": 64 // n, "samples_per_prompt": n}))
+        rows = [{"step": 0, "eval_accuracy": evals[0]}]
+        rows += [{"step": i + 1, "reward": 0.0, "time_step": t, "peak_mem_mb": m} for i, (t, m) in
+                 enumerate(zip(times, mems))]
+        rows += [{"step": len(times), "eval_accuracy": evals[1]}]
+        write_lines(tmp_path / name / "metrics.jsonl", [json.dumps(r) for r in rows])
+    run("gae-0", "gae", 0, (0.0, 0.30), (1.0, 2.0), (100, 120))
+    run("gae-1", "gae", 1, (0.0, 0.40), (2.0, 2.0), (110, 100))
+    run("grpo-0", "grpo", 0, (0.0, 0.50), (1.0, 1.0), (90, 95), n=4)
+    groups = evaluate.compare_runs(tmp_path)
+    assert groups["gae"]["eval"] == {0: [0.0, 0.0], 2: [0.3, 0.4]} and groups["gae"]["wall_s"] == [3.0, 4.0]
+    assert groups["gae"]["peak_mem_mb"] == [120, 110] and groups["grpo"]["responses_per_step"] == 64
+    table = evaluate.comparison_table(groups)
+    std = 100 * (0.005 ** 0.5) * 1.0                       # sample std of 0.30, 0.40: sqrt(0.005)
+    assert f"| gae | 64 | 2 | 0.0 ± 0.0 | 35.0 ± {std:.1f} | 4 ± 1 | 115 ± 7 |" in table, table
+    assert "| grpo | 64 | 1 | 0.0 ± 0.0 | 50.0 ± 0.0 | 2 ± 0 | 95 ± 0 |" in table, table
+    with pytest.raises(FileNotFoundError, match="no run folder"):
+        evaluate.compare_runs(tmp_path / "gae-0")
 
 
 def test_evaluate_scores_with_the_reward_rules(tmp_path, monkeypatch):

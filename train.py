@@ -142,7 +142,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-TIMING_KEYS = ("time_rollout", "time_experience", "time_train", "time_step", "tokens_per_s")
+TIMING_KEYS = ("time_rollout", "time_experience", "time_train", "time_step", "tokens_per_s", "peak_mem_mb")
+
+
+def peak_memory_mb(device) -> float:
+    """The process's peak memory so far: CUDA memory allocated on a GPU, resident set size (RSS) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # Linux reports KiB
 
 
 def seed_for(kind: str, seed: int, i: int, j: int = 0) -> int:
@@ -194,13 +202,16 @@ def pack(prompts, responses, device):
     return input_ids.to(device), attn.to(device), attn[:, P:].float().to(device), P
 
 
-def response_logits(policy, input_ids, attn, P):
-    """Logits [B, R, V] that predict the response tokens: position P-1+j predicts the token at column P+j."""
-    return policy(input_ids[:, :-1], attention_mask=attn[:, :-1], logits_from=P - 1)
+def response_logprobs(policy, input_ids, attn, P, temperature):
+    """(log-probs, entropy) [B, R] of the response tokens under softmax(logits / temperature): position P-1+j
+    predicts the token at column P+j. The LM head runs in chunks of positions (model.head_logprobs), so the
+    [B, R, V] logits are never held, neither here nor in backward."""
+    return policy(input_ids[:, :-1], attention_mask=attn[:, :-1], logits_from=P - 1, logprobs_of=input_ids[:, P:],
+                  temperature=temperature)
 
 
 def response_values(critic, input_ids, attn, P):
-    """Values [B, R]: V(state before response token j), read at the same positions as response_logits."""
+    """Values [B, R]: V(state before response token j), read at the same positions as response_logprobs."""
     return critic(input_ids[:, :-1], attention_mask=attn[:, :-1])[:, P - 1:]
 
 
@@ -229,8 +240,8 @@ def make_experience(actor, critic, ref, tok, examples, prompts, generator, args,
     t0 = time.time()
     n = args.samples_per_prompt
     examples, prompts = [ex for ex in examples for _ in range(n)], [p for p in prompts for _ in range(n)]
-    with common.full_weights(actor):
-        out = rollout.generate(actor, prompts, args.max_new_tokens, temperature=args.temperature,
+    with common.full_weights(actor) as policy:
+        out = rollout.generate(policy, prompts, args.max_new_tokens, temperature=args.temperature,
                                top_p=args.top_p, eos_token_id=data.eos_token_id(tok), generator=generator)
     t_rollout = time.time() - t0
     texts, scores = score_texts(tok, out.responses, examples, args.incorrect_reward)
@@ -248,8 +259,7 @@ def make_experience(actor, critic, ref, tok, examples, prompts, generator, args,
         for a in range(0, len(prompts), args.micro_batch):
             s = slice(a, a + args.micro_batch)
             for net, dest in ((actor, old_logprobs), (ref, ref_logprobs)):
-                logits = response_logits(net, input_ids[s], attn[s], P)
-                dest[s] = ppo.logprobs_from_logits(logits, input_ids[s, P:], args.temperature)
+                dest[s] = response_logprobs(net, input_ids[s], attn[s], P, args.temperature)[0]
             if critic is not None:
                 values[s] = response_values(critic, input_ids[s], attn[s], P)
     kl = ppo.kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * mask     # [B, R]
@@ -299,8 +309,7 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp: Experience, rows, *, m
         s = rows[a:a + micro_batch]
         ids, attn, mask, P = exp.input_ids[s], exp.attn[s], exp.mask[s], exp.P
         weight = count(mask) / n_global
-        logits = response_logits(actor, ids, attn, P)                              # [b, R, V]
-        logprobs = ppo.logprobs_from_logits(logits, ids[:, P:], temperature)       # same temperature as rollout
+        logprobs, entropy = response_logprobs(actor, ids, attn, P, temperature)    # [b, R]; rollout's temperature
         pl, clip_frac, approx_kl = ppo.policy_loss(logprobs, exp.old_logprobs[s], exp.advantages[s], mask, clip,
                                                    seq_mean)
         out = dict(policy_loss=pl, clip_frac=clip_frac, approx_kl=approx_kl)
@@ -314,7 +323,7 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp: Experience, rows, *, m
             out["value_loss"] = ppo.value_loss(values, exp.values[s], exp.returns[s], mask, value_clip, seq_mean)
             (out["value_loss"] * weight * world).backward()
         with torch.no_grad():
-            out["entropy"] = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
+            out["entropy"] = ppo.masked_mean(entropy, mask)
         for k, v in out.items():
             m[k] = m.get(k, 0.0) + float(v.detach()) * weight
     # a NaN or inf anywhere (a diverging loss) skips the step of both models: nothing non-finite reaches a weight
@@ -356,10 +365,10 @@ def eval_accuracy(policy, tok, examples, prompts, max_new_tokens, batch, rank, w
     """Greedy accuracy and valid-format rate on held-out examples (each rank decodes its share)."""
     n_right = n_valid = 0
     mine = list(range(rank, len(examples), world))
-    with common.full_weights(policy):
+    with common.full_weights(policy) as plain:
         for k in range(0, len(mine), batch):
             idx = mine[k:k + batch]
-            out = rollout.generate(policy, [prompts[i] for i in idx], max_new_tokens, temperature=0,
+            out = rollout.generate(plain, [prompts[i] for i in idx], max_new_tokens, temperature=0,
                                    eos_token_id=data.eos_token_id(tok))
             _, scores = score_texts(tok, out.responses, [examples[i] for i in idx], 0.0)
             n_right += sum(s == 1.0 for s in scores)
@@ -477,6 +486,43 @@ def check_flags(args, world):
                              f"{config.vocab_size}")
 
 
+def memory_plan(config, args, world) -> dict:
+    """Estimated GB per GPU, by part, for this configuration (a plan, not a measurement; bf16 compute, fp32 master
+    weights). Sharded over the ranks: actor (and, for gae, critic) weights + gradients + AdamW's two moments in fp32,
+    16 bytes a parameter; the bf16 reference, 2. Then the larger of the two phases: the rollout (the actor's full
+    bf16 weights + the KV cache of this rank's sequences) and the update (one micro-batch's activations: with
+    --grad-checkpoint each block's input, else ~34 values a token per block; plus two gathered blocks and the LM
+    head's chunk)."""
+    L, H, I, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * (H // config.num_attention_heads)
+    block = 2 * H + H * H + 2 * H * kv + H * H + 3 * H * I + H + 2 * kv     # norms, q, k+v, o, mlp, biases
+    n = L * block + V * H * (1 if config.tie_word_embeddings else 2) + H
+    gb, seq = 1e9, args.max_prompt_len + args.max_new_tokens
+    per_rank = args.rollout_batch * args.samples_per_prompt // world
+    plan = {"actor (fp32 weights, grads, AdamW)": 16 * n / world / gb,
+            "reference (bf16)": 2 * n / world / gb}
+    if args.advantage == "gae":
+        n_critic = n - (0 if config.tie_word_embeddings else V * H) + H       # no LM head; a value head
+        plan["critic (fp32 weights, grads, AdamW)"] = 16 * n_critic / world / gb
+    rollout = 2 * n + L * 2 * kv * 2 * per_rank * seq                           # full bf16 weights + K and V
+    tokens = args.micro_batch * seq
+    acts = tokens * H * 2 * L if args.grad_checkpoint else tokens * 34 * H * L
+    update = acts + tokens * (2 * H + 3 * I) * 2 + 2 * block * 2 + 3 * 2**28     # one block's temporaries, head
+    plan["rollout (full bf16 weights, KV cache)" if rollout > update else "update (activations)"] = \
+        max(rollout, update) / gb
+    return plan
+
+
+def check_fits(plan: dict, capacity_gb: float, world: int):
+    """Refuse, with the numbers, a configuration whose plan exceeds 90% of the GPU's memory."""
+    need = sum(plan.values())
+    if need > 0.9 * capacity_gb:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in plan.items())
+        raise ValueError(f"this configuration needs about {need:.0f} GB per GPU ({parts}) but a GPU has "
+                         f"{capacity_gb:.0f} GB: use more GPUs (now {world}), --grad-checkpoint, a smaller "
+                         "--micro-batch or --rollout-batch, or shorter --max-new-tokens")
+
+
 def load_examples(args):
     """-> (train examples, eval examples), read and checked before any model is loaded."""
     train_set = data.make_dose_questions(4096, seed=2) if args.train_data is None else data.load_medqa(args.train_data)
@@ -543,6 +589,9 @@ def main(argv=None):
             setattr(args, k, str(Path(getattr(args, k)).resolve()))
     check_flags(args, world)
     ckpt, start = find_checkpoint(args, world)   # resuming: the checkpoint and its step; (None, 0): a fresh run
+    if device.type == "cuda" and args.model is not None:          # does it fit? (before any weight is read)
+        check_fits(memory_plan(M.Qwen2Config.from_json(args.model), args, world),
+                   torch.cuda.get_device_properties(device).total_memory / 1e9, world)
     train_set, eval_set = load_examples(args)
     prompts = encode_all(args, train_set, eval_set) if args.model is not None else None
     lock = claim_out(args, start, rank, world)
@@ -573,6 +622,8 @@ def run(args, ckpt, start, train_set, eval_set, tok, train_prompts, eval_prompts
                 shutil.rmtree(out / d, ignore_errors=True)
         for f in ("metrics.jsonl", "samples.jsonl"):
             (truncate_jsonl(out / f, start, log) if start else (out / f).unlink(missing_ok=True))
+        if not start:                                            # the run's flags, for readers of its metrics
+            (out / "args.json").write_text(json.dumps({**vars(args), "world": world}, indent=1))
         log(f"PPO: {args.model}, {M.num_params(actor) / 1e6:.2f}M params, world {world}, steps {start}..{steps}")
 
     def write(name, row):
@@ -617,7 +668,8 @@ def run(args, ckpt, start, train_set, eval_set, tok, train_prompts, eval_prompts
             row.update(m)
             row.update(time_rollout=stats["time_rollout"], time_experience=stats["time_experience"],
                        time_train=time.time() - t1, time_step=time.time() - t0,
-                       tokens_per_s=row["response_length"] * n / max(stats["time_rollout"], 1e-9))
+                       tokens_per_s=row["response_length"] * n / max(stats["time_rollout"], 1e-9),
+                       peak_mem_mb=common.all_max(peak_memory_mb(device), world))
             write("metrics.jsonl", row)
             bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row['kl']:.3f}")
             if args.sample_every and (step + 1) % args.sample_every == 0:
