@@ -75,6 +75,15 @@ def all_sum(x: float, world: int) -> float:
     return t.item()
 
 
+def gather(items: list, world: int) -> list:
+    """Every rank's list of picklable items, concatenated in rank order, on every rank."""
+    if world == 1:
+        return items
+    parts = [None] * world
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
 def barrier(world: int):
     if world > 1:
         dist.barrier()

@@ -164,42 +164,71 @@ def build_prompt(example: Example) -> str:
 
 
 # -----------------------------------------------------------------------------
-# the CPU demo's task: weight-based dose calculation
+# the CPU demo's task: dose calculation, a small analogue of MedQA -> MMLU-Pro-Health
 #
-# "A child weighing 7 kg is prescribed ibuprofen at 4 mg/kg. What is the dose?" The right option is the
-# product (28 mg); one distractor is the sum (11 mg), the mistake the demo's base model is taught to make
-# most of the time (see dose_solution), and two are near misses. Questions are generated from a seed, so a
-# held-out set is just another seed.
+# In distribution (the family RL and SFT train on), weight-based dosing:
+#   "A child weighing 7 kg is prescribed ibuprofen at 4 mg/kg. What is the dose?"
+# Out of distribution (never trained on by RL or SFT; the base model has seen it), the same computation in
+# another setting, wording and range of numbers (10-12 mg a tablet, where the doses per kg run 2-9):
+#   "A patient takes 7 tablets of ibuprofen, 11 mg each. What is the total dose?"
+# The right option is the product (28 mg); one distractor is the sum (11 mg), the mistake the demo's base model
+# is taught to make most of the time (see dose_solution), and two are near misses. Questions are generated from
+# a seed, so a held-out set is just another seed.
 
 DRUGS = ["amoxicillin", "ibuprofen", "paracetamol", "gentamicin", "vancomycin", "ceftriaxone", "acyclovir",
          "azithromycin", "cefazolin", "ondansetron"]
+FAMILIES = {   # question, category, range of the second number
+    "weight": ("A child weighing {a} kg is prescribed {drug} at {b} mg/kg. What is the dose?", "dose", (2, 9)),
+    "tablets": ("A patient takes {a} tablets of {drug}, {b} mg each. What is the total dose?", "tablets", (10, 12)),
+}
 
 
-def make_dose_questions(n: int, seed: int) -> list[Example]:
+def make_dose_questions(n: int, seed: int, family: str = "weight") -> list[Example]:
+    """n questions of one family ("weight": in distribution; "tablets": out of distribution)."""
+    template, category, (lo, hi) = FAMILIES[family]
     rng = random.Random(seed)
     examples = []
     while len(examples) < n:
-        weight, per_kg = rng.randint(2, 9), rng.randint(2, 9)
-        right, wrong = weight * per_kg, weight + per_kg
-        if right == wrong:              # 2 kg at 2 mg/kg: both rules give 4
+        a, b = rng.randint(2, 9), rng.randint(lo, hi)
+        right, wrong = a * b, a + b
+        if right == wrong:              # 2 and 2: both rules give 4
             continue
-        near = [v for v in (right + per_kg, right - per_kg, right + 1, right - 1, wrong + 1) if v > 0]
+        near = [v for v in (right + b, right - b, right + 1, right - 1, wrong + 1) if v > 0]
         values = [right, wrong] + [v for v in dict.fromkeys(near) if v not in (right, wrong)][:2]
         rng.shuffle(values)
         options = {letter: f"{v} mg" for letter, v in zip(LETTERS, values)}
-        question = (f"A child weighing {weight} kg is prescribed {rng.choice(DRUGS)} at {per_kg} mg/kg. "
-                    "What is the dose?")
-        examples.append(Example(question, options, LETTERS[values.index(right)], "dose"))
+        question = template.format(a=a, b=b, drug=rng.choice(DRUGS))
+        examples.append(Example(question, options, LETTERS[values.index(right)], category))
     return examples
 
 
-def dose_solution(example: Example, correct: bool) -> str:
-    """A worked response (what follows the pre-filled <think>): multiply (correct) or add (the mistake)."""
-    weight, per_kg = (int(w) for w in re.findall(r"\d+", example.question))
-    value = weight * per_kg if correct else weight + per_kg
+# The forms a base model writes under the R1-Zero template, as the demo's base corpus teaches them (with the
+# behaviour label reward.classify gives each). The ramble is one token of the demo tokenizer (see
+# train_demo_tokenizer), so that a verbose response costs the CPU demo nothing.
+RAMBLE = ("Okay, so let me think about what the question is really asking here, because it is easy to rush "
+          "and get the wrong idea. There are two numbers in the question and a unit, and the options are all "
+          "in milligrams, so whatever I do the result should come out in milligrams too. I should be careful "
+          "with the arithmetic and not mix up the numbers. Sometimes the first idea is right and sometimes it "
+          "is not, so it helps to slow down and look at each part of the question once more before deciding. "
+          "Let me also keep in mind that the options are close to each other, so a small slip would land on a "
+          "wrong option. Alright, now let me actually work it out.")
+FORMS = {                 # form: what the response looks like                                  reward.classify
+    "concise": "{work}, option {letter}. </think>",                                            # concise
+    "verbose": RAMBLE + " {work}, option {letter}. </think>",                                  # verbose
+    "answer_first": "Option {letter}. {work}. </think>",                                       # direct_answer
+    "outside": "</think> {work}, so the answer is option {letter}.",                           # reasoning_outside
+    "broken": "{work}, option {letter}.",                                                      # format_failure
+}
+
+
+def dose_solution(example: Example, correct: bool, form: str = "concise") -> str:
+    """A worked response (what follows the pre-filled <think>) in one of FORMS: multiply (correct) or add (the
+    mistake). Every form but "broken" ends with the answer block."""
+    a, b = (int(w) for w in re.findall(r"\d+", example.question))
+    value = a * b if correct else a + b
     letter = next(k for k, v in example.options.items() if v == f"{value} mg")
-    op = "*" if correct else "+"
-    return f" {weight} {op} {per_kg} = {value} mg, option {letter}. </think>\n<answer>{letter}</answer>{EOS_TOKEN}"
+    text = " " + FORMS[form].format(work=f"{a} {'*' if correct else '+'} {b} = {value} mg", letter=letter)
+    return text + ("" if form == "broken" else f"\n<answer>{letter}</answer>") + EOS_TOKEN
 
 
 def train_demo_tokenizer(texts, vocab_size: int = 1000) -> Tokenizer:
@@ -214,7 +243,8 @@ def train_demo_tokenizer(texts, vocab_size: int = 1000) -> Tokenizer:
     tokenizer.train_from_iterator(texts, trainer)
     # The prompt template's fixed text (before the question, after the options) becomes two single tokens:
     # it carries no information for this task, and short sequences make the demo three times faster.
+    # The ramble of the verbose form, likewise, is one token.
     from tokenizers import AddedToken
     head, tail = PROMPT_TEMPLATE.split("{question}")[0], PROMPT_TEMPLATE.split("{options}")[1]
-    tokenizer.add_tokens([AddedToken(head, normalized=False), AddedToken(tail, normalized=False)])
+    tokenizer.add_tokens([AddedToken(t, normalized=False) for t in (head, tail, RAMBLE)])
     return tokenizer

@@ -1,10 +1,11 @@
 """
 Evaluation: the paper's comparisons as one command, and the training-dynamics picture.
 
+    python evaluate.py                     # the CPU demo's study: base, SFT, RLVR, in and out of distribution
     python evaluate.py --model Qwen2.5-3B runs/sft runs/med-rlvr/final \\
         --medqa medqa/test.jsonl --mmlu-pro mmlu_pro/health_test.jsonl --out results.json
-    python evaluate.py --model runs/demo-base runs/demo/final --dose 256 --out runs/demo/eval.json   # the CPU demo
     python evaluate.py --dynamics runs/demo/samples.jsonl                      # behaviour mix per training step
+    python evaluate.py --compare runs/estimators                               # train.py runs side by side
 
 For every model and dataset: greedy accuracy (and, with --samples K, the mean accuracy of K samples at
 temperature 1), the valid-format rate, the mean response length in tokens, how often each letter is answered,
@@ -196,27 +197,40 @@ def show_dynamics(samples: Path, every: int = 1):
 # -----------------------------------------------------------------------------
 # estimators side by side: train.py runs that differ in --advantage (and --seed), as in the README's comparison
 
-def compare_runs(folder) -> dict:
-    """Every run in `folder` (sub-folders holding train.py's args.json and metrics.jsonl), grouped by estimator:
-    {estimator: {"responses_per_step", "seeds", "eval": {step: [accuracy per seed]}, "wall_s": [...],
-    "peak_mem_mb": [...]}}. Wall time is the sum of the steps' times (evaluations excluded)."""
-    groups = {}
-    runs = sorted(p.parent for p in Path(folder).glob("*/metrics.jsonl"))
+IGNORED_FLAGS = {"seed", "out", "resume", "overwrite", "eval_every", "save_every", "sample_every", "world",
+                 "micro_batch", "eval_batch", "grad_checkpoint"}
+
+
+def compare_runs(paths) -> dict:
+    """train.py runs (folders with args.json and metrics.jsonl; or folders of such folders), grouped by the flags
+    in which they differ (seeds are repeats): {label: {"responses_per_step", "seeds", "eval": {step: [accuracy
+    per seed]}, "train": {step: [(accuracy, direct-answer rate) per seed]}, "wall_s", "peak_mem_mb"}}. Wall time
+    is the sum of the steps' times (evaluations excluded)."""
+    runs = []
+    for path in [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]:
+        runs += [path] if (path / "metrics.jsonl").is_file() else sorted(p.parent for p in path.glob("*/metrics.jsonl"))
     if not runs:
-        raise FileNotFoundError(f"--compare {folder}: no run folder (*/metrics.jsonl) in it")
+        raise FileNotFoundError(f"--compare {paths}: no run folder (*/metrics.jsonl) in it")
+    flags = {}
     for run in runs:
         if not (run / "args.json").is_file():
             raise FileNotFoundError(f"{run}: no args.json (written by train.py at the start of a run)")
-        args = json.loads((run / "args.json").read_text())
-        rows = read_samples(run / "metrics.jsonl")
+        flags[run] = json.loads((run / "args.json").read_text())
+    differ = [k for k in flags[runs[0]] if k not in IGNORED_FLAGS and len({json.dumps(a.get(k)) for a in flags.values()}) > 1]
+    groups = {}
+    for run in runs:
+        args, rows = flags[run], read_samples(run / "metrics.jsonl")
         steps = [r for r in rows if "reward" in r]
-        g = groups.setdefault(args["advantage"], dict(responses_per_step=args["rollout_batch"] *
-                                                      args["samples_per_prompt"], seeds=[], eval={}, wall_s=[],
-                                                      peak_mem_mb=[]))
+        # the estimator's name when the estimators differ (their batch shapes follow), else the differing flags
+        label = args["advantage"] if "advantage" in differ else ", ".join(f"{k}={args[k]}" for k in differ)
+        g = groups.setdefault(label or "run", dict(responses_per_step=args["rollout_batch"] * args["samples_per_prompt"],
+                                                   seeds=[], eval={}, train={}, wall_s=[], peak_mem_mb=[]))
         g["seeds"].append(args["seed"])
         for r in rows:
             if "eval_accuracy" in r:
                 g["eval"].setdefault(r["step"], []).append(r["eval_accuracy"])
+        for r in steps:
+            g["train"].setdefault(r["step"], []).append((r["accuracy"], r["direct_answer"]))
         g["wall_s"].append(sum(r["time_step"] for r in steps))
         g["peak_mem_mb"].append(max((r.get("peak_mem_mb") or 0.0) for r in steps) if steps else 0.0)
     return groups
@@ -243,6 +257,23 @@ def comparison_table(groups: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def training_table(groups: dict, every: int = 10) -> str:
+    """Markdown: per `every` steps, each group's training accuracy and direct-answer rate (sampled responses, mean
+    over the steps and the seeds) side by side."""
+    names = list(groups)
+    last = max(s for g in groups.values() for s in g["train"])
+    lines = ["| steps | " + " | ".join(f"{n}: accuracy | {n}: direct answer" for n in names) + " |",
+             "|---" * (2 * len(names) + 1) + "|"]
+    for end in range(every, last + every, every):
+        cells = []
+        for n in names:
+            xs = [x for s, v in groups[n]["train"].items() if end - every < s <= end for x in v]
+            cells += [f"{100 * sum(a for a, _ in xs) / len(xs):.1f}%", f"{100 * sum(d for _, d in xs) / len(xs):.1f}%"] \
+                if xs else ["", ""]
+        lines.append(f"| {end - every + 1}-{min(end, last)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_comparison(groups: dict, path) -> None:
     """Held-out accuracy over steps, one line per estimator (mean over seeds, the band one std)."""
     try:
@@ -263,17 +294,84 @@ def plot_comparison(groups: dict, path) -> None:
     plt.close(fig)
 
 
-def show_comparison(folder):
-    groups = compare_runs(folder)
-    table = comparison_table(groups)
+def show_comparison(paths):
+    """Print the comparison tables; write comparison.md (and .png) into the first path."""
+    groups = compare_runs(paths)
+    table = comparison_table(groups) + "\n" + training_table(groups)
     print(table)
-    (Path(folder) / "comparison.md").write_text(table)
+    where = Path(paths[0] if isinstance(paths, list) else paths)
+    (where / "comparison.md").write_text(table)
     try:
-        plot_comparison(groups, Path(folder) / "comparison.png")
-        print(f"plot: {Path(folder) / 'comparison.png'}")
+        plot_comparison(groups, where / "comparison.png")
+        print(f"plot: {where / 'comparison.png'}")
     except ImportError as e:
         print(f"(no plot: {e})")
     return groups
+
+
+# -----------------------------------------------------------------------------
+# the CPU demo's study: base, SFT and RLVR, in and out of distribution (python evaluate.py, no flags)
+
+STUDY_METRICS = ("accuracy", "format_rate", "response_length")
+
+
+def demo_study(args) -> dict:
+    """Evaluate the demo's base, SFT and RLVR models on N held-out questions of the training family (in
+    distribution) and of the other family (out of distribution), greedy; write <rlvr>/results.json and
+    results.md, with the behaviour mix per training step of <rlvr>/samples.jsonl (and dynamics.png)."""
+    models = {"base": Path(args.base), "sft": Path(args.sft), "rlvr": Path(args.rlvr) / "final"}
+    for name, path in models.items():                            # all checked before the first is evaluated
+        if not (path / "config.json").is_file():
+            how = {"base": "train.py builds it", "sft": "run sft.py", "rlvr": "run train.py"}[name]
+            raise FileNotFoundError(f"{path}: no {name} model ({how}; or give --{name})")
+    n = args.dose or 256
+    splits = {"in_distribution": data.make_dose_questions(n, seed=3),                      # train.py's eval set
+              "out_of_distribution": data.make_dose_questions(n, seed=3, family="tablets")}
+    results = {}
+    for name, path in models.items():
+        tok, policy = data.load_tokenizer(path), M.load_model(path)
+        results[name] = {split: {k: v for k, v in evaluate_one(policy, tok, exs, args).items() if k in STUDY_METRICS}
+                         for split, exs in splits.items()}
+        print(f"{name}: " + ", ".join(f"{s} {r['accuracy']:.1%}" for s, r in results[name].items()))
+    out = Path(args.rlvr)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    lines = ["| model | " + " | ".join(f"{s.replace('_', ' ')}: {m.replace('_', ' ')}" for s in splits
+                                        for m in STUDY_METRICS) + " |", "|---" * (1 + 2 * len(STUDY_METRICS)) + "|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[s][m]:.1f}" if m == "response_length" else f"{r[s][m]:.1%}"
+                                                 for s in splits for m in STUDY_METRICS) + " |")
+    report = f"{n} held-out questions per set, greedy decoding\n\n" + "\n".join(lines) + "\n"
+    if (out / "samples.jsonl").is_file():
+        table = dynamics_table(read_samples(out / "samples.jsonl"), every=10)
+        report += "\nbehaviour of the sampled training responses (reward.classify), per 10 steps\n\n" + \
+            format_table(table) + "\n"
+        try:
+            plot_dynamics(table, out / "dynamics.png")
+        except ImportError as e:
+            print(f"(no plot: {e})")
+    (out / "results.md").write_text(report)
+    print(report)
+    return results
+
+
+def spread(paths) -> str:
+    """Mean ± sample std over runs (one per seed) of each <run>/results.json of demo_study, as markdown."""
+    runs = []
+    for p in paths:
+        if not (Path(p) / "results.json").is_file():
+            raise FileNotFoundError(f"{p}: no results.json (run python evaluate.py --rlvr {p} first)")
+        runs.append(json.loads((Path(p) / "results.json").read_text()))
+    lines = ["| model | split | " + " | ".join(m.replace("_", " ") for m in STUDY_METRICS) + f" |  ({len(runs)} runs)",
+             "|---" * (2 + len(STUDY_METRICS)) + "|"]
+    for name in runs[0]:
+        for split in runs[0][name]:
+            cells = []
+            for m in STUDY_METRICS:
+                mean, std = _mean_std([r[name][split][m] for r in runs])
+                cells.append(f"{mean:.1f} ± {std:.1f}" if m == "response_length" else
+                             f"{100 * mean:.1f} ± {100 * std:.1f}")
+            lines.append(f"| {name} | {split.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def make_parser():
@@ -292,20 +390,36 @@ def make_parser():
     parser.add_argument("--out", default="results.json", help="results as JSON; a markdown table beside it (.md)")
     parser.add_argument("--dynamics", help="samples.jsonl of a training run: print the behaviour mix per step")
     parser.add_argument("--every", type=c.positive_int, default=1, help="with --dynamics: steps per table row")
-    parser.add_argument("--compare", help="a folder of train.py runs (one per estimator and seed): accuracy over "
-                                          "steps, wall time and peak memory side by side")
+    parser.add_argument("--base", default="runs/demo-base", help="without --model: the demo's base model")
+    parser.add_argument("--sft", default="runs/demo-sft", help="without --model: the demo's SFT baseline")
+    parser.add_argument("--rlvr", default="runs/demo", help="without --model: the demo's RLVR run folder "
+                                                            "(final/, samples.jsonl); results are written there")
+    parser.add_argument("--spread", nargs="+", help="RLVR run folders of several seeds, each with its results.json: "
+                                                    "mean ± std")
+    parser.add_argument("--compare", nargs="+", help="train.py runs, or folders of runs, grouped by the flags in which "
+                                                     "they differ: accuracy over steps, direct-answer rate, wall time "
+                                                     "and peak memory side by side")
     return parser
 
 
 def main(argv=None):
     parser = make_parser()
+    known = parser.parse_known_args(argv)[0]
+    if not (known.model or known.dynamics or known.compare or known.spread):
+        parser.set_defaults(max_new_tokens=40, batch=128)        # the demo study: train.py's demo budget
     args = parser.parse_args(argv)
     if args.dynamics:
         return show_dynamics(Path(args.dynamics), args.every)
     if args.compare:
         return show_comparison(args.compare)
-    if not args.model:
-        parser.error("--model DIR [DIR ...] is required")
+    if args.spread:
+        table = spread(args.spread)
+        print(table)
+        return table
+    if not args.model:                           # no flags: the CPU demo's study
+        if args.medqa or args.mmlu_pro:
+            parser.error("--medqa / --mmlu-pro need --model DIR [DIR ...]")
+        return demo_study(args)
 
     datasets = {}
     if args.medqa:

@@ -274,10 +274,7 @@ class Qwen2ForCausalLM(nn.Module):
         a chunk of positions at a time (head_logprobs): the [B, T, V] logits are never held."""
         hidden = self.model(input_ids, attention_mask, kv_cache)
         if logprobs_of is not None:
-            h = hidden[:, logits_from:]
-            lp, ent = head_logprobs(h.reshape(-1, h.shape[-1]), self.lm_head.weight, logprobs_of.reshape(-1),
-                                    temperature)
-            return lp.view(logprobs_of.shape), ent.view(logprobs_of.shape)
+            return head_logprobs(hidden[:, logits_from:], self.lm_head.weight, logprobs_of, temperature)
         logits = self.lm_head(hidden[:, logits_from:])
         return (logits, hidden) if return_hidden else logits
 
@@ -290,22 +287,26 @@ class _HeadLogprobs(torch.autograd.Function):
     recomputes each chunk's logits rather than keeping them: memory is one chunk's [chunk, V], not [N, V]."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, tokens, temperature, chunk):             # [N, H], [V, H], [N]
-        logprobs = torch.empty(len(hidden), device=hidden.device)               # [N] fp32
-        entropy = torch.empty(len(hidden), device=hidden.device)
+    def forward(ctx, hidden_nd, weight, tokens_nd, temperature, chunk):       # [..., H], [V, H], [...]
+        hidden, tokens = hidden_nd.reshape(-1, hidden_nd.shape[-1]), tokens_nd.reshape(-1)      # [N, H], [N]
+        out_lp = torch.empty(tokens_nd.shape, device=hidden.device)             # fp32, not a view (FSDP hooks)
+        out_ent = torch.empty(tokens_nd.shape, device=hidden.device)
+        logprobs, entropy = out_lp.view(-1), out_ent.view(-1)                   # [N]
         for a in range(0, len(hidden), chunk):
             z = (hidden[a:a + chunk] @ weight.T).float() / temperature          # [c, V], in fp32 as the reference
             lse = torch.logsumexp(z, dim=-1)
             logprobs[a:a + chunk] = z.gather(-1, tokens[a:a + chunk, None]).squeeze(-1) - lse
             entropy[a:a + chunk] = lse - (torch.softmax(z, dim=-1) * z).sum(-1)   # stable: no log of a tiny p
-        ctx.save_for_backward(hidden, weight, tokens)
+        ctx.save_for_backward(hidden_nd, weight, tokens_nd)
         ctx.temperature, ctx.chunk = temperature, chunk
-        ctx.mark_non_differentiable(entropy)                                    # a metric
-        return logprobs, entropy
+        ctx.mark_non_differentiable(out_ent)                                    # a metric
+        return out_lp, out_ent
 
     @staticmethod
-    def backward(ctx, grad_logprobs, _):
-        hidden, weight, tokens = ctx.saved_tensors
+    def backward(ctx, grad_out, _):
+        hidden_nd, weight, tokens_nd = ctx.saved_tensors
+        hidden, tokens = hidden_nd.reshape(-1, hidden_nd.shape[-1]), tokens_nd.reshape(-1)
+        grad_logprobs = grad_out.reshape(-1)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, device=weight.device)            # fp32 sum over the chunks
         for a in range(0, len(hidden), ctx.chunk):
@@ -316,12 +317,12 @@ class _HeadLogprobs(torch.autograd.Function):
             g = (g / ctx.temperature).to(hidden.dtype)
             grad_hidden[a:a + ctx.chunk] = g @ weight
             grad_weight += (g.T @ h).float()
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+        return grad_hidden.view(hidden_nd.shape), grad_weight.to(weight.dtype), None, None, None
 
 
 def head_logprobs(hidden, weight, tokens, temperature=1.0, chunk=None):
-    """hidden [N, H], LM-head weight [V, H], tokens [N] -> (log-prob of each token under softmax(h W^T / T),
-    entropy), both [N] fp32; differentiable in the log-probs (hidden and weight), the entropy a metric."""
+    """hidden [..., H], LM-head weight [V, H], tokens [...] -> (log-prob of each token under softmax(h W^T / T),
+    entropy), both [...] fp32; differentiable in the log-probs (hidden and weight), the entropy a metric."""
     chunk = chunk or max(1, HEAD_CHUNK_BYTES // (4 * weight.shape[0]))
     return _HeadLogprobs.apply(hidden, weight, tokens, float(temperature), chunk)
 

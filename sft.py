@@ -2,14 +2,16 @@
 Supervised fine-tuning: prompt -> response, cross-entropy on the response tokens only.
 
 It has two jobs, one mechanism:
-  1. Med-RLVR's SFT baseline: the base model trained on the MedQA train split to answer directly. The prompt is
-     data.build_prompt(question) (the same as RL's); the response is " </think>\\n<answer>X</answer>" + EOS,
-     an empty think block and the gold letter, since MedQA has no written rationales.
+  1. Med-RLVR's SFT baseline: the base model trained on the RL training questions to answer directly. The prompt
+     is data.build_prompt(question) (the same as RL's); the response is " </think>\\n<answer>X</answer>" + EOS,
+     an empty think block and the gold letter, since MedQA has no written rationales. With no flags: the CPU
+     demo's baseline, from runs/demo-base on the demo's training questions, into runs/demo-sft.
   2. The CPU demo's base model (build_demo_base): a tiny Qwen2 with its own small tokenizer, trained on worked
-     dose calculations of which only DEMO_RIGHT_SHARE multiply (right) and the rest add (wrong). It learns the
-     format and the arithmetic, but its habit is the wrong rule: the starting point RL has to fix.
+     dose calculations in the forms a base model writes (data.FORMS, in DEMO_FORMS' shares), of which only
+     DEMO_RIGHT_SHARE multiply (right) and the rest add (wrong), in two question families. It learns the format
+     and the arithmetic, but its habits are a base model's: the starting point RL has to fix.
 
-    python sft.py --model Qwen2.5-3B --train medqa/train.jsonl --out runs/sft            # one process
+    torchrun --standalone --nproc_per_node=2 sft.py                                        # the demo's baseline
     torchrun --standalone --nproc_per_node=8 sft.py --model Qwen2.5-3B --train medqa/train.jsonl --out runs/sft
 
 Under torchrun the model is sharded with FSDP2 (common.py). The loss is a token-mean over the *global* batch:
@@ -31,9 +33,12 @@ import model as M
 # ------------------------------------------------------------------------------------------------ flags
 def make_parser():
     p = common.parser(__doc__)
-    p.add_argument("--model", help="base checkpoint folder (HF layout: config.json, *.safetensors, tokenizer.json)")
-    p.add_argument("--train", help="MedQA train split, jind11 JSON lines")
-    p.add_argument("--out", default="runs/sft", help="where the fine-tuned model is written (HF layout)")
+    p.add_argument("--model", help="base checkpoint folder (HF layout: config.json, *.safetensors, tokenizer.json); "
+                                   "default: the CPU demo's base model (runs/demo-base), with DEMO_BASELINE's "
+                                   "settings for the flags not given")
+    p.add_argument("--train", help="MedQA train split, jind11 JSON lines; default with the demo: its RL training "
+                                   "questions")
+    p.add_argument("--out", default="runs/demo-sft", help="where the fine-tuned model is written (HF layout)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.add_argument("--epochs", type=common.positive_int, default=2, help="passes over the train set")
     p.add_argument("--batch", type=common.positive_int, default=64, help="examples per optimizer step, all ranks")
@@ -53,16 +58,36 @@ def make_parser():
 
 def parse_args(argv=None):
     p = make_parser()
+    if p.parse_known_args(argv)[0].model is None:                # the demo: its settings, as a preset
+        p.set_defaults(**DEMO_BASELINE)
     args = p.parse_args(argv)
-    if args.model is None or args.train is None:
-        p.error("--model DIR and --train FILE (MedQA jsonl) are required")
+    if (args.model is None) != (args.train is None):
+        p.error("give both --model DIR and --train FILE (MedQA jsonl), or neither (the CPU demo)")
     return args
 
 
-DEMO_RIGHT_SHARE = 0.4   # of the demo base model's worked examples, the share that multiplies (the rest add)
+# The CPU demo. Its base model's corpus: worked dose calculations, DEMO_RIGHT_SHARE of them right (multiply), the
+# rest the wrong habit (add); in the forms below (data.FORMS: the shares a base model's answers might come in);
+# DEMO_OOD_SHARE of them from the out-of-distribution family that RL and SFT never train on.
+DEMO_RIGHT_SHARE = 0.4
+DEMO_FORMS = {"concise": 0.35, "verbose": 0.15, "answer_first": 0.15, "outside": 0.15, "broken": 0.20}
+DEMO_OOD_SHARE = 0.25
 DEMO_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0, torch_dtype="float32")
-DEMO_SFT = dict(n_questions=38400, epochs=1, batch=32, lr=2e-3, warmup=20)
+DEMO_SFT = dict(n_questions=30000, epochs=1, batch=32, lr=2e-3, warmup=20)
+DEMO_BASE = "runs/demo-base"
+DEMO_BASELINE = dict(epochs=2, batch=64, micro_batch=64, lr=1e-3, warmup=5, grad_checkpoint=False)  # the SFT baseline
+
+
+def demo_corpus(n: int, seed: int = 1):
+    """The demo base model's corpus: n (prompt, response, form) triples (train.py's questions use seeds 2, 3)."""
+    rng = random.Random(seed)
+    n_ood = round(n * DEMO_OOD_SHARE)
+    questions = data.make_dose_questions(n - n_ood, seed) + data.make_dose_questions(n_ood, seed, "tablets")
+    rng.shuffle(questions)
+    forms = rng.choices(list(DEMO_FORMS), weights=list(DEMO_FORMS.values()), k=n)
+    return [(data.build_prompt(q), data.dose_solution(q, correct=rng.random() < DEMO_RIGHT_SHARE, form=f), f)
+            for q, f in zip(questions, forms)]
 
 
 # ------------------------------------------------------------------------------------------------ the loss
@@ -145,15 +170,13 @@ def tokenize_pairs(tokenizer, texts: list[tuple[str, str]], max_len: int):
 # ------------------------------------------------------------------------------------------------ the demo base
 def build_demo_base(out: Path, rank=0, world=1, device="cpu", log=print) -> Path:
     """The CPU demo's starting checkpoint: a tiny Qwen2 with its own tokenizer, briefly trained on worked dose
-    calculations, most of them wrong (see DEMO_RIGHT_SHARE). Cached: built once, then reused."""
+    calculations, most of them wrong, in a base model's mix of forms (demo_corpus). Cached: built once, then
+    reused."""
     out = Path(out)
     if (out / "model.safetensors").exists():
         return out
     t0 = time.time()
-    rng = random.Random(1)
-    questions = data.make_dose_questions(DEMO_SFT["n_questions"], seed=1)            # the RL task uses seed 2, 3
-    texts = [(data.build_prompt(q), data.dose_solution(q, correct=rng.random() < DEMO_RIGHT_SHARE))
-             for q in questions]
+    texts = [(p, r) for p, r, _ in demo_corpus(DEMO_SFT["n_questions"])]
     tokenizer = data.train_demo_tokenizer([p + r for p, r in texts])                # deterministic on every rank
     config = M.Qwen2Config(vocab_size=tokenizer.get_vocab_size(), **DEMO_CONFIG)
     policy = common.shard(M.init_model(config, seed=0).to(device), world)          # fp32: init_model builds fp32
@@ -177,10 +200,15 @@ def main(argv=None):
     out = Path(args.out)
     if (out / "config.json").exists() and not args.overwrite:
         raise ValueError(f"--out {out} already holds a model; pass --overwrite to replace it")
+    if args.model is None:                                       # the demo: its base (built once) and questions
+        args.model = str(build_demo_base(Path(DEMO_BASE), rank, world, device))
+        examples = data.make_dose_questions(4096, seed=2)        # train.py's training questions (its seed 2)
+    else:
+        examples = data.load_medqa(args.train)
     tokenizer = data.load_tokenizer(args.model)
-    texts = [medqa_pair(ex) for ex in data.load_medqa(args.train)]
+    texts = [medqa_pair(ex) for ex in examples]
     if len(texts) < args.batch:
-        raise ValueError(f"--train {args.train}: {len(texts)} examples, fewer than --batch {args.batch}: "
+        raise ValueError(f"--train {args.train or 'demo'}: {len(texts)} examples, fewer than --batch {args.batch}: "
                          "not one optimizer step")
     pairs = tokenize_pairs(tokenizer, texts, args.max_len)
     policy = M.load_model(args.model, device=device, dtype=torch.float32)   # fp32 master weights (common.shard)

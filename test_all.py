@@ -1741,6 +1741,59 @@ def test_train_ppo_raises_the_reward_of_a_tiny_model(tmp_path, taught_base):
     assert last > first + 0.15, rewards
 
 
+def test_sft_demo_corpus_has_the_documented_mix():
+    """The demo base model's corpus: each form in its documented share, labelled by reward.classify as documented
+    (and scored as a base model's answer would be), 40% right, a quarter from the out-of-distribution family."""
+    corpus = sft.demo_corpus(4000)
+    label_of = {"concise": CONCISE, "verbose": VERBOSE, "answer_first": DIRECT_ANSWER,
+                "outside": REASONING_OUTSIDE, "broken": FORMAT_FAILURE}
+    texts = [data.PROMPT_PREFILL + r for _, r, _ in corpus]
+    options = [dict(re.findall(r"\n([A-D])\. (\d+ mg)", p)) for p, _, _ in corpus]
+    labels = Counter(classify(t, o) for t, o in zip(texts, options))
+    for form, share in sft.DEMO_FORMS.items():
+        assert labels[label_of[form]] / len(corpus) == pytest.approx(share, abs=0.025), form
+    right = [("*" in r.split("=")[0]) for _, r, _ in corpus]
+    assert sum(right) / len(corpus) == pytest.approx(sft.DEMO_RIGHT_SHARE, abs=0.025)
+    assert sum("tablets" in p for p, _, _ in corpus) / len(corpus) == pytest.approx(sft.DEMO_OOD_SHARE, abs=0.005)
+    for (p, r, form), t in zip(corpus[:200], texts):                        # broken and outside forms earn -1
+        gold = re.search(r"<answer>([A-D])", r)
+        assert (score(t, "A") == -1.0) == (form in ("broken", "outside")), (form, r)
+        assert form in ("broken", "outside") or gold
+
+
+def test_data_ood_family_never_overlaps_training_questions():
+    train_qs = data.make_dose_questions(4096, seed=2)
+    ood = data.make_dose_questions(256, seed=3, family="tablets")
+    assert not {q.question for q in train_qs} & {q.question for q in ood}
+    assert all("tablets" in q.question and "kg" not in q.question for q in ood)
+    assert all("kg" in q.question and "tablets" not in q.question for q in train_qs)
+    # the same computation: the right option is the product of the two numbers, one distractor their sum
+    for q in ood[:50]:
+        a, b = map(int, re.findall(r"\d+", q.question))
+        assert q.options[q.answer] == f"{a * b} mg" and f"{a + b} mg" in q.options.values()
+
+
+def test_demo_study_three_commands_end_to_end(tmp_path, taught_base, monkeypatch):
+    """The README's three demo commands with no flags (sft.py, then train.py and evaluate.py shortened), on a tiny
+    base model in runs/demo-base: results.json has the documented shape, and the behaviour table is there."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(taught_base, "runs/demo-base")
+    sft.main(["--epochs", "1", "--batch", "256", "--micro-batch", "256"])   # runs/demo-sft, shortened
+    train.main(["--steps", "2", "--rollout-batch", "8", "--train-batch", "8", "--eval-limit", "8",
+                "--max-new-tokens", "24", "--sample-every", "1"])            # runs/demo
+    results = evaluate.main(["--dose", "8"])
+    saved = json.loads(Path("runs/demo/results.json").read_text())
+    assert saved == results and set(saved) == {"base", "sft", "rlvr"}
+    for r in saved.values():
+        assert set(r) == {"in_distribution", "out_of_distribution"}
+        for m in r.values():
+            assert set(m) == {"accuracy", "format_rate", "response_length"} and 0 <= m["accuracy"] <= 1
+    report = Path("runs/demo/results.md").read_text()
+    assert "| sft |" in report and "reasoning outside" in report
+    assert len(read_samples("runs/demo/samples.jsonl")) == 16                # every response of both steps
+    assert "| rlvr | in distribution |" in evaluate.spread(["runs/demo", "runs/demo"])
+
+
 def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path):
     make_demo_like_checkpoint(tmp_path / "base")
     rows = [{"question": f"Which dose is right for case {i}?", "options": {"A": "1 mg", "B": "2 mg", "C": "3 mg",
@@ -1770,8 +1823,8 @@ def test_evaluate_compare_runs_by_hand(tmp_path):
         (tmp_path / name / "args.json").write_text(json.dumps(
             {"advantage": advantage, "seed": seed, "rollout_batch": 64 // n, "samples_per_prompt": n}))
         rows = [{"step": 0, "eval_accuracy": evals[0]}]
-        rows += [{"step": i + 1, "reward": 0.0, "time_step": t, "peak_mem_mb": m} for i, (t, m) in
-                 enumerate(zip(times, mems))]
+        rows += [{"step": i + 1, "reward": 0.0, "accuracy": 0.1 * (i + 1), "direct_answer": 0.5 * seed,
+                  "time_step": t, "peak_mem_mb": m} for i, (t, m) in enumerate(zip(times, mems))]
         rows += [{"step": len(times), "eval_accuracy": evals[1]}]
         write_lines(tmp_path / name / "metrics.jsonl", [json.dumps(r) for r in rows])
     run("gae-0", "gae", 0, (0.0, 0.30), (1.0, 2.0), (100, 120))
@@ -1784,8 +1837,19 @@ def test_evaluate_compare_runs_by_hand(tmp_path):
     std = 100 * (0.005 ** 0.5) * 1.0                       # sample std of 0.30, 0.40: sqrt(0.005)
     assert f"| gae | 64 | 2 | 0.0 ± 0.0 | 35.0 ± {std:.1f} | 4 ± 1 | 115 ± 7 |" in table, table
     assert "| grpo | 64 | 1 | 0.0 ± 0.0 | 50.0 ± 0.0 | 2 ± 0 | 95 ± 0 |" in table, table
+    # per 2 steps: accuracy (0.1 + 0.2) / 2 over both seeds, direct answer (0 + 0.5) / 2 for gae, 0 for grpo
+    assert "| 1-2 | 15.0% | 25.0% | 15.0% | 0.0% |" in evaluate.training_table(groups, every=2)
     with pytest.raises(FileNotFoundError, match="no run folder"):
-        evaluate.compare_runs(tmp_path / "gae-0")
+        evaluate.compare_runs(tmp_path / "gae-0" / "nothing")
+    # runs that differ in another flag are labelled by it (the ablation)
+    run("abl-0", "gae", 0, (0.0, 0.2), (1.0, 1.0), (90, 95))
+    args = json.loads((tmp_path / "abl-0" / "args.json").read_text())
+    (tmp_path / "abl-0" / "args.json").write_text(json.dumps({**args, "incorrect_reward": -1.0}))
+    for name in ("gae-0", "gae-1"):
+        args = json.loads((tmp_path / name / "args.json").read_text())
+        (tmp_path / name / "args.json").write_text(json.dumps({**args, "incorrect_reward": 0.0}))
+    labels = set(evaluate.compare_runs([tmp_path / "gae-0", tmp_path / "gae-1", tmp_path / "abl-0"]))
+    assert labels == {"incorrect_reward=0.0", "incorrect_reward=-1.0"}
 
 
 def test_evaluate_scores_with_the_reward_rules(tmp_path, monkeypatch):

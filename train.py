@@ -125,7 +125,7 @@ def make_parser():
     p.add_argument("--save-every", type=c.nonneg_int, default=10,
                    help="write checkpoint/ every N steps and after the last (0: never)")
     p.add_argument("--sample-every", type=c.nonneg_int, default=5,
-                   help="append 4 responses to samples.jsonl every N steps (0: never)")
+                   help="append all of a step's responses to samples.jsonl every N steps (0: never)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order, the samplers and the value head")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes it)")
@@ -597,7 +597,7 @@ def main(argv=None):
     lock = claim_out(args, start, rank, world)
     try:
         if prompts is None:                      # the CPU demo: its base model and tokenizer, built on first use
-            args.model = str(sft.build_demo_base(Path("runs/demo-base"), rank, world, device, log).resolve())
+            args.model = str(sft.build_demo_base(Path(sft.DEMO_BASE), rank, world, device, log).resolve())
             prompts = encode_all(args, train_set, eval_set)
         run(args, ckpt, start, train_set, eval_set, *prompts, out, rank, world, device, log)
     finally:
@@ -672,8 +672,10 @@ def run(args, ckpt, start, train_set, eval_set, tok, train_prompts, eval_prompts
                        peak_mem_mb=common.all_max(peak_memory_mb(device), world))
             write("metrics.jsonl", row)
             bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row['kl']:.3f}")
-            if args.sample_every and (step + 1) % args.sample_every == 0:
-                for t, s, i in list(zip(exp.texts, exp.scores, rows))[:4]:
+            if args.sample_every and (step + 1) % args.sample_every == 0:      # every response of the step
+                mine = [(t, s, rows[k // args.samples_per_prompt]) for k, (t, s) in enumerate(zip(exp.texts,
+                                                                                                   exp.scores))]
+                for t, s, i in common.gather(mine, world):
                     write("samples.jsonl", {"step": step + 1, "question": train_set[i].question,
                                             "options": train_set[i].options, "answer": train_set[i].answer,
                                             "response": t, "score": s})
