@@ -233,11 +233,12 @@ def full_state_dict(model, world: int) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export(model, tokenizer, out, rank: int, world: int):
+def export(model, tokenizer, out, rank: int, world: int, dtype: str = "float32"):
     """The trained policy in HF layout (config.json + model.safetensors + tokenizer.json), which transformers
-    loads: gathered to rank 0, written to <out>.tmp, then renamed over <out>."""
+    loads: gathered to rank 0, cast to `dtype` ("bfloat16": half the size, as Qwen2.5 is released), written to
+    <out>.tmp, then renamed over <out>."""
     import model as M
-    state = full_state_dict(model, world)
+    state = {k: v.to(getattr(torch, dtype)) for k, v in full_state_dict(model, world).items()}
     bad = non_finite(state) if rank == 0 else None
     agree(bad and f"refusing to write {out}: tensor {bad} is not finite (NaN or inf)", world)
     if rank == 0:

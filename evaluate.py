@@ -245,7 +245,7 @@ def comparison_table(groups: dict) -> str:
     """Markdown: one row per estimator; held-out greedy accuracy at each evaluated step, wall time and peak memory,
     each as mean ± sample std over the seeds."""
     steps = sorted({s for g in groups.values() for s in g["eval"]})
-    lines = ["| estimator | responses / step | seeds | " + " | ".join(f"acc @ {s}" for s in steps)
+    lines = ["| runs | responses / step | seeds | " + " | ".join(f"acc @ {s}" for s in steps)
              + " | wall time (s) | peak memory (MB) |", "|---" * (len(steps) + 5) + "|"]
     for name, g in groups.items():
         cells = []
@@ -361,7 +361,7 @@ def spread(paths) -> str:
         if not (Path(p) / "results.json").is_file():
             raise FileNotFoundError(f"{p}: no results.json (run python evaluate.py --rlvr {p} first)")
         runs.append(json.loads((Path(p) / "results.json").read_text()))
-    lines = ["| model | split | " + " | ".join(m.replace("_", " ") for m in STUDY_METRICS) + f" |  ({len(runs)} runs)",
+    lines = [f"| model ({len(runs)} runs) | split | " + " | ".join(m.replace("_", " ") for m in STUDY_METRICS) + " |",
              "|---" * (2 + len(STUDY_METRICS)) + "|"]
     for name in runs[0]:
         for split in runs[0][name]:

@@ -1712,6 +1712,17 @@ def test_train_sigterm_to_one_rank_checkpoints_and_stops_all(tmp_path):
     _mistake(lambda: train.main(argv + ["--resume"]), "written by 2 processes, this run has 1")
 
 
+def test_train_export_in_bf16_loads_in_transformers(tmp_path):
+    tok = make_demo_like_checkpoint(tmp_path / "base")
+    net = model.load_model(tmp_path / "base")
+    common.export(net, tok, tmp_path / "bf16", 0, 1, "bfloat16")
+    assert {t.dtype for t in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+    x = torch.tensor([tok.encode("A child weighing 7 kg").ids])
+    with torch.no_grad():
+        assert (theirs(x).logits - net(x)).abs().max() <= 0.05             # bf16 rounding of the weights only
+
+
 def test_train_memory_plan_refuses_3b_on_one_gpu():
     """The plan's parameter count equals transformers' Qwen2.5-3B (built on the meta device: no memory); 16 bytes
     each for actor and critic do not fit one 80 GB GPU, and the refusal says what to change; 8 GPUs fit."""

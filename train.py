@@ -127,6 +127,8 @@ def make_parser():
     p.add_argument("--sample-every", type=c.nonneg_int, default=5,
                    help="append all of a step's responses to samples.jsonl every N steps (0: never)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order, the samplers and the value head")
+    p.add_argument("--export-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the final policy in <out>/final (checkpoints keep fp32)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes it)")
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
@@ -695,7 +697,7 @@ def run(args, ckpt, start, train_set, eval_set, tok, train_prompts, eval_prompts
         stop.restore()
 
     evaluate(steps)
-    common.export(actor, tok, out / "final", rank, world)
+    common.export(actor, tok, out / "final", rank, world, args.export_dtype)
     log(f"final policy: {out / 'final'}")
 
 
