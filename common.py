@@ -24,6 +24,7 @@ The command line. Every script declares its flags with plain argparse at the top
 message that names the flag, before any work starts.
 """
 import argparse
+import datetime
 import json
 import os
 import shutil
@@ -39,6 +40,11 @@ import torch.distributed as dist
 # ------------------------------------------------------------------------------------------------ processes
 def default_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# How long a rank waits in a collective (a barrier) for the others: rank 0 alone gathers and writes a checkpoint
+# (3B with a critic: ~74 GB) while the others wait, which can outlast NCCL's default of 10 minutes.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
 
 
 def init_distributed():
@@ -59,10 +65,10 @@ def init_distributed():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
         # nccl for the model's tensors, gloo for the few CPU scalars that all_sum reduces
-        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, timeout=COLLECTIVE_TIMEOUT)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     return dist.get_rank(), dist.get_world_size(), device
 
 
