@@ -216,14 +216,15 @@ def compare_runs(paths) -> dict:
         if not (run / "args.json").is_file():
             raise FileNotFoundError(f"{run}: no args.json (written by train.py at the start of a run)")
         flags[run] = json.loads((run / "args.json").read_text())
-    differ = [k for k in flags[runs[0]] if k not in IGNORED_FLAGS and len({json.dumps(a.get(k)) for a in flags.values()}) > 1]
+    keys = {k for a in flags.values() for k in a} - IGNORED_FLAGS
+    differ = sorted(k for k in keys if len({json.dumps(a.get(k)) for a in flags.values()}) > 1)
     groups = {}
     for run in runs:
         args, rows = flags[run], read_samples(run / "metrics.jsonl")
         steps = [r for r in rows if "reward" in r]
         # the estimator's name when the estimators differ (their batch shapes follow), else the differing flags
-        label = args["advantage"] if "advantage" in differ else ", ".join(f"{k}={args[k]}" for k in differ)
-        g = groups.setdefault(label or "run", dict(responses_per_step=args["rollout_batch"] * args["samples_per_prompt"],
+        label = args["advantage"] if "advantage" in differ else ", ".join(f"{k}={args.get(k)}" for k in differ)
+        g = groups.setdefault(label or "run", dict(responses_per_step=args["rollout_batch"] * args.get("samples_per_prompt", 1),
                                                    seeds=[], eval={}, train={}, wall_s=[], peak_mem_mb=[]))
         g["seeds"].append(args["seed"])
         for r in rows:

@@ -19,6 +19,7 @@ each rank sums its tokens' losses and divides by the token count of all ranks, t
 FSDP averages gradients over ranks. So N processes make exactly the update one process makes.
 """
 import argparse
+import json
 import random
 import time
 from pathlib import Path
@@ -38,7 +39,8 @@ def make_parser():
                                    "settings for the flags not given")
     p.add_argument("--train", help="MedQA train split, jind11 JSON lines; default with the demo: its RL training "
                                    "questions")
-    p.add_argument("--out", default="runs/demo-sft", help="where the fine-tuned model is written (HF layout)")
+    p.add_argument("--out", help="where the fine-tuned model is written (HF layout); default: runs/demo-sft for the "
+                                 "demo, runs/sft with --model")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.add_argument("--epochs", type=common.positive_int, default=2, help="passes over the train set")
     p.add_argument("--batch", type=common.positive_int, default=64, help="examples per optimizer step, all ranks")
@@ -63,6 +65,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.model is None) != (args.train is None):
         p.error("give both --model DIR and --train FILE (MedQA jsonl), or neither (the CPU demo)")
+    args.out = args.out or ("runs/demo-sft" if args.model is None else "runs/sft")
     return args
 
 
@@ -77,6 +80,13 @@ DEMO_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, 
 DEMO_SFT = dict(n_questions=30000, epochs=1, batch=32, lr=2e-3, warmup=20)
 DEMO_BASE = "runs/demo-base"
 DEMO_BASELINE = dict(epochs=2, batch=64, micro_batch=64, lr=1e-3, warmup=5, grad_checkpoint=False)  # the SFT baseline
+
+
+def demo_recipe() -> dict:
+    """Everything the demo base model is built from, saved beside it: a cached base from another recipe is refused."""
+    return json.loads(json.dumps(dict(right_share=DEMO_RIGHT_SHARE, forms=DEMO_FORMS, ood_share=DEMO_OOD_SHARE,
+                                      config=DEMO_CONFIG, sft=DEMO_SFT, form_texts=data.FORMS,
+                                      families=data.FAMILIES)))                 # as it reads back from JSON
 
 
 def demo_corpus(n: int, seed: int = 1):
@@ -173,7 +183,12 @@ def build_demo_base(out: Path, rank=0, world=1, device="cpu", log=print) -> Path
     calculations, most of them wrong, in a base model's mix of forms (demo_corpus). Cached: built once, then
     reused."""
     out = Path(out)
+    recipe = demo_recipe()
     if (out / "model.safetensors").exists():
+        built = json.loads((out / "recipe.json").read_text()) if (out / "recipe.json").is_file() else None
+        if built != recipe:
+            raise ValueError(f"{out} was built by another version of the demo's recipe (sft.demo_recipe); delete "
+                             "it and run again to rebuild it")
         return out
     t0 = time.time()
     texts = [(p, r) for p, r, _ in demo_corpus(DEMO_SFT["n_questions"])]
@@ -188,6 +203,7 @@ def build_demo_base(out: Path, rank=0, world=1, device="cpu", log=print) -> Path
           lr=DEMO_SFT["lr"], warmup=DEMO_SFT["warmup"], rank=rank, world=world, device=device, log=log)
     common.export(policy, tokenizer, out, rank, world)
     if rank == 0:
+        (out / "recipe.json").write_text(json.dumps(recipe, indent=1))
         log(f"demo base model ready in {time.time() - t0:.0f} s")
     return out
 

@@ -477,6 +477,9 @@ def check_flags(args, world):
     if args.advantage in ("grpo", "rloo") and args.samples_per_prompt < 2:
         raise ValueError(f"--advantage {args.advantage} compares the responses to one prompt: give "
                          "--samples-per-prompt 2 or more")
+    if args.kl_in == "loss" and args.kl_estimator != "k3":
+        raise ValueError("--kl-in loss needs --kl-estimator k3: as a loss, k1's gradient is not the KL's (its "
+                         "expectation under the sampling policy is zero at the first minibatch)")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: choose one")
     if args.model is not None:                                   # a missing or broken checkpoint, named, now
