@@ -30,6 +30,7 @@ import os
 import shutil
 import signal
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -144,6 +145,7 @@ def non_finite(state: dict) -> str | None:
     """The name of the first tensor of a state dict (nested dicts and lists too) holding a NaN or inf, or None."""
     def walk(x, name):
         if isinstance(x, torch.Tensor):
+            x = x.to_local() if hasattr(x, "to_local") else x    # a DTensor: this rank's shard
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 return name
         elif isinstance(x, dict):
@@ -275,31 +277,32 @@ def clip_and_step(nets_and_opts, grad_clip: float) -> bool:
 
 
 def save_checkpoint(out: Path, models: dict, state: dict, tokenizer, rank: int, world: int):
-    """<out>/checkpoint: a folder per model (HF safetensors; the tokenizer beside the first), optim.pt (every
-    optimizer's full state), rng_rank*.pt (each rank's RNG), state.json (`state`). models: name -> (model,
-    optimizer). Written to checkpoint.tmp, checked to be finite, then swapped in by two renames, so a kill at any
-    moment leaves the previous checkpoint (or, between the renames, checkpoint.old) whole."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    """<out>/checkpoint: weights/ (every model's weights and optimizer state, torch.distributed.checkpoint: each
+    rank writes its own shard, nothing is gathered), rng_rank*.pt (each rank's RNG), state.json (`state`),
+    tokenizer.json. models: name -> (model, optimizer). Written to checkpoint.tmp, checked to be finite, then
+    swapped in by two renames, so a kill at any moment leaves the previous checkpoint (or, between the renames,
+    checkpoint.old) whole. (The final policy is exported in HF layout separately: export.)"""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(world)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = {name: full_state_dict(net, world) for name, (net, _) in models.items()}
-    optim = {name: get_optimizer_state_dict(net, opt, options=opts) for name, (net, opt) in models.items()}
+    shards = {name: dict(zip(("model", "optim"), get_state_dict(net, opt))) for name, (net, opt) in models.items()}
+    bad = non_finite(shards)                                     # this rank's shards; any rank's stops all
+    if all_sum(bad is not None, world):
+        raise ValueError(f"refusing to write a checkpoint at step {state.get('step')}: "
+                         f"{bad or 'a tensor on another rank'} is not finite; {final} is untouched")
+    with warnings.catch_warnings():                               # one process: DCP says so, at length
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(shards, checkpoint_id=tmp / "weights", no_dist=not dist.is_initialized())  # each rank its shard
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0)},
                tmp / f"rng_rank{rank}.pt")
-    bad = non_finite({"weights": weights, "optim": optim}) if rank == 0 else None
-    agree(bad and f"refusing to write a checkpoint at {state}: {bad} is not finite; {final} is untouched", world)
-    barrier(world)                                               # every rank's file is in before the rename
+    barrier(world)                                               # every rank's files are in before the rename
     if rank == 0:
-        import model as M
-        for name, (net, _) in models.items():
-            M.save_model(net, tmp / name, state_dict=weights[name])
-        tokenizer.save(str(tmp / next(iter(models)) / "tokenizer.json"))
-        torch.save(optim, tmp / "optim.pt")
+        tokenizer.save(str(tmp / "tokenizer.json"))
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if final.exists():                                       # (else: resumed from a lone checkpoint.old, kept
             shutil.rmtree(old, ignore_errors=True)               # until the new one is in place)
@@ -310,12 +313,19 @@ def save_checkpoint(out: Path, models: dict, state: dict, tokenizer, rank: int, 
 
 
 def restore_checkpoint(ckpt: Path, models: dict, rank: int):
-    """The optimizer states of save_checkpoint's models (name -> (model, optimizer); the weights were loaded with
-    the models) and this rank's RNG state."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    optim = torch.load(ckpt / "optim.pt", weights_only=True, mmap=True)   # tensors and numbers; read lazily
+    """Load save_checkpoint's weights and optimizer states into the models (name -> (model, optimizer), built as
+    for a fresh run: each rank reads its own shard) and this rank's RNG state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    if not (ckpt / "weights").is_dir():
+        raise ValueError(f"{ckpt}: no weights/ (a checkpoint of an older version of this code?); it cannot be "
+                         "resumed by this one")
+    shards = {name: dict(zip(("model", "optim"), get_state_dict(net, opt))) for name, (net, opt) in models.items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(shards, checkpoint_id=ckpt / "weights", no_dist=not dist.is_initialized())  # in place, sharded
     for name, (net, opt) in models.items():
-        set_optimizer_state_dict(net, opt, optim[name], options=StateDictOptions(full_state_dict=True))
+        set_state_dict(net, opt, model_state_dict=shards[name]["model"], optim_state_dict=shards[name]["optim"])
     rng_file = ckpt / f"rng_rank{rank}.pt"
     if rng_file.exists():
         rng = torch.load(rng_file, weights_only=True)

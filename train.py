@@ -111,6 +111,8 @@ def make_parser():
                    help="token: token-mean over the minibatch; seq: mean per response, then over responses")
     p.add_argument("--temperature", type=c.positive_float, default=1.0, help="sampling temperature of rollouts")
     p.add_argument("--top-p", type=c.unit_float, default=1.0, help="nucleus sampling; keep 1 for training")
+    p.add_argument("--rollout-chunk", type=c.nonneg_int, default=0,
+                   help="sequences decoded together on one rank (memory: KV cache, prefill); 0: the rank's whole share")
     p.add_argument("--max-prompt-len", type=c.positive_int, default=1024,
                    help="longest prompt in tokens; a longer one is an error, never cut")
     p.add_argument("--max-new-tokens", type=c.positive_int, default=40,
@@ -242,9 +244,16 @@ def make_experience(actor, critic, ref, tok, examples, prompts, generator, args,
     t0 = time.time()
     n = args.samples_per_prompt
     examples, prompts = [ex for ex in examples for _ in range(n)], [p for p in prompts for _ in range(n)]
+    chunk = args.rollout_chunk or len(prompts)                   # bounds the KV cache and the prefill's memory
+    responses, logprobs, finished = [], [], []
     with common.full_weights(actor) as policy:
-        out = rollout.generate(policy, prompts, args.max_new_tokens, temperature=args.temperature,
-                               top_p=args.top_p, eos_token_id=data.eos_token_id(tok), generator=generator)
+        for a in range(0, len(prompts), chunk):
+            part = rollout.generate(policy, prompts[a:a + chunk], args.max_new_tokens, temperature=args.temperature,
+                                    top_p=args.top_p, eos_token_id=data.eos_token_id(tok), generator=generator)
+            responses += part.responses
+            logprobs += part.logprobs
+            finished += part.finished
+    out = rollout.Rollout(responses, logprobs, finished)
     t_rollout = time.time() - t0
     texts, scores = score_texts(tok, out.responses, examples, args.incorrect_reward)
 
@@ -384,7 +393,7 @@ def eval_accuracy(policy, tok, examples, prompts, max_new_tokens, batch, rank, w
 TRAJECTORY_FLAGS = ("advantage", "samples_per_prompt", "group_std", "kl_in", "rollout_batch", "train_batch",
                     "ppo_epochs", "actor_lr", "critic_lr", "warmup", "weight_decay", "grad_clip", "kl_coef",
                     "kl_estimator", "gamma", "lam", "clip", "value_clip", "loss_agg", "temperature", "top_p",
-                    "max_prompt_len", "max_new_tokens", "incorrect_reward", "seed")
+                    "max_prompt_len", "max_new_tokens", "incorrect_reward", "seed", "rollout_chunk")
 
 
 def find_checkpoint(args, world):
@@ -495,7 +504,7 @@ def memory_plan(config, args, world) -> dict:
     """Estimated GB per GPU, by part, for this configuration (a plan, not a measurement; bf16 compute, fp32 master
     weights). Sharded over the ranks: actor (and, for gae, critic) weights + gradients + AdamW's two moments in fp32,
     16 bytes a parameter; the bf16 reference, 2. Then the larger of the two phases: the rollout (the actor's full
-    bf16 weights + the KV cache of this rank's sequences) and the update (one micro-batch's activations: with
+    bf16 weights + the KV cache of the sequences decoded together) and the update (one micro-batch's activations: with
     --grad-checkpoint each block's input, else ~34 values a token per block; plus two gathered blocks and the LM
     head's chunk)."""
     L, H, I, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
@@ -509,7 +518,8 @@ def memory_plan(config, args, world) -> dict:
     if args.advantage == "gae":
         n_critic = n - (0 if config.tie_word_embeddings else V * H) + H       # no LM head; a value head
         plan["critic (fp32 weights, grads, AdamW)"] = 16 * n_critic / world / gb
-    rollout = 2 * n + L * 2 * kv * 2 * per_rank * seq                           # full bf16 weights + K and V
+    decoding = min(per_rank, args.rollout_chunk or per_rank)                  # sequences decoded together
+    rollout = 2 * n + L * 2 * kv * 2 * decoding * seq                           # full bf16 weights + K and V
     tokens = args.micro_batch * seq
     acts = tokens * H * 2 * L if args.grad_checkpoint else tokens * 34 * H * L
     update = acts + tokens * (2 * H + 3 * I) * 2 + 2 * block * 2 + 3 * 2**28     # one block's temporaries, head
@@ -550,14 +560,14 @@ def encode_prompts(examples, tok, max_prompt_len, what):
 
 
 def build_models(args, tok, ckpt, rank, world, device):
-    """-> (trained, ref): the trained models, name -> (model, AdamW), in fp32 from the base or, resuming, the
-    checkpoint: the actor, and for gae the critic (a value head on the same base; critic-free estimators build
-    none); and the frozen reference."""
+    """-> (trained, ref): the trained models, name -> (model, AdamW), in fp32 from the base (resuming: then
+    overwritten by the checkpoint's shards): the actor, and for gae the critic (a value head on the same base;
+    critic-free estimators build none); and the frozen reference."""
     trained = {}
     for name, lr in (("actor", args.actor_lr), ("critic", args.critic_lr)):
         if name == "critic" and args.advantage != "gae":
             continue
-        net = M.load_model(ckpt / name if ckpt else args.model, device=device, dtype=torch.float32,
+        net = M.load_model(args.model, device=device, dtype=torch.float32,
                            value_head=name == "critic")                # fp32 master weights (common.shard)
         net.model.gradient_checkpointing = args.grad_checkpoint
         net = common.shard(net.train(), world)
