@@ -124,7 +124,7 @@ def make_parser():
     p.add_argument("--eval-batch", type=c.positive_int, default=64, help="prompts per greedy-decoding batch")
     p.add_argument("--eval-every", type=c.nonneg_int, default=0,
                    help="also evaluate every N steps (0: only before the first step and after the last)")
-    p.add_argument("--save-every", type=c.nonneg_int, default=10,
+    p.add_argument("--save-every", type=c.nonneg_int, default=20,
                    help="write checkpoint/ every N steps and after the last (0: never)")
     p.add_argument("--sample-every", type=c.nonneg_int, default=5,
                    help="append all of a step's responses to samples.jsonl every N steps (0: never)")
