@@ -23,7 +23,8 @@ own process; the peak resident memory above the process's memory before the upda
      new tokens, sampling), and the decode step's share of the HBM floor (weights + KV cache read once a step);
   3. three PPO steps of the med-rlvr preset scaled down (0.5B shape, rollout batch 64, 256 new tokens): seconds
      per phase, peak memory, and the step's model-FLOPs utilisation.
-CUDA graphs for the decode step are not implemented yet; the report says so.
+Rollouts are timed with the default decode step and with the static step captured as a CUDA graph (train.py
+--cuda-graphs, off by default until this report shows it equal and faster).
 """
 import argparse
 import json
@@ -177,9 +178,12 @@ def report_rollout(device, tiny):
     prompts = torch.randint(0, vocab, (batch, prompt), device=device)
     ids, no_eos = prompts.tolist(), vocab + 1
 
-    def run_ours(n):
+    def run_ours(n, graphs=False):
         R.generate(ours, ids, n, temperature=1.0, eos_token_id=no_eos,
-                   generator=torch.Generator(device).manual_seed(0))
+                   generator=torch.Generator(device).manual_seed(0), static=graphs, cuda_graph=graphs)
+
+    def run_graphs(n):
+        run_ours(n, graphs=True)
 
     def run_hf(n):
         with torch.no_grad():
@@ -192,16 +196,18 @@ def report_rollout(device, tiny):
         fn(n)
         sync(device)
         return time.perf_counter() - t0
-    run_ours(2), run_hf(2)
+    run_ours(2), run_hf(2), run_graphs(2)
     t_ours, t_hf, t_pre = clock(run_ours, new), clock(run_hf, new), clock(run_ours, 1)
-    step = (t_ours - t_pre) / (new - 1)
+    t_graphs = clock(run_graphs, new)
+    step, step_graphs = (t_ours - t_pre) / (new - 1), (t_graphs - t_pre) / (new - 1)
     cfg = ours.config
     kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2     # bf16 K and V
     floor = (2 * M.num_params(ours) + kv_per_token * batch * (prompt + new / 2)) / device_bandwidth(device)
     print(f"2. rollout, {shape} shape, bf16, batch {batch}, prompt {prompt}, {new} new tokens, sampling: ours "
           f"{batch * new / t_ours:.0f} tok/s, transformers {batch * new / t_hf:.0f} tok/s ({t_hf / t_ours:.2f}x); "
-          f"decode step {step * 1e3:.1f} ms, HBM floor {floor * 1e3:.2f} ms ({floor / step:.0%}); CUDA graphs: "
-          "not implemented yet")
+          f"decode step {step * 1e3:.1f} ms, HBM floor {floor * 1e3:.2f} ms ({floor / step:.0%}); with CUDA graphs "
+          f"(static step{'' if device.type == 'cuda' else ', no graph on a CPU'}) {batch * new / t_graphs:.0f} tok/s, "
+          f"step {step_graphs * 1e3:.1f} ms ({floor / step_graphs:.0%} of the floor)")
 
 
 def report_ppo(device, tiny):

@@ -22,6 +22,9 @@ The KV cache belongs to the sampler (rollout.KVCache); the model only uses the c
   cache.length                 the number of positions already cached (the model adds T after each forward), and
   cache.update(layer, k, v)    store this layer's new keys and values [B, n_kv, T, head_dim] after the cached
                                ones and return all of them [B, n_kv, length + T, head_dim].
+A static cache (fixed shapes for CUDA graphs: cache.static is True) instead gives the step's positions
+(cache.positions [B, 1]) and the keys it may see (cache.key_mask [B, 1, 1, max_len]), and its update() returns the
+whole preallocated cache; the model then ignores attention_mask.
 """
 import json
 import os
@@ -232,7 +235,9 @@ class Qwen2Model(nn.Module):
     def forward(self, input_ids, attention_mask=None, kv_cache=None):
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
-        if attention_mask is None:          # no padding: positions past..past+T-1, plain causal attention
+        if getattr(kv_cache, "static", False):  # a static decode step: the cache holds positions and key mask
+            positions, mask = kv_cache.positions, kv_cache.key_mask
+        elif attention_mask is None:        # no padding: positions past..past+T-1, plain causal attention
             positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
             mask = None if past == 0 or T == 1 else positions_and_mask(
                 torch.ones(B, past + T, device=input_ids.device), T, past)[1]

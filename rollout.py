@@ -36,15 +36,28 @@ class KVCache:
     Allocated once per rollout, so decoding never reallocates or concatenates: each step writes one slot. The model
     calls update() in every layer and advances `length` after each forward (model.py's docstring)."""
 
-    def __init__(self, config, batch: int, max_len: int, device, dtype):
+    def __init__(self, config, batch: int, max_len: int, device, dtype, static=False):
         head_dim = config.hidden_size // config.num_attention_heads
         shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        # static: zeros, since a static step attends over every slot (the unwritten ones masked: weight 0, and
+        # 0 * a NaN left in empty memory would still be NaN)
+        self.k = (torch.zeros if static else torch.empty)(shape, device=device, dtype=dtype)
+        self.v = (torch.zeros if static else torch.empty)(shape, device=device, dtype=dtype)
         self.length = 0
+        self.static = False
+
+    def go_static(self, key_mask, positions):
+        """From now on one token a step at slot self.index (a tensor), over the whole cache (model.py's docstring):
+        key_mask [B, 1, 1, max_len] and positions [B, 1] are updated in place by the caller."""
+        self.static, self.key_mask, self.positions = True, key_mask, positions
+        self.index = torch.tensor([self.length], device=self.k.device)
 
     def update(self, layer: int, k, v):
         """Write k, v [B, n_kv, T, D] after the filled slots; return all keys and values so far."""
+        if self.static:                        # fixed shapes: write at a tensor index, hand back the whole cache
+            self.k[layer].index_copy_(2, self.index, k)
+            self.v[layer].index_copy_(2, self.index, v)
+            return self.k[layer], self.v[layer]
         start, end = self.length, self.length + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
@@ -58,8 +71,9 @@ class Rollout:
     finished: list[bool]
 
 
-def sample(logits, temperature: float, top_p: float, generator):
-    """logits [B, V] (fp32) -> (tokens [B], logprobs [B]) under the temperature-scaled distribution."""
+def sample(logits, temperature: float, top_p: float, generator, u=None):
+    """logits [B, V] (fp32) -> (tokens [B], logprobs [B]) under the temperature-scaled distribution. u: the step's
+    uniform numbers [B, 1] (fp64) if drawn already, else they are drawn from generator."""
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
@@ -73,7 +87,8 @@ def sample(logits, temperature: float, top_p: float, generator):
     # Inverse-CDF sampling: one uniform number per row, found in the cumulative distribution. Exact, and ~10x
     # cheaper on CPU than torch.multinomial, which draws a random number for every vocabulary entry.
     cdf = probs.double().cumsum(-1)                                                # [B, V], fp64: no drift
-    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    u = (torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=cdf.dtype) if u is None else u) \
+        * cdf[:, -1:]
     tokens = torch.searchsorted(cdf, u, right=True).squeeze(-1)                    # first cdf > u: p > 0
     tokens = tokens.clamp(max=cdf.shape[-1] - 1)                                   # guards u == total
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
@@ -100,9 +115,32 @@ def packed_linears(model: nn.Module):
             m.__dict__.pop("forward", None)    # back to nn.Linear.forward
 
 
+def capture(step):
+    """step() captured as a CUDA graph (after two warm-up runs on a side stream, as torch.cuda.graphs asks); the
+    returned function replays it and returns the same output tensor, refilled."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
-             top_p: float = 1.0, eos_token_id: int | list[int], generator: torch.Generator | None = None) -> Rollout:
+             top_p: float = 1.0, eos_token_id: int | list[int], generator: torch.Generator | None = None,
+             static: bool = False, cuda_graph: bool = False) -> Rollout:
+    """static: every decode step has the same shapes (the whole cache, masked; positions as tensors; the random
+    numbers drawn up front), the same tokens as the default path (tested). cuda_graph (with static, on a GPU): the
+    step is captured once as a CUDA graph and replayed, no Python or kernel-launch overhead per layer."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     device = model.lm_head.weight.device
@@ -115,7 +153,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     for i, p in enumerate(prompts):
         input_ids[i, P - len(p):] = torch.tensor(p, device=device)
         mask[i, P - len(p):P] = 1
-    cache = KVCache(model.config, B, P + max_new_tokens, device, model.lm_head.weight.dtype)
+    cache = KVCache(model.config, B, P + max_new_tokens, device, model.lm_head.weight.dtype, static=static)
+    step = None
+    if static:                                   # everything a step reads, at fixed addresses
+        key_mask = mask.bool()[:, None, None, :].clone()                          # [B, 1, 1, S]
+        positions = mask.sum(-1, keepdim=True)                                     # [B, 1]: prompt lengths
+        token_in = torch.zeros(B, 1, dtype=torch.long, device=device)
+        uniforms = None if temperature == 0 else torch.rand(
+            max_new_tokens, B, 1, generator=generator, device=device, dtype=torch.float64)  # the stream's order
 
     tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)      # [B, N]
     logprobs = torch.zeros(B, max_new_tokens, device=device)                       # [B, N]
@@ -123,8 +168,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     done = torch.zeros(B, dtype=torch.bool, device=device)
     with packed_linears(model):
         logits = model(input_ids, mask[:, :P], cache, logits_from=-1)[:, -1]       # prefill -> [B, V]
+        if static:
+            cache.go_static(key_mask, positions)
+            step = lambda: model(token_in, None, cache)[:, -1]                      # noqa: E731
+            if cuda_graph and device.type == "cuda":
+                step = capture(step)
         for t in range(max_new_tokens):
-            token, logprob = sample(logits.float(), temperature, top_p, generator)
+            token, logprob = sample(logits.float(), temperature, top_p, generator,
+                                    u=uniforms[t] if static and uniforms is not None else None)
             tokens[:, t], logprobs[:, t] = token, logprob
             # A finished row keeps riding along in the batch (its later tokens are computed and thrown away):
             # rows never attend to each other, so this cannot disturb the others, and the batch keeps its shape.
@@ -136,7 +187,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
             if t == max_new_tokens - 1 or ((t % 16 == 15 or device.type != "cuda") and bool(done.all())):
                 break
             mask[:, P + t] = 1
-            logits = model(token[:, None], mask[:, :P + t + 1], cache)[:, -1]
+            if static:                                   # in place: the step's inputs keep their addresses
+                key_mask[:, 0, 0, P + t] = True
+                cache.index.fill_(P + t)
+                token_in.copy_(token[:, None])
+                logits = step()
+                positions += 1
+            else:
+                logits = model(token[:, None], mask[:, :P + t + 1], cache)[:, -1]
 
     tokens, logprobs, lengths, done = tokens.cpu(), logprobs.float().cpu(), lengths.tolist(), done.tolist()
     return Rollout(responses=[tokens[i, :n].tolist() for i, n in enumerate(lengths)],

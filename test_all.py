@@ -370,6 +370,22 @@ def test_rollout_sampled_logprobs_equal_a_fresh_forward(tiny, temperature):
             assert (fresh - lp).abs().max() <= 1e-3
 
 
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_rollout_static_decode_gives_the_same_tokens(tmp_path, kv_heads):
+    """The static-shape decode step (fixed cache length, positions and key mask as tensors, random numbers drawn up
+    front: what a CUDA graph captures) samples exactly the tokens of the default step, EOS stops included."""
+    make_checkpoint(tmp_path / "m", heads=4, kv_heads=kv_heads)
+    net = model.load_model(tmp_path / "m")
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 97, (1 + i % 5,), generator=g).tolist() for i in range(6)]
+    for temperature in (1.0, 0.0):
+        runs = [rollout.generate(net, prompts, 12, temperature=temperature, eos_token_id=[3, 10, 20],
+                                 generator=torch.Generator().manual_seed(0), static=static) for static in (False, True)]
+        assert runs[0].responses == runs[1].responses and runs[0].finished == runs[1].finished
+        for a, b in zip(runs[0].logprobs, runs[1].logprobs):
+            assert (a - b).abs().max() <= 1e-5
+
+
 def test_rollout_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
@@ -1468,7 +1484,7 @@ def taught_base(tmp_path_factory):
     return path
 
 
-ESTIMATOR_ARGV = {"gae": [], "grpo": ["--advantage", "grpo", "--samples-per-prompt", "2"],
+ESTIMATOR_ARGV = {"gae": [], "grpo": ["--advantage", "grpo", "--samples-per-prompt", "2", "--cuda-graphs"],
                   "rloo": ["--advantage", "rloo", "--samples-per-prompt", "4", "--kl-in", "loss", "--kl-estimator", "k3"],
                   "reinforce++": ["--advantage", "reinforce++", "--gamma", "0.99", "--rollout-chunk", "3"]}
 

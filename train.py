@@ -111,6 +111,9 @@ def make_parser():
                    help="token: token-mean over the minibatch; seq: mean per response, then over responses")
     p.add_argument("--temperature", type=c.positive_float, default=1.0, help="sampling temperature of rollouts")
     p.add_argument("--top-p", type=c.unit_float, default=1.0, help="nucleus sampling; keep 1 for training")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="decode with a static-shape step captured as a CUDA graph (same tokens; off until measured "
+                        "on a GPU: python bench.py --device cuda); on a CPU the static step alone")
     p.add_argument("--rollout-chunk", type=c.nonneg_int, default=0,
                    help="sequences decoded together on one rank (memory: KV cache, prefill); 0: the rank's whole share")
     p.add_argument("--max-prompt-len", type=c.positive_int, default=1024,
@@ -249,7 +252,8 @@ def make_experience(actor, critic, ref, tok, examples, prompts, generator, args,
     with common.full_weights(actor) as policy:
         for a in range(0, len(prompts), chunk):
             part = rollout.generate(policy, prompts[a:a + chunk], args.max_new_tokens, temperature=args.temperature,
-                                    top_p=args.top_p, eos_token_id=data.eos_token_id(tok), generator=generator)
+                                    top_p=args.top_p, eos_token_id=data.eos_token_id(tok), generator=generator,
+                                    static=args.cuda_graphs, cuda_graph=args.cuda_graphs)
             responses += part.responses
             logprobs += part.logprobs
             finished += part.finished
