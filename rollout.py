@@ -12,6 +12,9 @@ How it works:
   - one prefill forward fills a preallocated (static) KV cache; then one forward per new token, each writing a
     single cache slot - nothing is reallocated or re-concatenated while decoding;
   - the LM head runs on the last position only (the prompt's other logits are never needed here);
+  - with static=True every decode step has the same shapes (the whole cache, its unwritten slots masked; the
+    positions and key mask as tensors updated in place; the random numbers drawn up front), so that on a GPU the
+    step can be captured once as a CUDA graph (cuda_graph=True) and replayed; it samples the same tokens;
   - on CPU, every Linear runs through oneDNN with its weight packed once per rollout (see packed_linears):
     decoding a batch of 8 multiplies [8, hidden] by each weight, a shape where the default (MKL) path reaches
     a third of the speed; the packed path is 2-4x faster and equal within fp32 rounding.
