@@ -70,13 +70,6 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
-def copy_bandwidth(nbytes=1 << 29):
-    """Bytes moved per second by a large tensor copy (it reads and writes each byte)."""
-    src, dst = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
-    dst.copy_(src)
-    return 2 * nbytes / min(timed(lambda: dst.copy_(src)) for _ in range(5))
-
-
 def rss_mb():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") / 2**20)
@@ -147,6 +140,7 @@ def sync(device):
 
 
 def device_bandwidth(device, nbytes=1 << 30):
+    """Bytes moved per second by a large tensor copy on `device` (it reads and writes each byte): best of 5."""
     src, dst = torch.ones(nbytes // 4, device=device), torch.empty(nbytes // 4, device=device)
     dst.copy_(src)
     sync(device)
@@ -295,7 +289,7 @@ def main(argv=None):
     tokens = args.batch * args.new
     step_s = (ours_s - prefill_s) / (args.new - 1)            # one decode step, prefill (and first token) excluded
     hf_step_s = (hf_s - hf_prefill_s) / (args.new - 1)
-    floor_s = n_params * 4 / copy_bandwidth()
+    floor_s = n_params * 4 / device_bandwidth(torch.device("cpu"), 1 << 29)
     print(f"model: {n_params / 1e6:.0f}M params, fp32, {torch.get_num_threads()} threads; batch {args.batch}, "
           f"prompt {args.prompt}, new {args.new}, sampling")
     print(f"ours         {tokens / ours_s:8.1f} tok/s  ({ours_s:.2f} s; prefill {prefill_s:.2f} s, "

@@ -39,12 +39,8 @@ import torch.distributed as dist
 
 
 # ------------------------------------------------------------------------------------------------ processes
-def default_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# How long a rank waits in a collective (a barrier) for the others: rank 0 alone gathers and writes a checkpoint
-# (3B with a critic: ~74 GB) while the others wait, which can outlast NCCL's default of 10 minutes.
+# How long a rank waits in a collective (a barrier) for the others: rank 0 alone gathers and writes the final HF
+# export (3B in fp32: ~12 GB) while the others wait, which can outlast NCCL's default of 10 minutes.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
 
 
@@ -73,13 +69,21 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def all_sum(x: float, world: int) -> float:
-    """x summed over all ranks (float64 on the CPU: exact for counts, and gloo reduces it beside nccl)."""
+def _all_reduce(x: float, world: int, op) -> float:
+    """x reduced over all ranks (float64 on the CPU: exact for counts, and gloo reduces it beside nccl)."""
     if world == 1:
         return x
     t = torch.tensor([float(x)], dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=op)
     return t.item()
+
+
+def all_sum(x: float, world: int) -> float:
+    return _all_reduce(x, world, dist.ReduceOp.SUM)
+
+
+def all_max(x: float, world: int) -> float:
+    return _all_reduce(x, world, dist.ReduceOp.MAX)
 
 
 def gather(items: list, world: int) -> list:
@@ -129,15 +133,7 @@ class StopSignal:
 
     def requested(self, world: int) -> int:
         """The signal number any rank got (0: none)."""
-        return int(max(self.got, 0) if world == 1 else all_max(self.got, world))
-
-
-def all_max(x: float, world: int) -> float:
-    if world == 1:
-        return x
-    t = torch.tensor([float(x)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+        return int(all_max(self.got, world))
 
 
 # ------------------------------------------------------------------------------------------------ run folders
@@ -158,6 +154,19 @@ def non_finite(state: dict) -> str | None:
                     return bad
         return None
     return walk(state, "")
+
+
+def check_checkpoint(path):
+    """A checkpoint folder is usable, checked without reading a weight: config.json, every safetensors file whole
+    (their headers), tokenizer.json, and a vocabulary that covers the tokenizer's. Raises naming the file."""
+    import data
+    import model as M
+    config = M.Qwen2Config.from_json(path)
+    M.read_safetensors(path, "cpu", headers_only=True)
+    n_tokens = data.load_tokenizer(path).get_vocab_size()
+    if config.vocab_size < n_tokens:
+        raise ValueError(f"{path}: tokenizer.json has {n_tokens} tokens but the model's vocabulary has "
+                         f"{config.vocab_size}")
 
 
 def lock(out: Path):
@@ -282,21 +291,17 @@ def save_checkpoint(out: Path, models: dict, state: dict, tokenizer, rank: int, 
     tokenizer.json. models: name -> (model, optimizer). Written to checkpoint.tmp, checked to be finite, then
     swapped in by two renames, so a kill at any moment leaves the previous checkpoint (or, between the renames,
     checkpoint.old) whole. (The final policy is exported in HF layout separately: export.)"""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(world)
-    shards = {name: dict(zip(("model", "optim"), get_state_dict(net, opt))) for name, (net, opt) in models.items()}
+    shards = _shards(models)
     bad = non_finite(shards)                                     # this rank's shards; any rank's stops all
     if all_sum(bad is not None, world):
         raise ValueError(f"refusing to write a checkpoint at step {state.get('step')}: "
                          f"{bad or 'a tensor on another rank'} is not finite; {final} is untouched")
-    with warnings.catch_warnings():                               # one process: DCP says so, at length
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(shards, checkpoint_id=tmp / "weights", no_dist=not dist.is_initialized())  # each rank its shard
+    _dcp("save", shards, tmp / "weights")                         # each rank writes its own shard
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0)},
                tmp / f"rng_rank{rank}.pt")
@@ -315,15 +320,12 @@ def save_checkpoint(out: Path, models: dict, state: dict, tokenizer, rank: int, 
 def restore_checkpoint(ckpt: Path, models: dict, rank: int):
     """Load save_checkpoint's weights and optimizer states into the models (name -> (model, optimizer), built as
     for a fresh run: each rank reads its own shard) and this rank's RNG state."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
     if not (ckpt / "weights").is_dir():
         raise ValueError(f"{ckpt}: no weights/ (a checkpoint of an older version of this code?); it cannot be "
                          "resumed by this one")
-    shards = {name: dict(zip(("model", "optim"), get_state_dict(net, opt))) for name, (net, opt) in models.items()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(shards, checkpoint_id=ckpt / "weights", no_dist=not dist.is_initialized())  # in place, sharded
+    shards = _shards(models)
+    _dcp("load", shards, ckpt / "weights")                        # in place, each rank its own shard
     for name, (net, opt) in models.items():
         set_state_dict(net, opt, model_state_dict=shards[name]["model"], optim_state_dict=shards[name]["optim"])
     rng_file = ckpt / f"rng_rank{rank}.pt"
@@ -332,6 +334,21 @@ def restore_checkpoint(ckpt: Path, models: dict, rank: int):
         torch.set_rng_state(rng["cpu"])
         if torch.cuda.is_available() and rng["cuda"].numel():
             torch.cuda.set_rng_state(rng["cuda"])
+
+
+def _shards(models: dict) -> dict:
+    """name -> {"model", "optim"}: each model's and optimizer's state dicts as this rank holds them (shards under
+    FSDP, the optimizer's state created if it has not stepped yet)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    return {name: dict(zip(("model", "optim"), get_state_dict(net, opt))) for name, (net, opt) in models.items()}
+
+
+def _dcp(verb: str, shards: dict, folder: Path):
+    """torch.distributed.checkpoint's save or load, also in one process without a process group."""
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():                              # one process: DCP says so, at length
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        getattr(dcp, verb)(shards, checkpoint_id=folder, no_dist=not dist.is_initialized())
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:

@@ -183,6 +183,15 @@ FAMILIES = {   # question, category, range of the second number
 }
 
 
+DEMO_SEEDS = {"base": 1, "train": 2, "eval": 3}    # the base model's corpus, RL / SFT training, held-out sets
+DEMO_SIZES = {"train": 4096, "eval": 256}
+
+
+def demo_questions(split: str, n: int | None = None, family: str = "weight") -> list[Example]:
+    """The demo's question sets, one definition for every script: "train" (RL and SFT train on it) or "eval"."""
+    return make_dose_questions(n or DEMO_SIZES[split], DEMO_SEEDS[split], family)
+
+
 def make_dose_questions(n: int, seed: int, family: str = "weight") -> list[Example]:
     """n questions of one family ("weight": in distribution; "tablets": out of distribution)."""
     template, category, (lo, hi) = FAMILIES[family]

@@ -325,9 +325,10 @@ def demo_study(args) -> dict:
         if not (path / "config.json").is_file():
             how = {"base": "train.py builds it", "sft": "run sft.py", "rlvr": "run train.py"}[name]
             raise FileNotFoundError(f"{path}: no {name} model ({how}; or give --{name})")
+        common.check_checkpoint(path)
     n = args.dose or 256
-    splits = {"in_distribution": data.make_dose_questions(n, seed=3),                      # train.py's eval set
-              "out_of_distribution": data.make_dose_questions(n, seed=3, family="tablets")}
+    splits = {"in_distribution": data.demo_questions("eval", n),                          # train.py's eval set
+              "out_of_distribution": data.demo_questions("eval", n, family="tablets")}
     results = {}
     for name, path in models.items():
         tok, policy = data.load_tokenizer(path), M.load_model(path)
@@ -428,24 +429,17 @@ def main(argv=None):
     if args.mmlu_pro:     # the whole test set (12,032 rows) or its health rows (818): keep the health category
         datasets["MMLU-Pro-Health"] = data.load_mmlu_pro(args.mmlu_pro, category="health")
     if args.dose:
-        datasets["Dose (demo)"] = data.make_dose_questions(args.dose, seed=3)     # the demo's held-out seed
+        datasets["Dose (demo)"] = data.demo_questions("eval", args.dose)           # the demo's held-out questions
     if not datasets:
         parser.error("give at least one of --medqa, --mmlu-pro, --dose")
     if args.limit:
         datasets = {k: v[:args.limit] for k, v in datasets.items()}
 
     for path in args.model:                      # every model is checked before the first one is evaluated
-        config = M.Qwen2Config.from_json(path)
-        if not any((Path(path) / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
-            raise FileNotFoundError(f"{path}: no model.safetensors (or its index)")
-        if config.vocab_size < data.load_tokenizer(path).get_vocab_size():
-            raise ValueError(f"{path}: tokenizer.json has more tokens than the model's vocabulary "
-                             f"({config.vocab_size})")
+        common.check_checkpoint(path)
     results = {}
     for path in args.model:
         tok, policy = data.load_tokenizer(path), M.load_model(path)
-        if policy.config.vocab_size < tok.get_vocab_size():
-            raise ValueError(f"{path}: tokenizer has {tok.get_vocab_size()} tokens, the model {policy.config.vocab_size}")
         results[path] = {name: evaluate_one(policy, tok, exs, args) for name, exs in datasets.items()}
         print(f"{path}: " + ", ".join(f"{d} {r['accuracy']:.1%}" for d, r in results[path].items()))
     out = Path(args.out)

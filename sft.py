@@ -89,8 +89,8 @@ def demo_recipe() -> dict:
                                       families=data.FAMILIES)))                 # as it reads back from JSON
 
 
-def demo_corpus(n: int, seed: int = 1):
-    """The demo base model's corpus: n (prompt, response, form) triples (train.py's questions use seeds 2, 3)."""
+def demo_corpus(n: int, seed: int = data.DEMO_SEEDS["base"]):
+    """The demo base model's corpus: n (prompt, response, form) triples (its own seed: data.DEMO_SEEDS)."""
     rng = random.Random(seed)
     n_ood = round(n * DEMO_OOD_SHARE)
     questions = data.make_dose_questions(n - n_ood, seed) + data.make_dose_questions(n_ood, seed, "tablets")
@@ -218,8 +218,9 @@ def main(argv=None):
         raise ValueError(f"--out {out} already holds a model; pass --overwrite to replace it")
     if args.model is None:                                       # the demo: its base (built once) and questions
         args.model = str(build_demo_base(Path(DEMO_BASE), rank, world, device))
-        examples = data.make_dose_questions(4096, seed=2)        # train.py's training questions (its seed 2)
+        examples = data.demo_questions("train")                  # train.py's training questions
     else:
+        common.check_checkpoint(args.model)                      # before any work
         examples = data.load_medqa(args.train)
     tokenizer = data.load_tokenizer(args.model)
     texts = [medqa_pair(ex) for ex in examples]
@@ -229,9 +230,6 @@ def main(argv=None):
     pairs = tokenize_pairs(tokenizer, texts, args.max_len)
     policy = M.load_model(args.model, device=device, dtype=torch.float32)   # fp32 master weights (common.shard)
     policy.model.gradient_checkpointing = args.grad_checkpoint
-    if policy.config.vocab_size < tokenizer.get_vocab_size():
-        raise ValueError(f"{args.model}: tokenizer has {tokenizer.get_vocab_size()} tokens, the model only "
-                         f"{policy.config.vocab_size}")
     policy = common.shard(policy.train(), world)
     train(policy, pairs, epochs=args.epochs, batch=args.batch, micro_batch=args.micro_batch, lr=args.lr,
           warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,

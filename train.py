@@ -496,12 +496,7 @@ def check_flags(args, world):
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: choose one")
     if args.model is not None:                                   # a missing or broken checkpoint, named, now
-        config = M.Qwen2Config.from_json(args.model)
-        M.read_safetensors(args.model, "cpu", headers_only=True)  # every file whole (no tensor is read)
-        n_tokens = data.load_tokenizer(args.model).get_vocab_size()
-        if config.vocab_size < n_tokens:
-            raise ValueError(f"{args.model}: tokenizer.json has {n_tokens} tokens but the model's vocabulary has "
-                             f"{config.vocab_size}")
+        common.check_checkpoint(args.model)
 
 
 def memory_plan(config, args, world) -> dict:
@@ -544,8 +539,8 @@ def check_fits(plan: dict, capacity_gb: float, world: int):
 
 def load_examples(args):
     """-> (train examples, eval examples), read and checked before any model is loaded."""
-    train_set = data.make_dose_questions(4096, seed=2) if args.train_data is None else data.load_medqa(args.train_data)
-    eval_set = data.make_dose_questions(256, seed=3) if args.eval_data is None else data.load_medqa(args.eval_data)
+    train_set = data.demo_questions("train") if args.train_data is None else data.load_medqa(args.train_data)
+    eval_set = data.demo_questions("eval") if args.eval_data is None else data.load_medqa(args.eval_data)
     if args.eval_limit:
         eval_set = eval_set[:args.eval_limit]
     if len(train_set) < args.rollout_batch:
