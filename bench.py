@@ -17,14 +17,20 @@ tokens, on a 2-block body of the 0.5B shape, once through the full [8, 512, V] l
 as before) and once through model.head_logprobs (chunks of positions, recomputed in backward). Each runs in its
 own process; the peak resident memory above the process's memory before the update is reported.
 
---device cuda: the GPU report, needing nothing outside the repository (random weights, the demo's tokenizer):
-  1. bf16 logits of the Qwen2.5-0.5B shape against transformers' (both measured against transformers in fp32);
-  2. rollout tokens/s against transformers' generate on the Qwen2.5-3B shape (batch 64, 128-token prompts, 512
-     new tokens, sampling), and the decode step's share of the HBM floor (weights + KV cache read once a step);
-  3. three PPO steps of the med-rlvr preset scaled down (0.5B shape, rollout batch 64, 256 new tokens): seconds
-     per phase, peak memory, and the step's model-FLOPs utilisation.
-Rollouts are timed with the default decode step and with the static step captured as a CUDA graph (train.py
---cuda-graphs, off by default until this report shows it equal and faster).
+--device cuda: the GPU report, needing nothing outside the repository (random weights, the demo's tokenizer); a
+line per result as it comes, and every number in one JSON file (--report), rewritten after each section:
+  1. parity: bf16 logits of the Qwen2.5-0.5B shape, ours and transformers', against transformers in fp32 (the twins
+     are built from one config and agree in fp32); which SDPA kernels prefill, padded forward and decoding run (no
+     cuDNN); the chunked LM head's bf16 log-probs and gradients against fp32;
+  2. rollout: tokens/s against transformers' generate on the Qwen2.5-3B shape (batch 64, 128-token prompts, 512 new
+     tokens, sampling); the default decode step and the static step captured as a CUDA graph (train.py
+     --cuda-graphs), each against the bandwidth floor (weights + the KV cache each reads a step) at the measured
+     copy bandwidth and the data sheet's; whether both sample the same tokens from the same seed;
+  3. ppo: three steps of the med-rlvr preset scaled down (0.5B shape, rollout batch 64, 256 new tokens): seconds
+     per phase, peak memory, the step's model FLOPs (each model's own) and utilisation of the GPU named;
+  4. training: train.py on a small random Qwen2, 3 steps straight and 2 + --resume 1, with and without
+     --cuda-graphs: pass / fail for finite metrics, resume exactness, graph tokens equal to default.
+Each section is time-boxed (SECTION_SECONDS, under 8 minutes in all); one that fails is reported and skipped.
 """
 import argparse
 import json
@@ -34,6 +40,7 @@ import sys
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -61,6 +68,8 @@ def make_parser():
     parser.add_argument("--memory-child", choices=["full", "chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--device", choices=["cpu", "cuda"], help="the GPU report (see the docstring) on this device")
     parser.add_argument("--tiny", action="store_true", help="--device: tiny shapes and batches (a quick check)")
+    parser.add_argument("--report", default="runs/gpu-report.json",
+                        help="--device: every number of the report, one key per section, rewritten after each")
     return parser
 
 
@@ -115,20 +124,29 @@ SHAPES = {"0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layer
                        num_key_value_heads=2),
           "3B": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                      num_key_value_heads=2),
+          "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                        num_key_value_heads=2),
           "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2)}
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}     # dense, per GPU
+# The data sheets' dense bf16 tensor-core FLOP/s and HBM bandwidth (bytes/s), by device name: the first match wins.
+GPU_SPECS = [("H200 NVL", 835e12, 4.8e12), ("H200", 989e12, 4.8e12), ("H100 NVL", 835e12, 3.9e12),
+             ("H100 PCIe", 756e12, 2.0e12), ("H100", 989e12, 3.35e12), ("A100-SXM4-80GB", 312e12, 2.039e12),
+             ("A100 80GB PCIe", 312e12, 1.935e12), ("A100", 312e12, 1.555e12)]
+SECTION_SECONDS = {"parity": 60, "rollout": 180, "ppo": 150, "training": 150}   # time boxes: < 8 minutes in all
 
 
 def twin_models(shape, vocab, dtype, device):
-    """transformers' Qwen2 with random weights, and ours sharing the very same tensors (the module names are the
-    checkpoint's, so one strict load_state_dict with assign=True)."""
+    """transformers' Qwen2 with random weights, and ours sharing the very same tensors. Both come from one config:
+    transformers' (with Qwen2.5's rope theta), ours read from its every field (Qwen2Config.from_dict); the module
+    names are the checkpoint's, so one strict load_state_dict with assign=True."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, rope_theta=1e6, **SHAPES[shape])
     torch.manual_seed(0)
     with torch.device(device):
-        hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, **SHAPES[shape])).to(dtype)
+        hf = Qwen2ForCausalLM(config).to(dtype)
+    M.attention_kernels(device)
     with torch.device("meta"):
-        ours = M.Qwen2ForCausalLM(M.Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, **SHAPES[shape]))
+        ours = M.Qwen2ForCausalLM(M.Qwen2Config.from_dict(config.to_dict()))
     ours.load_state_dict(hf.state_dict(), strict=True, assign=True)
     ours.lm_head.weight = ours.model.embed_tokens.weight
     return hf.eval(), ours.eval()
@@ -153,58 +171,139 @@ def device_bandwidth(device, nbytes=1 << 30):
     return 2 * nbytes / best
 
 
+def attention_kernels_run(fn) -> str:
+    """The SDPA kernels fn() ran, by the names of the aten ops the profiler records (flash / efficient / cudnn /
+    math; on a CPU flash_attention_for_cpu)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = {e.key.removeprefix("aten::_scaled_dot_product_") for e in prof.key_averages()
+             if e.key.startswith("aten::_scaled_dot_product_")}
+    return ", ".join(sorted(names)) or "none"
+
+
+def say(text):
+    print(text, flush=True)
+
+
 def report_parity(device, tiny):
+    """bf16 logits of ours and transformers' against transformers in fp32; the attention kernels each kind of
+    forward runs; the chunked LM head's bf16 log-probs and gradients against fp32."""
     shape, vocab = ("tiny", 1000) if tiny else ("0.5B", 151936)
-    hf32, _ = twin_models(shape, vocab, torch.float32, device)
-    hf16, ours16 = twin_models(shape, vocab, torch.bfloat16, device)
+    hf32, ours32 = twin_models(shape, vocab, torch.float32, device)
     x = torch.randint(0, vocab, (4, 128), device=device)
     with torch.no_grad():
         ref = hf32(x).logits.float()
+        twins = (ours32(x) - ref).abs().max().item()
+        del hf32, ours32
+        hf16, ours16 = twin_models(shape, vocab, torch.bfloat16, device)
         err_hf = (hf16(x).logits.float() - ref).abs().max().item()
         err_ours = (ours16(x).float() - ref).abs().max().item()
-    print(f"1. bf16 logits, {shape} shape, 4 x 128 tokens, max |error| against transformers fp32: ours {err_ours:.4f}, "
-          f"transformers bf16 {err_hf:.4f} ({'OK' if err_ours <= 1.5 * err_hf + 1e-3 else 'LARGER'})")
+    ok = err_ours <= 1.5 * err_hf + 1e-3
+    say(f"1. {shape} shape, 4 x 128 tokens, max |logit error| against transformers fp32: ours fp32 {twins:.2e} (the "
+        f"twins agree), ours bf16 {err_ours:.4f}, transformers bf16 {err_hf:.4f} ({'OK' if ok else 'LARGER'})")
+    pad = torch.ones_like(x)
+    pad[:, :7] = 0                                                             # left padding: the mask path
+    with torch.no_grad():
+        kernels = {"prefill": attention_kernels_run(lambda: ours16(x)),
+                   "padded": attention_kernels_run(lambda: ours16(x, attention_mask=pad)),
+                   "decode": attention_kernels_run(lambda: R.generate(ours16, x[:, :16].tolist(), 2, temperature=0,
+                                                                      eos_token_id=vocab + 1))}
+    say(f"   attention kernels: causal prefill {kernels['prefill']}; padded forward {kernels['padded']}; decoding "
+        f"{kernels['decode']}" + ("" if "cudnn" not in str(kernels) else "  (cuDNN: NOT EXPECTED)"))
+    # the LM head in bf16: log-probs and gradients against the same bf16 numbers computed in fp32
+    g = torch.Generator(device).manual_seed(0)
+    h = (torch.randn(256, ours16.config.hidden_size, device=device, generator=g) * 3).bfloat16().requires_grad_()
+    w = ours16.lm_head.weight.detach().clone().requires_grad_()
+    tokens = torch.randint(0, vocab, (256,), device=device, generator=g)
+    lp, _ = M.head_logprobs(h, w, tokens, chunk=64)
+    lp.sum().backward()
+    h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    lp32 = torch.log_softmax(h32 @ w32.T, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    lp32.sum().backward()
+    head = {"logprob_err": (lp - lp32).abs().max().item(),
+            "grad_weight_rel_err": ((w.grad.float() - w32.grad).norm() / w32.grad.norm()).item(),
+            "grad_hidden_rel_err": ((h.grad.float() - h32.grad).norm() / h32.grad.norm()).item()}
+    say(f"   bf16 LM head against fp32: max |log-prob error| {head['logprob_err']:.2e}, gradient relative error "
+        f"weight {head['grad_weight_rel_err']:.2e}, hidden {head['grad_hidden_rel_err']:.2e}")
+    return {"shape": shape, "twins_fp32_max_err": twins, "ours_bf16_max_err": err_ours, "hf_bf16_max_err": err_hf,
+            "ok": ok, "attention_kernels": kernels, "bf16_head": head}
 
 
-def report_rollout(device, tiny):
+def report_rollout(device, tiny, spec):
+    """Rollout tokens/s against transformers' generate; the default decode step and the static one captured as a
+    CUDA graph, each timed from the second token on (prefill, first token and the graph's capture excluded), against
+    the bandwidth floor; and whether the two paths sample the same tokens."""
     shape, vocab, batch, prompt, new = ("tiny", 1000, 4, 16, 16) if tiny else ("3B", 151936, 64, 128, 512)
     hf, ours = twin_models(shape, vocab, torch.bfloat16, device)
     prompts = torch.randint(0, vocab, (batch, prompt), device=device)
     ids, no_eos = prompts.tolist(), vocab + 1
 
     def run_ours(n, graphs=False):
-        R.generate(ours, ids, n, temperature=1.0, eos_token_id=no_eos,
-                   generator=torch.Generator(device).manual_seed(0), static=graphs, cuda_graph=graphs)
-
-    def run_graphs(n):
-        run_ours(n, graphs=True)
+        return R.generate(ours, ids, n, temperature=1.0, eos_token_id=no_eos,
+                          generator=torch.Generator(device).manual_seed(0), static=graphs, cuda_graph=graphs)
 
     def run_hf(n):
         with torch.no_grad():
             hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0, top_p=1.0,
                         top_k=0, max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
 
-    def clock(fn, n):
+    def clock(fn, n, **kw):
         sync(device)
         t0 = time.perf_counter()
-        fn(n)
+        fn(n, **kw)
         sync(device)
         return time.perf_counter() - t0
-    run_ours(2), run_hf(2), run_graphs(2)
-    t_ours, t_hf, t_pre = clock(run_ours, new), clock(run_hf, new), clock(run_ours, 1)
-    t_graphs = clock(run_graphs, new)
-    step, step_graphs = (t_ours - t_pre) / (new - 1), (t_graphs - t_pre) / (new - 1)
+    run_ours(2), run_hf(2), run_ours(2, graphs=True)                          # warm-ups
+    t_ours, t_hf = clock(run_ours, new), clock(run_hf, new)
+    step = (t_ours - clock(run_ours, 1)) / (new - 1)
+    # both graph runs capture (the capture happens before the first decode step): their difference is replays alone
+    step_graphs = (clock(run_ours, new, graphs=True) - clock(run_ours, 1, graphs=True)) / (new - 1)
     cfg = ours.config
     kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2     # bf16 K and V
-    floor = (2 * M.num_params(ours) + kv_per_token * batch * (prompt + new / 2)) / device_bandwidth(device)
-    print(f"2. rollout, {shape} shape, bf16, batch {batch}, prompt {prompt}, {new} new tokens, sampling: ours "
-          f"{batch * new / t_ours:.0f} tok/s, transformers {batch * new / t_hf:.0f} tok/s ({t_hf / t_ours:.2f}x); "
-          f"decode step {step * 1e3:.1f} ms, HBM floor {floor * 1e3:.2f} ms ({floor / step:.0%}); with CUDA graphs "
-          f"(static step{'' if device.type == 'cuda' else ', no graph on a CPU'}) {batch * new / t_graphs:.0f} tok/s, "
-          f"step {step_graphs * 1e3:.1f} ms ({floor / step_graphs:.0%} of the floor)")
+    weights = 2 * M.num_params(ours)
+    # every step reads every weight and the cache: the default step the filled part (on average prompt + new/2
+    # tokens), the static step the whole preallocated cache (prompt + new)
+    read = {"default": weights + kv_per_token * batch * (prompt + new / 2),
+            "static": weights + kv_per_token * batch * (prompt + new)}
+    copy_bw = device_bandwidth(device)
+    bw = {"measured copy": copy_bw, **({"data sheet": spec[2]} if spec else {})}
+    floors = {k: {b: read[k] / v for b, v in bw.items()} for k in read}
+
+    def of_floor(kind, t):
+        return ", ".join(f"{floors[kind][b] / t:.0%} of the {b} floor" for b in bw)
+    a, b = run_ours(new), run_ours(new, graphs=True)
+    same_rows = sum(x == y for x, y in zip(a.responses, b.responses))
+    equal_tokens = sum(x == y for r, q in zip(a.responses, b.responses) for x, y in zip(r, q))
+    prefix = [next((i for i, (x, y) in enumerate(zip(r, q)) if x != y), len(r)) for r, q in zip(a.responses, b.responses)]
+    lp_err = max((la[:n] - lb[:n]).abs().max().item() if n else 0.0
+                 for la, lb, n in zip(a.logprobs, b.logprobs, prefix))
+    say(f"2. rollout, {shape} shape, bf16, batch {batch}, prompt {prompt}, {new} new tokens, sampling: ours "
+        f"{batch * new / t_ours:.0f} tok/s, transformers {batch * new / t_hf:.0f} tok/s ({t_hf / t_ours:.2f}x)")
+    say(f"   decode step {step * 1e3:.2f} ms ({of_floor('default', step)}); CUDA graph"
+        f"{'' if device.type == 'cuda' else ' (none on a CPU: the static step alone)'} {step_graphs * 1e3:.2f} ms "
+        f"({of_floor('static', step_graphs)}); bandwidth: copy {copy_bw / 1e12:.2f} TB/s"
+        + (f", data sheet {spec[2] / 1e12:.2f} TB/s" if spec else ""))
+    say(f"   graph vs default, same seed: {same_rows}/{batch} rows identical, {equal_tokens}/{batch * new} tokens "
+        f"equal; max |log-prob difference| before the first differing token {lp_err:.2e}")
+    return {"shape": shape, "batch": batch, "prompt": prompt, "new": new, "ours_tok_s": batch * new / t_ours,
+            "hf_tok_s": batch * new / t_hf, "speedup": t_hf / t_ours, "step_ms": step * 1e3,
+            "graph_step_ms": step_graphs * 1e3, "copy_bandwidth": copy_bw, "floor_ms": {
+                k: {b: v * 1e3 for b, v in f.items()} for k, f in floors.items()},
+            "graph_rows_identical": same_rows, "graph_tokens_equal": equal_tokens, "graph_logprob_err": lp_err}
 
 
-def report_ppo(device, tiny):
+def flops_per_token(config, head: str, context: float) -> float:
+    """Model FLOPs of one token's forward: 2 per weight of every matmul (the blocks, then the LM head's [V, H] or the
+    value head's [1, H]; embedding lookups are free) plus attention's 4 * layers * hidden * context."""
+    L, H, I, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * config.head_dim
+    block = 2 * H * H + 2 * H * kv + 3 * H * I                                # q, o; k, v; the MLP
+    return 2 * (L * block + (V * H if head == "lm" else H)) + 4 * L * H * context
+
+
+def report_ppo(device, tiny, spec):
+    """Three PPO steps of the med-rlvr preset scaled down: seconds per phase, peak memory, model-FLOPs utilisation."""
     import data
     import train
     shape, vocab = ("tiny", 1000) if tiny else ("0.5B", 151936)
@@ -212,36 +311,126 @@ def report_ppo(device, tiny):
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         qs = data.make_dose_questions(512, seed=1)
-        data.train_demo_tokenizer([data.build_prompt(q) + data.dose_solution(q, True) for q in qs]).save(
-            f"{d}/tokenizer.json")
+        tok = data.train_demo_tokenizer([data.build_prompt(q) + data.dose_solution(q, True) for q in qs])
+        tok.save(f"{d}/tokenizer.json")
         batch = ["--rollout-batch", "8", "--train-batch", "4", "--micro-batch", "4", "--max-new-tokens", "16"] \
             if tiny else ["--rollout-batch", "64", "--train-batch", "32", "--micro-batch", "8", "--max-new-tokens",
                           "256"]
         train.main(["--preset", "med-rlvr", "--model", d, "--out", f"{d}/run", "--steps", "3", "--eval-limit", "8",
                     "--eval-batch", "8", "--save-every", "0", "--sample-every", "0", *batch])
         rows = [json.loads(line) for line in open(f"{d}/run/metrics.jsonl") if "reward" in line]
-    n, last = M.num_params(hf), rows[-1]
-    tokens = (8 if tiny else 64) * (40 + last["response_length"])          # sequences x (~40 prompt tokens + response)
-    # model FLOPs of a step, 2 a parameter a token forward, 6 forward + backward: the rollout (~1 forward), the
-    # experience (actor, reference, critic forwards), the update (actor and critic, one PPO epoch)
-    flops = (2 + 3 * 2 + 2 * 6) * n * tokens
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    mfu = f"{flops / last['time_step'] / peak:.1%}" if peak else "n/a"
-    print(f"3. PPO step ({shape} shape, the preset scaled down), step 3: rollout {last['time_rollout']:.1f} s, "
-          f"experience {last['time_experience']:.1f} s, update {last['time_train']:.1f} s, total "
-          f"{last['time_step']:.1f} s; peak memory {last['peak_mem_mb'] / 1024:.1f} GB; MFU ~{mfu}")
+        args = train.parse_args(["--preset", "med-rlvr", *batch])
+    prompt = statistics.mean(len(tok.encode(data.build_prompt(q)).ids) for q in data.demo_questions("train")[:256])
+    last, config = rows[-1], M.Qwen2Config.from_dict(hf.config.to_dict())
+    seq = prompt + last["response_length"]
+    actor, critic = (flops_per_token(config, head, seq / 2) for head in ("lm", "value"))
+    # a step's model FLOPs a token (no recomputation counted): the rollout (one actor forward), the experience
+    # (actor, reference and critic forwards), the update (forward + backward = 3 forwards, actor and critic, per epoch)
+    flops = args.rollout_batch * seq * (actor + 2 * actor + critic + 3 * (actor + critic) * args.ppo_epochs)
+    mfu = flops / last["time_step"] / spec[1] if spec else None
+    say(f"3. PPO step ({shape} shape, the preset scaled down), step 3: rollout {last['time_rollout']:.1f} s, "
+        f"experience {last['time_experience']:.1f} s, update {last['time_train']:.1f} s, total "
+        f"{last['time_step']:.1f} s; peak memory {last['peak_mem_mb'] / 1024:.1f} GB; "
+        f"{flops / 1e12:.1f} TFLOP, MFU {f'{mfu:.1%}' if mfu is not None else 'n/a (no data sheet for this device)'}")
+    return {"shape": shape, **{k: last[k] for k in train.TIMING_KEYS}, "tflop": flops / 1e12, "mfu": mfu}
+
+
+def report_training(device, tiny):
+    """train.py end to end on a small random Qwen2 (made here, nothing downloaded): 3 steps straight, and 2 steps
+    with a checkpoint after each then --resume for the third; with and without --cuda-graphs. Pass / fail: every
+    metric finite, the resumed run equal to the straight one, the graph run's tokens equal to the default's."""
+    import data
+    import train
+    hf, _ = twin_models("tiny" if tiny else "small", 1000, torch.float32, "cpu")
+    result = {}
+    with tempfile.TemporaryDirectory() as d:
+        qs = data.make_dose_questions(512, seed=1)
+        tok = data.train_demo_tokenizer([data.build_prompt(q) + data.dose_solution(q, True) for q in qs])
+        hf.save_pretrained(f"{d}/base")
+        tok.save(f"{d}/base/tokenizer.json")
+        flags = ["--model", f"{d}/base", "--rollout-batch", "8", "--train-batch", "4", "--micro-batch", "4",
+                 "--max-new-tokens", "16", "--eval-limit", "8", "--save-every", "1", "--sample-every", "1",
+                 "--actor-lr", "1e-3", "--critic-lr", "1e-3"]
+        for graphs in ("", "--cuda-graphs"):
+            run = [*flags, *([graphs] if graphs else [])]
+            train.main([*run, "--out", f"{d}/straight{graphs}", "--steps", "3"])
+            train.main([*run, "--out", f"{d}/resumed{graphs}", "--steps", "2"])
+            train.main([*run, "--out", f"{d}/resumed{graphs}", "--steps", "3", "--resume"])
+            rows = {k: [{m: v for m, v in json.loads(line).items() if m not in train.TIMING_KEYS}
+                        for line in open(f"{d}/{k}{graphs}/metrics.jsonl")] for k in ("straight", "resumed")}
+            finite = all(v is not None for r in rows["straight"] + rows["resumed"] for v in r.values())
+            w = {k: M.read_safetensors(f"{d}/{k}{graphs}/final", "cpu") for k in ("straight", "resumed")}
+            finite &= common.non_finite({n: t for n, (t, _) in w["straight"].items()}) is None
+            weight_diff = max((w["straight"][n][0] - w["resumed"][n][0]).abs().max().item() for n in w["straight"])
+            same = rows["straight"] == rows["resumed"] and weight_diff == 0.0
+            result[graphs or "default"] = {"finite": finite, "resume_exact": same, "resume_weight_diff": weight_diff}
+            say(f"4. training smoke run{' with --cuda-graphs' if graphs else ''}: metrics and weights finite "
+                f"{'PASS' if finite else 'FAIL'}; resume equal to the uninterrupted run {'PASS' if same else 'FAIL'} "
+                f"(final weights differ by {weight_diff:.1e})")
+        samples = {g: [json.loads(line)["response"] for line in open(f"{d}/straight{g}/samples.jsonl")]
+                   for g in ("", "--cuda-graphs")}
+        equal = sum(a == b for a, b in zip(*samples.values()))
+        first = [a == b for a, b in zip(*samples.values())][:8]               # step 1: the same weights on both sides
+        result["graph_responses_equal"], result["graph_step1_equal"] = f"{equal}/{len(samples[''])}", all(first)
+        say(f"   graph tokens equal to default: step 1 {'PASS' if all(first) else 'FAIL'} "
+            f"({sum(first)}/{len(first)} responses); all 3 steps {equal}/{len(samples[''])} responses")
+    return result
+
+
+class TimeBoxExceeded(Exception):
+    """A section ran past SECTION_SECONDS (not an OSError, which the code it interrupts might catch)."""
 
 
 def gpu_report(args):
+    """The four sections, each time-boxed; every number also goes to one JSON file (--report), rewritten after
+    each section, so a run cut short still leaves what it measured. A section that fails is reported and skipped."""
+    import signal
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible")
+    common.init_distributed()                  # on CUDA one process group for every train.py run below
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"GPU report on {name}, torch {torch.__version__}{' (tiny shapes)' if args.tiny else ''}")
-    report_parity(device, args.tiny)
-    report_rollout(device, args.tiny)
-    report_ppo(device, args.tiny)
+    spec = next(((k, f, b) for k, f, b in GPU_SPECS if k in name), None) if device.type == "cuda" else None
+    report = {"machine": {"device": name, "data_sheet": spec and {"match": spec[0], "bf16_flops": spec[1],
+                                                                   "bandwidth": spec[2]},
+                          "torch": torch.__version__, "tiny": args.tiny}}
+    say(f"GPU report on {name}, torch {torch.__version__}{' (tiny shapes)' if args.tiny else ''}"
+        + (f"; data sheet: {spec[1] / 1e12:.0f} TFLOP/s bf16, {spec[2] / 1e12:.2f} TB/s" if spec else ""))
+    out = Path(args.report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_alarm(sig, frame):
+        raise TimeBoxExceeded("over its time box")
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    sections = {"parity": lambda: report_parity(device, args.tiny),
+                "rollout": lambda: report_rollout(device, args.tiny, spec),
+                "ppo": lambda: report_ppo(device, args.tiny, spec),
+                "training": lambda: report_training(device, args.tiny)}
+    try:
+        for key, section in sections.items():
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)             # each section's own peak
+            t0 = time.perf_counter()
+            signal.alarm(SECTION_SECONDS[key])
+            try:
+                report[key] = section()
+            except Exception as e:                                     # report it, go on with the next section
+                report[key] = {"error": f"{type(e).__name__}: {e}"}
+                say(f"   {key}: FAILED: {type(e).__name__}: {e}")
+            finally:
+                signal.alarm(0)
+            report[key]["seconds"] = time.perf_counter() - t0
+            if device.type == "cuda":
+                report[key]["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(report, indent=1))
+            os.replace(tmp, out)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+        common.finish(1)
+    say(f"report: {out}")
+    return report
 
 
 def main(argv=None):

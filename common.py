@@ -13,7 +13,8 @@ Sharding. Each decoder block is one FSDP2 unit (gathered just before it runs and
 norm and head the root unit. On CUDA the stored weights keep their dtype (fp32 for the trained models) while
 forward and backward compute in bf16 and gradients are reduced in fp32 (MixedPrecisionPolicy): at PPO's
 learning rate of 1e-6 an update is far below bf16's resolution (~4e-3 relative), so bf16 master weights would
-never move. On CPU everything is fp32, and a world of one keeps the plain module.
+never move. On a CPU everything is fp32 and a world of one keeps the plain module, unless --precision bf16
+asks for the GPU's configuration there (to test its code paths: bf16 matmuls are slow on a CPU).
 
 Losses over ranks. FSDP averages gradients over the ranks, so a trainer that wants the mean over the *global*
 batch divides each rank's sum by the global count (all_sum) and multiplies by the world size. Then N processes
@@ -37,6 +38,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import model as M
+
 
 # ------------------------------------------------------------------------------------------------ processes
 # How long a rank waits in a collective (a barrier) for the others: rank 0 alone gathers and writes the final HF
@@ -44,14 +47,20 @@ import torch.distributed as dist
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
 
 
-def init_distributed():
-    """-> (rank, world, device). torchrun sets RANK / WORLD_SIZE; plain `python` runs as a world of one (on a
-    GPU as a one-process group, so that FSDP2's mixed precision applies there too)."""
+_USERS = 0      # init_distributed calls not yet finish()ed: the last finish() leaves the process group
+
+
+def init_distributed(precision: str = "auto"):
+    """-> (rank, world, device). torchrun sets RANK / WORLD_SIZE; plain `python` runs as a world of one (on a GPU, or
+    on a CPU with --precision bf16, as a one-process group, so that FSDP2's mixed precision applies there too).
+    Called again in a process that has a group (bench.py runs train.main several times), it joins that group."""
+    global _USERS
+    _USERS += 1
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), \
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if "RANK" not in os.environ:
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available() and precision != "bf16":
             return 0, 1, torch.device("cpu")
         import socket
         with socket.socket() as s:                  # a free port for the one-process group
@@ -61,6 +70,7 @@ def init_distributed():
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
+        M.attention_kernels(device)                 # no cuDNN attention (model.py says why)
         # nccl for the model's tensors, gloo for the few CPU scalars that all_sum reduces
         dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, timeout=COLLECTIVE_TIMEOUT)
     else:
@@ -160,7 +170,6 @@ def check_checkpoint(path):
     """A checkpoint folder is usable, checked without reading a weight: config.json, every safetensors file whole
     (their headers), tokenizer.json, and a vocabulary that covers the tokenizer's. Raises naming the file."""
     import data
-    import model as M
     config = M.Qwen2Config.from_json(path)
     M.read_safetensors(path, "cpu", headers_only=True)
     n_tokens = data.load_tokenizer(path).get_vocab_size()
@@ -196,14 +205,26 @@ def unlock(f):
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2
-def shard(model, world: int):
-    """FSDP2 per decoder block (see the module docstring); a CPU world of one keeps the plain module."""
+PRECISION_HELP = ("auto: bf16 compute with fp32 master weights on CUDA, fp32 on a CPU; bf16: that GPU configuration "
+                  "anywhere (slow on a CPU: to test the GPU's code paths); fp32: fp32 throughout")
+
+
+def compute_dtype(precision: str, device) -> torch.dtype:
+    """The dtype that forward and backward compute in under --precision (PRECISION_HELP)."""
+    if precision == "auto":
+        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def shard(model, world: int, dtype: torch.dtype | None = None):
+    """FSDP2 per decoder block (see the module docstring), computing in `dtype` (default: bf16 on CUDA, fp32 on a
+    CPU) while the stored weights keep theirs; an fp32 world of one on a CPU keeps the plain module."""
     device = next(model.parameters()).device
-    if world == 1 and device.type != "cuda":
+    dtype = dtype or compute_dtype("auto", device)
+    if world == 1 and device.type != "cuda" and dtype == torch.float32:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -254,7 +275,6 @@ def export(model, tokenizer, out, rank: int, world: int, dtype: str = "float32")
     """The trained policy in HF layout (config.json + model.safetensors + tokenizer.json), which transformers
     loads: gathered to rank 0, cast to `dtype` ("bfloat16": half the size, as Qwen2.5 is released), written to
     <out>.tmp, then renamed over <out>."""
-    import model as M
     state = {k: v.to(getattr(torch, dtype)) for k, v in full_state_dict(model, world).items()}
     bad = non_finite(state) if rank == 0 else None
     agree(bad and f"refusing to write {out}: tensor {bad} is not finite (NaN or inf)", world)
@@ -425,6 +445,8 @@ def cli(main):
 
 
 def finish(world: int):
-    """The end of a script: leave the process group."""
-    if dist.is_initialized():
+    """The end of a script: leave the process group, unless a caller that joined it first still uses it."""
+    global _USERS
+    _USERS = max(0, _USERS - 1)
+    if dist.is_initialized() and _USERS == 0:
         dist.destroy_process_group()

@@ -73,6 +73,11 @@ class Qwen2Config:
             raw = json.loads(file.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{file}: not valid JSON ({e})") from None
+        return cls.from_dict(raw, str(file))
+
+    @classmethod
+    def from_dict(cls, raw: dict, file: str = "config") -> "Qwen2Config":
+        """A config.json's fields (or transformers' Qwen2Config.to_dict()); errors name `file`."""
         archs = raw.get("architectures") or []
         if raw.get("model_type") != "qwen2" or any(a not in ("Qwen2ForCausalLM", "Qwen2Critic") for a in archs):
             raise ValueError(f"{file}: model_type={raw.get('model_type')!r}, architectures={archs}; "
@@ -221,6 +226,24 @@ def positions_and_mask(attention_mask, T: int, past: int):
     return positions, mask[:, None]
 
 
+def additive_mask(mask, dtype):
+    """bool mask [B, 1, T, S] (True: may attend) -> the same as 0 / -inf in `dtype`, which SDPA adds to the scores.
+    SDPA would turn a bool mask into this in every layer (and, for CUDA's memory-efficient kernel, copy it into
+    storage whose rows are 16-byte aligned); built once here, with rows padded to a multiple of 16 elements, it is
+    used as it is by every layer."""
+    S = mask.shape[-1]
+    padded = torch.full((*mask.shape[:-1], -(-S // 16) * 16), float("-inf"), dtype=dtype, device=mask.device)
+    return padded[..., :S].masked_fill_(mask, 0.0)
+
+
+def attention_kernels(device):
+    """On CUDA let SDPA choose among the flash, memory-efficient and math kernels, never cuDNN's: cuDNN builds an
+    execution plan for every new shape, and the decode step's key length is new at every step (0.2-1 s a plan, kept
+    without bound). Process-wide; load_model calls it, as does common.init_distributed."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 class Qwen2Model(nn.Module):
     """The backbone: embeddings, decoder blocks, final norm. Returns hidden states [B, T, hidden]."""
 
@@ -246,6 +269,8 @@ class Qwen2Model(nn.Module):
                 f"attention_mask {tuple(attention_mask.shape)} must cover cache + new tokens {(B, past + T)}"
             positions, mask = positions_and_mask(attention_mask, T, past)
         x = self.embed_tokens(input_ids)                                            # [B, T, hidden]
+        if mask is not None:        # once per forward, not in every layer's SDPA call
+            mask = additive_mask(mask, x.dtype)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -287,6 +312,35 @@ class Qwen2ForCausalLM(nn.Module):
 HEAD_CHUNK_BYTES = 1 << 28    # 256 MiB: the fp32 logits of one chunk of positions (~440 positions at V = 151,936)
 
 
+def mm_fp32(a, b):
+    """a @ b as an fp32 result. For bf16 inputs the product is accumulated in fp32 either way; on CUDA it is also
+    returned in fp32 (out_dtype) rather than rounded to bf16 (which would move a logit of 30 by up to 0.125)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()                  # a CPU has no bf16 -> fp32 product: compute it in fp32
+
+
+def addmm_fp32_(acc, a, b):
+    """acc += a @ b, with acc fp32 and a, b bf16 (or fp32): accumulated in place, without an [M, N] temporary in
+    bf16 or fp32 where the device allows it."""
+    global _ADDMM_OUT_DTYPE
+    if a.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    if not a.is_cuda:
+        return acc.addmm_(a.float(), b.float())
+    if _ADDMM_OUT_DTYPE:                           # torch builds that take an fp32 `self` with bf16 factors
+        try:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except RuntimeError:
+            _ADDMM_OUT_DTYPE = False
+    return acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+
+
+_ADDMM_OUT_DTYPE = True
+
+
 class _HeadLogprobs(torch.autograd.Function):
     """log softmax(h W^T / temperature) at `tokens`, and the entropy, one chunk of positions at a time. Backward
     recomputes each chunk's logits rather than keeping them: memory is one chunk's [chunk, V], not [N, V]."""
@@ -298,7 +352,7 @@ class _HeadLogprobs(torch.autograd.Function):
         out_ent = torch.empty(tokens_nd.shape, device=hidden.device)
         logprobs, entropy = out_lp.view(-1), out_ent.view(-1)                   # [N]
         for a in range(0, len(hidden), chunk):
-            z = (hidden[a:a + chunk] @ weight.T).float() / temperature          # [c, V], in fp32 as the reference
+            z = mm_fp32(hidden[a:a + chunk], weight.T) / temperature            # [c, V] fp32, never rounded to bf16
             lse = torch.logsumexp(z, dim=-1)
             logprobs[a:a + chunk] = z.gather(-1, tokens[a:a + chunk, None]).squeeze(-1) - lse
             entropy[a:a + chunk] = lse - (torch.softmax(z, dim=-1) * z).sum(-1)   # stable: no log of a tiny p
@@ -316,12 +370,12 @@ class _HeadLogprobs(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, device=weight.device)            # fp32 sum over the chunks
         for a in range(0, len(hidden), ctx.chunk):
             h, g_out = hidden[a:a + ctx.chunk], grad_logprobs[a:a + ctx.chunk]
-            p = torch.softmax((h @ weight.T).float() / ctx.temperature, dim=-1)  # [c, V]
+            p = torch.softmax(mm_fp32(h, weight.T) / ctx.temperature, dim=-1)    # [c, V]
             # d logprob(token) / d z = onehot(token) - softmax(z); z = logits / temperature
             g = (-p * g_out[:, None]).scatter_add_(-1, tokens[a:a + ctx.chunk, None], g_out[:, None])
             g = (g / ctx.temperature).to(hidden.dtype)
             grad_hidden[a:a + ctx.chunk] = g @ weight
-            grad_weight += (g.T @ h).float()
+            addmm_fp32_(grad_weight, g.T, h)                                     # [V, H] += [V, c] @ [c, H]
         return grad_hidden.view(hidden_nd.shape), grad_weight.to(weight.dtype), None, None, None
 
 
@@ -344,7 +398,8 @@ class Qwen2Critic(nn.Module):
     def forward(self, input_ids, attention_mask=None):
         """input_ids [B, T] -> values [B, T] in fp32: values[:, t] estimates the return after token t."""
         hidden = self.model(input_ids, attention_mask)                                  # [B, T, hidden]
-        return F.linear(hidden, self.value_head.weight[0]).float()                      # [B, T], not a view
+        # in fp32 also when the backbone computes in bf16: a value is one number, rounding it to bf16 costs 3 digits
+        return F.linear(hidden.float(), self.value_head.weight[0].float())             # [B, T] fp32, not a view
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -392,6 +447,7 @@ def load_model(path, dtype=None, device=None, value_head=False) -> nn.Module:
         raise ValueError(f"{path}: is a critic checkpoint (Qwen2Critic), not a Qwen2ForCausalLM policy; "
                          "load it with value_head=True")
     device, dtype = default_device_dtype(device, dtype)
+    attention_kernels(device)
     with torch.device("meta"):
         model = (Qwen2Critic if value_head else Qwen2ForCausalLM)(config)
     tensors = read_safetensors(path, device)

@@ -12,9 +12,11 @@ How it works:
   - one prefill forward fills a preallocated (static) KV cache; then one forward per new token, each writing a
     single cache slot - nothing is reallocated or re-concatenated while decoding;
   - the LM head runs on the last position only (the prompt's other logits are never needed here);
+  - the random numbers of all steps are drawn up front, one [max_new_tokens, B, 1] tensor from `generator`;
   - with static=True every decode step has the same shapes (the whole cache, its unwritten slots masked; the
-    positions and key mask as tensors updated in place; the random numbers drawn up front), so that on a GPU the
-    step can be captured once as a CUDA graph (cuda_graph=True) and replayed; it samples the same tokens;
+    positions and key mask as tensors updated in place), so that on a GPU the step can be captured once as a CUDA
+    graph (cuda_graph=True) and replayed; it reads the same random numbers, so it samples the same tokens (up to
+    rounding: attention over the whole masked cache sums in another order);
   - on CPU, every Linear runs through oneDNN with its weight packed once per rollout (see packed_linears):
     decoding a batch of 8 multiplies [8, hidden] by each weight, a shape where the default (MKL) path reaches
     a third of the speed; the packed path is 2-4x faster and equal within fp32 rounding.
@@ -74,7 +76,7 @@ class Rollout:
     finished: list[bool]
 
 
-def sample(logits, temperature: float, top_p: float, generator, u=None):
+def sample(logits, temperature: float, top_p: float, generator=None, u=None):
     """logits [B, V] (fp32) -> (tokens [B], logprobs [B]) under the temperature-scaled distribution. u: the step's
     uniform numbers [B, 1] (fp64) if drawn already, else they are drawn from generator."""
     if temperature == 0:
@@ -102,9 +104,10 @@ def packed_linears(model: nn.Module):
     """On CPU, swap each nn.Linear's forward for oneDNN's linear on a pre-packed copy of its weight.
 
     The copies live only for the rollout (the training weights are untouched, and reading them back is the
-    point of the next rollout re-packing them). Elsewhere (CUDA, or a torch without oneDNN) it does nothing."""
+    point of the next rollout re-packing them). Elsewhere (CUDA, bf16, a torch without oneDNN) it does nothing."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if linears[0].weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    w = linears[0].weight        # fp32 only: oneDNN's bf16 path needs AVX-512 or AVX-NE-CONVERT, which CPUs may lack
+    if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         yield
         return
     try:
@@ -141,9 +144,9 @@ def capture(step):
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_p: float = 1.0, eos_token_id: int | list[int], generator: torch.Generator | None = None,
              static: bool = False, cuda_graph: bool = False) -> Rollout:
-    """static: every decode step has the same shapes (the whole cache, masked; positions as tensors; the random
-    numbers drawn up front), the same tokens as the default path (tested). cuda_graph (with static, on a GPU): the
-    step is captured once as a CUDA graph and replayed, no Python or kernel-launch overhead per layer."""
+    """static: every decode step has the same shapes (the whole cache, masked; positions as tensors), the same
+    tokens as the default path (tested). cuda_graph (with static, on a GPU): the step is captured once as a CUDA
+    graph and replayed, no Python or kernel-launch overhead per layer."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     device = model.lm_head.weight.device
@@ -162,8 +165,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         key_mask = mask.bool()[:, None, None, :].clone()                          # [B, 1, 1, S]
         positions = mask.sum(-1, keepdim=True)                                     # [B, 1]: prompt lengths
         token_in = torch.zeros(B, 1, dtype=torch.long, device=device)
-        uniforms = None if temperature == 0 else torch.rand(
-            max_new_tokens, B, 1, generator=generator, device=device, dtype=torch.float64)  # the stream's order
+    # The random numbers of every step, drawn up front in one call: both paths read the same stream, so they sample
+    # the same tokens on every device (drawn step by step, CUDA's Philox generator would give other numbers).
+    uniforms = None if temperature == 0 else torch.rand(max_new_tokens, B, 1, generator=generator, device=device,
+                                                        dtype=torch.float64)      # [N, B, 1]
 
     tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)      # [B, N]
     logprobs = torch.zeros(B, max_new_tokens, device=device)                       # [B, N]
@@ -177,8 +182,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
             if cuda_graph and device.type == "cuda":
                 step = capture(step)
         for t in range(max_new_tokens):
-            token, logprob = sample(logits.float(), temperature, top_p, generator,
-                                    u=uniforms[t] if static and uniforms is not None else None)
+            token, logprob = sample(logits.float(), temperature, top_p, u=None if uniforms is None else uniforms[t])
             tokens[:, t], logprobs[:, t] = token, logprob
             # A finished row keeps riding along in the batch (its later tokens are computed and thrown away):
             # rows never attend to each other, so this cannot disturb the others, and the batch keeps its shape.

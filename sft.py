@@ -55,6 +55,7 @@ def make_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffles")
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each block's activations in backward")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help=common.PRECISION_HELP)
     return p
 
 
@@ -211,7 +212,7 @@ def build_demo_base(out: Path, rank=0, world=1, device="cpu", log=print) -> Path
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = common.init_distributed()
+    rank, world, device = common.init_distributed(args.precision)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     if (out / "config.json").exists() and not args.overwrite:
@@ -230,7 +231,7 @@ def main(argv=None):
     pairs = tokenize_pairs(tokenizer, texts, args.max_len)
     policy = M.load_model(args.model, device=device, dtype=torch.float32)   # fp32 master weights (common.shard)
     policy.model.gradient_checkpointing = args.grad_checkpoint
-    policy = common.shard(policy.train(), world)
+    policy = common.shard(policy.train(), world, common.compute_dtype(args.precision, device))
     train(policy, pairs, epochs=args.epochs, batch=args.batch, micro_batch=args.micro_batch, lr=args.lr,
           warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
           rank=rank, world=world, device=device)

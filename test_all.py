@@ -129,7 +129,8 @@ def test_layout_every_flag_has_help_and_shows_its_default(script):
             continue
         assert action.help and action.help.strip(), f"{script.__name__} {action.option_strings[0]}: no help"
         if action.default is not None:
-            assert f"(default: {action.default})" in " ".join(text.split()), action.option_strings[0]
+            unwrapped = " ".join(text.split()).replace("- ", "-")             # argparse wraps at hyphens too
+            assert f"(default: {action.default})" in unwrapped, action.option_strings[0]
     enumerations = {"train": ("--kl-estimator", "--loss-agg", "--preset"), "evaluate": ("--prompt",)}
     for flag in enumerations.get(script.__name__, ()):                          # are argparse choices
         for action in parser._actions:
@@ -260,6 +261,82 @@ def test_model_chunked_head_logprobs_equal_full_logits_and_gradients(tmp_path, t
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
+def test_model_bf16_head_keeps_logits_in_fp32():
+    """The chunked LM head on bf16 inputs: log-probs and gradients are those of the same bf16 numbers computed in
+    fp64 (the logits are never rounded to bf16, the weight's gradient is summed over the chunks in fp32); rounding
+    the logits to bf16 first, as before, is off by orders of magnitude more at |logit| ~ 30."""
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(40, 16, generator=g) * 3).bfloat16().requires_grad_()
+    w = torch.randn(50, 16, generator=g).bfloat16().requires_grad_()
+    tokens, weights = torch.randint(0, 50, (40,), generator=g), torch.randn(40, generator=g)
+    lp, ent = model.head_logprobs(h, w, tokens, chunk=7)
+    (lp * weights).sum().backward()
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    z = h64 @ w64.T                                                                  # |z| up to ~40
+    lp64 = torch.log_softmax(z, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    (lp64 * weights.double()).sum().backward()
+    assert lp.dtype == ent.dtype == torch.float32 and z.abs().max() > 30
+    err = (lp.double() - lp64).abs().max().item()
+    rounded = torch.log_softmax(z.bfloat16().double(), -1).gather(-1, tokens[:, None]).squeeze(-1)
+    assert err <= 1e-5 and (rounded - lp64).abs().max().item() > 100 * err
+    for ours, ref in ((w.grad, w64.grad), (h.grad, h64.grad)):                     # bf16 gradients: ~3 digits
+        assert ours.dtype == torch.bfloat16 and ((ours.double() - ref).norm() / ref.norm()).item() <= 1e-2
+    critic = model.Qwen2Critic(model.Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    critic = critic.bfloat16()
+    x = torch.randint(0, 50, (2, 5), generator=g)
+    values, hidden = critic(x), critic.model(x)                                      # the value head in fp32
+    want = hidden.double() @ critic.value_head.weight[0].double()
+    assert values.dtype == torch.float32 and (values.double() - want).abs().max() <= 1e-6 * want.abs().max()
+
+
+def test_model_one_additive_mask_per_forward(tiny, monkeypatch):
+    """Every layer's attention gets the one additive mask built for the forward (not a bool mask each SDPA call
+    would convert), its rows at a 16-element stride (no kernel re-pads it); with padding, and in a decode step."""
+    masks, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        masks.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+    monkeypatch.setattr(model.F, "scaled_dot_product_attention", spy)
+    net = model.load_model(tiny[0])
+    attn = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    cache = rollout.KVCache(net.config, 2, 6, "cpu", torch.float32)
+    net(torch.randint(0, 61, (2, 5)), attn, cache)
+    net(torch.randint(0, 61, (2, 1)), torch.cat([attn, torch.ones(2, 1, dtype=torch.long)], 1), cache)
+    layers = net.config.num_hidden_layers
+    for forward in (masks[:layers], masks[layers:]):
+        assert len(forward) == layers and all(m is forward[0] for m in forward)
+        mask = forward[0]
+        assert mask.dtype == torch.float32 and mask.stride(-2) % 16 == 0
+        assert set(mask.unique().tolist()) == {0.0, float("-inf")}
+    assert masks[0][0, 0, 2, :2].tolist() == [float("-inf")] * 2      # row 0's first real token hides the pads
+
+
+def test_model_no_cudnn_attention_on_cuda():
+    """attention_kernels switches cuDNN's SDPA kernel off for CUDA (it plans every new shape), and leaves it for a
+    CPU device alone."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        model.attention_kernels("cpu")
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        model.attention_kernels("cuda")
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_bench_twin_models_are_one_model():
+    """bench's transformers / ours twins are built from one config (Qwen2.5's rope theta included) and agree in
+    fp32: the GPU report's bf16 gap is then bf16's alone."""
+    hf, ours = bench.twin_models("tiny", 1000, torch.float32, "cpu")
+    assert ours.config.rope_theta == 1e6 == hf.config.rope_parameters["rope_theta"]
+    x = torch.randint(0, 1000, (2, 40))
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_model_save_model_loads_in_transformers(tmp_path, tied):
     make_checkpoint(tmp_path / "src", tied=tied, legacy_config=True)
@@ -379,8 +456,18 @@ def test_rollout_static_decode_gives_the_same_tokens(tmp_path, kv_heads):
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 97, (1 + i % 5,), generator=g).tolist() for i in range(6)]
     for temperature in (1.0, 0.0):
-        runs = [rollout.generate(net, prompts, 12, temperature=temperature, eos_token_id=[3, 10, 20],
-                                 generator=torch.Generator().manual_seed(0), static=static) for static in (False, True)]
+        uniforms, sample, runs = {False: [], True: []}, rollout.sample, []
+        try:
+            for static in (False, True):
+                rollout.sample = lambda *a, u=None, _seen=uniforms[static]: _seen.append(u) or sample(*a, u=u)
+                runs.append(rollout.generate(net, prompts, 12, temperature=temperature, eos_token_id=[3, 10, 20],
+                                             generator=torch.Generator().manual_seed(0), static=static))
+        finally:
+            rollout.sample = sample
+        if temperature:     # both paths read one stream drawn up front: the same numbers on any device's generator
+            drawn = torch.rand(12, 6, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            for static in (False, True):
+                assert uniforms[static] and all(torch.equal(u, drawn[t]) for t, u in enumerate(uniforms[static]))
         assert runs[0].responses == runs[1].responses and runs[0].finished == runs[1].finished
         for a, b in zip(runs[0].logprobs, runs[1].logprobs):
             assert (a - b).abs().max() <= 1e-5
@@ -1486,14 +1573,17 @@ def taught_base(tmp_path_factory):
 
 ESTIMATOR_ARGV = {"gae": [], "grpo": ["--advantage", "grpo", "--samples-per-prompt", "2", "--cuda-graphs"],
                   "rloo": ["--advantage", "rloo", "--samples-per-prompt", "4", "--kl-in", "loss", "--kl-estimator", "k3"],
-                  "reinforce++": ["--advantage", "reinforce++", "--gamma", "0.99", "--rollout-chunk", "3"]}
+                  "reinforce++": ["--advantage", "reinforce++", "--gamma", "0.99", "--rollout-chunk", "3"],
+                  # the GPU's precision on a CPU: bf16 compute, fp32 masters, bf16 reference, the chunked head in bf16
+                  "gae-bf16": ["--precision", "bf16"]}
 
 
-@pytest.mark.parametrize("world, advantage", [(1, "gae"), (2, "gae"), (1, "grpo"), (2, "grpo"), (1, "rloo"),
+@pytest.mark.parametrize("world, advantage", [(1, "gae"), (2, "gae-bf16"), (1, "grpo"), (2, "grpo"), (1, "rloo"),
                                               (1, "reinforce++")])
 def test_train_resume_equals_uninterrupted_run(tmp_path, world, advantage, taught_base):
     """Also under torchrun with 2 ranks: sharded optimizer state saved in full, read back by every rank; for every
-    estimator (the critic-free ones build, step and save no critic)."""
+    estimator (the critic-free ones build, step and save no critic); and in the GPU's bf16 configuration, through
+    rollout, experience, update, checkpoint and resume, where everything written must also be finite."""
     extra = ESTIMATOR_ARGV[advantage] + ["--max-new-tokens", "24"]          # room for a whole worked answer
     _run_train(_ppo_argv(taught_base, tmp_path / "straight", 4, *extra), world)
     _run_train(_ppo_argv(taught_base, tmp_path / "resumed", 2, *extra), world)
@@ -1502,13 +1592,19 @@ def test_train_resume_equals_uninterrupted_run(tmp_path, world, advantage, taugh
     ckpt = tmp_path / "resumed" / "checkpoint"
     import torch.distributed.checkpoint as dcp
     saved = {k.split(".")[0] for k in dcp.FileSystemReader(ckpt / "weights").read_metadata().state_dict_metadata}
-    assert saved == ({"actor", "critic"} if advantage == "gae" else {"actor"})
+    assert saved == ({"actor", "critic"} if advantage.startswith("gae") else {"actor"})
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(ckpt / "weights", tmp_path / "checkpoint.pt")    # weights and AdamW states, all finite
+    assert common.non_finite(torch.load(tmp_path / "checkpoint.pt", weights_only=True)) is None
 
     def metrics(run):
         rows = [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if k not in train.TIMING_KEYS} for r in rows]
     straight, resumed = metrics("straight"), metrics("resumed")
     assert [r["step"] for r in straight] == [0, 1, 2, 3, 4, 4]        # eval rows at 0 and 4, one row per step
+    assert all(v is not None for r in straight + resumed for v in r.values())    # a NaN would be written as null
+    if advantage.endswith("bf16"):            # bf16 decoding really ran: its log-probs are off the training forward's
+        assert straight[1]["sampler_logprob_err"] > 1e-5
     # the resumed run re-evaluates nothing at step 0 and keeps the first run's rows 0..2
     assert len(resumed) == len(straight)
     for a, b in zip(straight, resumed):
@@ -1521,7 +1617,23 @@ def test_train_resume_equals_uninterrupted_run(tmp_path, world, advantage, taugh
     assert any(not torch.equal(a[k], half[k]) for k in a)             # steps 3 and 4 did something
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-5, k
+    assert common.non_finite(a) is None
     assert not (tmp_path / "resumed" / "checkpoint.tmp").exists()
+
+
+def test_bench_gpu_report_runs_in_miniature_on_cpu(tmp_path):
+    """`bench.py --device cpu --tiny`: the GPU report's four sections run on a CPU and their numbers land in the JSON
+    report; the training smoke run passes its three checks (finite, resume exact, graph tokens equal)."""
+    report = bench.main(["--device", "cpu", "--tiny", "--report", str(tmp_path / "gpu.json")])
+    assert json.loads((tmp_path / "gpu.json").read_text()) == json.loads(json.dumps(report))
+    assert list(report) == ["machine", "parity", "rollout", "ppo", "training"]
+    assert not [k for k, v in report.items() if "error" in v]
+    assert report["parity"]["twins_fp32_max_err"] <= 1e-4 and report["parity"]["bf16_head"]["logprob_err"] <= 1e-5
+    assert "cudnn" not in str(report["parity"]["attention_kernels"])
+    assert report["rollout"]["graph_rows_identical"] == report["rollout"]["batch"]
+    for run in ("default", "--cuda-graphs"):
+        assert report["training"][run]["finite"] and report["training"][run]["resume_exact"]
+    assert report["training"]["graph_step1_equal"]
 
 
 def test_train_bad_inputs_give_clear_errors(tmp_path):

@@ -138,6 +138,7 @@ def make_parser():
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes it)")
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute each block's activations in backward (long sequences on GPUs)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help=common.PRECISION_HELP)
     return p
 
 
@@ -153,7 +154,8 @@ TIMING_KEYS = ("time_rollout", "time_experience", "time_train", "time_step", "to
 
 
 def peak_memory_mb(device) -> float:
-    """The process's peak memory so far: CUDA memory allocated on a GPU, resident set size (RSS) on the CPU."""
+    """Peak memory: CUDA memory allocated since the run began on a GPU (run() resets it: a process may run several),
+    the process's peak resident set size (RSS) on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
@@ -397,7 +399,8 @@ def eval_accuracy(policy, tok, examples, prompts, max_new_tokens, batch, rank, w
 TRAJECTORY_FLAGS = ("advantage", "samples_per_prompt", "group_std", "kl_in", "rollout_batch", "train_batch",
                     "ppo_epochs", "actor_lr", "critic_lr", "warmup", "weight_decay", "grad_clip", "kl_coef",
                     "kl_estimator", "gamma", "lam", "clip", "value_clip", "loss_agg", "temperature", "top_p",
-                    "max_prompt_len", "max_new_tokens", "incorrect_reward", "seed", "rollout_chunk")
+                    "max_prompt_len", "max_new_tokens", "incorrect_reward", "seed", "rollout_chunk",
+                    "cuda_graphs", "precision")
 
 
 def find_checkpoint(args, world):
@@ -562,17 +565,17 @@ def build_models(args, tok, ckpt, rank, world, device):
     """-> (trained, ref): the trained models, name -> (model, AdamW), in fp32 from the base (resuming: then
     overwritten by the checkpoint's shards): the actor, and for gae the critic (a value head on the same base;
     critic-free estimators build none); and the frozen reference."""
-    trained = {}
+    trained, dtype = {}, common.compute_dtype(args.precision, device)     # the compute dtype; the reference's too
     for name, lr in (("actor", args.actor_lr), ("critic", args.critic_lr)):
         if name == "critic" and args.advantage != "gae":
             continue
         net = M.load_model(args.model, device=device, dtype=torch.float32,
                            value_head=name == "critic")                # fp32 master weights (common.shard)
         net.model.gradient_checkpointing = args.grad_checkpoint
-        net = common.shard(net.train(), world)
+        net = common.shard(net.train(), world, dtype)
         trained[name] = (net, torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=args.weight_decay,
                                                 betas=(0.9, 0.95)))                  # betas as OpenRLHF
-    ref = common.shard(M.load_model(args.model, device=device).requires_grad_(False), world)   # bf16 on CUDA
+    ref = common.shard(M.load_model(args.model, device=device, dtype=dtype).requires_grad_(False), world, dtype)
     if ckpt:                                                     # resuming, part 2
         common.restore_checkpoint(ckpt, trained, rank)
     return trained, ref
@@ -592,7 +595,7 @@ def step_rows(step, n_train, rollout_batch, seed, perms):
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = common.init_distributed()
+    rank, world, device = common.init_distributed(args.precision)
     torch.manual_seed(args.seed)                  # the critic's fresh value head; every other draw uses seed_for
     out = Path(args.out)
     log = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
@@ -628,6 +631,8 @@ def encode_all(args, train_set, eval_set):
 
 def run(args, ckpt, start, train_set, eval_set, tok, train_prompts, eval_prompts, out, rank, world, device, log):
     steps = args.steps or len(train_set) // args.rollout_batch
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     trained, ref = build_models(args, tok, ckpt, rank, world, device)
     (actor, actor_opt), (critic, critic_opt) = trained["actor"], trained.get("critic", (None, None))
     if rank == 0:
