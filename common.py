@@ -27,6 +27,7 @@ message that names the flag, before any work starts.
 import argparse
 import datetime
 import json
+import math
 import os
 import shutil
 import signal
@@ -48,6 +49,7 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
 
 
 _USERS = 0      # init_distributed calls not yet finish()ed: the last finish() leaves the process group
+_OWN_ENV = {}   # the torchrun variables a one-process group set (finish() removes them)
 
 
 def init_distributed(precision: str = "auto"):
@@ -66,7 +68,8 @@ def init_distributed(precision: str = "auto"):
         with socket.socket() as s:                  # a free port for the one-process group
             s.bind(("localhost", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="localhost", MASTER_PORT=str(port))
+        _OWN_ENV.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="localhost", MASTER_PORT=str(port))
+        os.environ.update(_OWN_ENV)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -372,8 +375,19 @@ def _dcp(verb: str, shards: dict, folder: Path):
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:
-    """Linear warmup, then constant. (OpenRLHF decays by cosine to 0.1 lr after warmup; one schedule less here.)"""
+    """Linear warmup over `warmup` steps (the first at lr / warmup), then constant."""
     return lr * min(1.0, (step + 1) / max(1, warmup))
+
+
+def cosine_lr(update: int, total: int, warmup: int, min_ratio: float) -> float:
+    """OpenRLHF 0.5.9's schedule (transformers' cosine_with_min_lr), as a share of the lr at optimizer step `update`
+    (from 0) of `total`: linear from 0 over the first `warmup` (the very first update runs at 0, as there), then half
+    a cosine down to min_ratio."""
+    if update < warmup:
+        return update / max(1, warmup)
+    progress = (update - warmup) / max(1, total - warmup)
+    factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, factor * (1 - min_ratio) + min_ratio)
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -450,3 +464,6 @@ def finish(world: int):
     _USERS = max(0, _USERS - 1)
     if dist.is_initialized() and _USERS == 0:
         dist.destroy_process_group()
+        for k in _OWN_ENV:
+            os.environ.pop(k, None)
+        _OWN_ENV.clear()

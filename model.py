@@ -323,22 +323,31 @@ def mm_fp32(a, b):
 
 
 def addmm_fp32_(acc, a, b):
-    """acc += a @ b, with acc fp32 and a, b bf16 (or fp32): accumulated in place, without an [M, N] temporary in
-    bf16 or fp32 where the device allows it."""
-    global _ADDMM_OUT_DTYPE
-    if a.dtype == torch.float32:
-        return acc.addmm_(a, b)
-    if not a.is_cuda:
-        return acc.addmm_(a.float(), b.float())
-    if _ADDMM_OUT_DTYPE:                           # torch builds that take an fp32 `self` with bf16 factors
-        try:
-            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        except RuntimeError:
-            _ADDMM_OUT_DTYPE = False
+    """acc += a @ b, with acc fp32 and a, b bf16 (or fp32): on CUDA accumulated in place (addmm with out_dtype, where
+    this torch build does it right), without an [M, N] temporary in bf16 or fp32."""
+    if not a.is_cuda or a.dtype == torch.float32:    # product, then sum: a fused addmm_ would round otherwise
+        return acc.add_(mm_fp32(a, b))
+    if _addmm_in_place_works(a.device):
+        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     return acc.add_(torch.mm(a, b, out_dtype=torch.float32))
 
 
-_ADDMM_OUT_DTYPE = True
+_ADDMM_IN_PLACE = {}
+
+
+def _addmm_in_place_works(device) -> bool:
+    """Whether torch.addmm(fp32 acc, bf16, bf16, out_dtype=fp32, out=acc) runs and adds correctly here: older builds
+    refuse an fp32 `acc` with bf16 factors. Probed once per device on 2 x 2 tensors."""
+    if device not in _ADDMM_IN_PLACE:
+        acc, ones = torch.ones(2, 2, device=device), torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+        try:
+            torch.addmm(acc, ones, ones, out_dtype=torch.float32, out=acc)
+            _ADDMM_IN_PLACE[device] = bool((acc == 3).all())
+        except (RuntimeError, TypeError) as e:
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
+            _ADDMM_IN_PLACE[device] = False
+    return _ADDMM_IN_PLACE[device]
 
 
 class _HeadLogprobs(torch.autograd.Function):

@@ -11,10 +11,15 @@ order a training step uses them:
 The critic-free estimators replace compute_gae (and the critic) by a baseline taken from the other
 responses to the same prompt, then the plain discounted return:
 
-  gae          PPO with a critic: GAE(gamma, lambda) of the per-token rewards, whitened (Med-RLVR)
-  grpo         score - group mean, / group std (DeepSeekMath; without the std: Dr. GRPO)  -> returns
-  rloo         score - mean of the group's *other* responses (Ahmadian et al. 2024)       -> returns
-  reinforce++  the score as it is, returns whitened over the batch (Hu 2025)
+  gae          PPO with a critic: GAE(gamma, lambda) of the per-token rewards, whitened (Med-RLVR;
+               OpenRLHF 0.5.9's gae)
+  grpo         score - group mean, / group std -> returns. With the KL in the reward (k1) this is OpenRLHF's
+               group_norm (added after 0.5.9); DeepSeekMath's GRPO puts a k3 KL in the loss and averages per
+               response (train.py --preset grpo); without the std and with a fixed-length loss, Dr. GRPO
+               (--preset dr-grpo)
+  rloo         score - mean of the group's *other* responses, per-token KL outside the baseline: OpenRLHF's
+               rloo (less 0.5.9's batch whitening), not TRL's / Ahmadian et al.'s sequence-level form
+  reinforce++  the score as it is, returns whitened over the batch (Hu 2025; OpenRLHF 0.5.9's "reinforce")
   (group_scores, then token_rewards, then discounted_returns; reinforce++ then masked_whiten)
 
 Modelled on OpenRLHF (models/utils.py, models/loss.py, experience_maker.py), which Med-RLVR used, and
@@ -69,17 +74,23 @@ def entropy_from_logits(logits):
     return torch.stack(out)
 
 def kl_penalty(logprobs, ref_logprobs, kind="k1"):
-    """Per-token estimate of KL(policy || ref) from the sampled tokens (Schulman, 'Approximating KL
-    divergence'). logprobs, ref_logprobs: [B, T] -> [B, T]. (k2 = 0.5 * log_ratio^2 is not needed.)
-      k1 = logp - ref_logp                  unbiased, can be negative per token; OpenRLHF's default
-      k3 = exp(ref - logp) - (ref - logp) - 1   unbiased and always >= 0, lower variance"""
+    """Per-token estimate of KL(policy || ref) from tokens sampled by the policy (Schulman, 'Approximating
+    KL divergence'). logprobs, ref_logprobs: [B, T] -> [B, T].
+      k1 = logp - ref_logp                      unbiased, can be negative per token; OpenRLHF's default
+      k2 = 0.5 * (logp - ref_logp)^2            biased, >= 0
+      k3 = exp(ref - logp) - (ref - logp) - 1   unbiased and >= 0, lower variance
+    As a loss term (differentiated through logp, at tokens sampled from the policy), their gradients are,
+    in expectation: k1's zero (useless as a loss), k2's the gradient of KL(policy || ref), k3's the
+    gradient of KL(ref || policy)."""
     if kind == "k1":
         return logprobs.float() - ref_logprobs.float()
+    if kind == "k2":
+        return 0.5 * (logprobs.float() - ref_logprobs.float()) ** 2
     if kind == "k3":
         # clamp the log-ratio so exp() cannot overflow to inf when the policies have drifted far apart
         log_ratio = (ref_logprobs.float() - logprobs.float()).clamp(-20.0, 20.0)
         return torch.exp(log_ratio) - log_ratio - 1.0
-    raise ValueError(f"kl_penalty: unknown kind {kind!r}, expected 'k1' or 'k3'")
+    raise ValueError(f"kl_penalty: unknown kind {kind!r}, expected 'k1', 'k2' or 'k3'")
 
 # -----------------------------------------------------------------------------
 # rewards and advantages
@@ -126,10 +137,14 @@ def group_scores(scores, group_size, kind, scale_by_std=True, eps=1e-6):
     """Scores [B] of consecutive groups of `group_size` responses to one prompt, minus a baseline from their
     group -> [B]. The baseline needs no critic: the other responses to the same prompt are the estimate.
       grpo: (r - mean) / (std + eps), std unbiased as OpenRLHF and verl; scale_by_std=False: r - mean (Dr. GRPO)
-      rloo: r - mean of the other group_size - 1 = group_size / (group_size - 1) * (r - mean)"""
+      rloo: r - mean of the other group_size - 1 = group_size / (group_size - 1) * (r - mean)
+    In fp64, and each group shifted by its first score first (the mean moves with it, the std does not): a
+    group of equal scores then gives advantages of exactly 0 for any reward values, where fp32's mean of
+    fifteen 0.7s is off by ~1e-8 and dividing by a std of ~1e-8 made it +-0.1."""
     if group_size < 2 or scores.numel() % group_size:
         raise ValueError(f"group_scores: {scores.numel()} scores do not form groups of {group_size} >= 2")
-    r = scores.float().view(-1, group_size)  # [prompts, group_size]
+    r = scores.double().view(-1, group_size)  # [prompts, group_size]
+    r = r - r[:, :1]
     mean = r.mean(dim=1, keepdim=True)
     if kind == "grpo":
         shifted = (r - mean) / (r.std(dim=1, keepdim=True) + eps) if scale_by_std else r - mean
@@ -137,7 +152,7 @@ def group_scores(scores, group_size, kind, scale_by_std=True, eps=1e-6):
         shifted = (r - mean) * group_size / (group_size - 1)
     else:
         raise ValueError(f"group_scores: unknown kind {kind!r}, expected 'grpo' or 'rloo'")
-    return shifted.view(-1)
+    return shifted.view(-1).float()
 
 @torch.no_grad()
 def discounted_returns(rewards, mask, gamma):
@@ -155,18 +170,26 @@ def discounted_returns(rewards, mask, gamma):
 # -----------------------------------------------------------------------------
 # losses
 #
-# How the losses are averaged: a token-mean over every response token of the (mini)batch,
-# masked_mean(per_token_loss, mask) over all of [B, T]. Every token weighs the same, so a long
-# response weighs more than a short one in total. This is verl/TinyZero's "token-mean", DAPO's
-# token-level loss and OpenRLHF's token_level_loss=True (the default in its later versions).
-# The alternative, seq_mean=True, averages within each response first and then over responses, so
-# every response weighs the same whatever its length; that is what OpenRLHF 0.5.x's PolicyLoss and
-# ValueLoss do (masked_mean(loss, mask, dim=-1).mean()).
+# How the losses are averaged over the per-token losses [B, T] (`agg`):
+#   "token"  a token-mean over every response token of the (mini)batch, masked_mean(loss, mask): every
+#            token weighs the same, so a long response weighs more in total. verl/TinyZero's
+#            "token-mean", DAPO's token-level loss, OpenRLHF's token_level_loss (its later default).
+#   "seq"    the mean within each response, then over responses: every response weighs the same
+#            whatever its length. OpenRLHF 0.5.9's PolicyLoss and ValueLoss (masked_mean(loss, mask,
+#            dim=-1).mean()), DeepSeekMath's GRPO; the med-rlvr preset.
+#   "fixed"  the token sum divided by B * horizon (the response budget, max_new_tokens): no length
+#            normalisation at all, a constant divisor (Dr. GRPO).
 
-def _aggregate(per_token, mask, seq_mean):
-    return masked_mean(per_token, mask, dim=-1).mean() if seq_mean else masked_mean(per_token, mask)
+def aggregate(per_token, mask, agg="token", horizon=None):
+    if agg == "token":
+        return masked_mean(per_token, mask)
+    if agg == "seq":
+        return masked_mean(per_token, mask, dim=-1).mean()
+    if agg == "fixed":
+        return torch.where(mask.bool(), per_token, torch.zeros_like(per_token)).sum() / (mask.shape[0] * horizon)
+    raise ValueError(f"aggregate: unknown agg {agg!r}, expected 'token', 'seq' or 'fixed'")
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, seq_mean=False):
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, agg="token", horizon=None):
     """PPO clipped surrogate: -min(r * A, clip(r, 1 - eps, 1 + eps) * A) with r = pi / pi_old.
     logprobs (with grad), old_logprobs, advantages, mask: [B, T].
     Returns (loss, clip_frac, approx_kl): scalar loss, the fraction of tokens where the clip is
@@ -175,17 +198,17 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, seq_mean
     ratio = torch.exp(log_ratio)  # [B, T]
     surr1 = ratio * advantages
     surr2 = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
-    loss = _aggregate(-torch.min(surr1, surr2), mask, seq_mean)
+    loss = aggregate(-torch.min(surr1, surr2), mask, agg, horizon)
     with torch.no_grad():
         clip_frac = masked_mean((surr2 < surr1).float(), mask)
         approx_kl = masked_mean(-log_ratio, mask)
     return loss, clip_frac, approx_kl
 
-def value_loss(values, old_values, returns, mask, clip_eps=0.2, seq_mean=False):
+def value_loss(values, old_values, returns, mask, clip_eps=0.2, agg="token", horizon=None):
     """Clipped value loss 0.5 * max((v - R)^2, (v_clip - R)^2), v_clip = v_old + clamp(v - v_old, -eps, eps).
     values (with grad), old_values, returns, mask: [B, T] -> scalar. clip_eps=None: plain 0.5 * (v - R)^2."""
     err = (values - returns) ** 2  # [B, T]
     if clip_eps is not None:
         v_clip = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
         err = torch.max(err, (v_clip - returns) ** 2)
-    return 0.5 * _aggregate(err, mask, seq_mean)
+    return 0.5 * aggregate(err, mask, agg, horizon)

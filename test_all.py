@@ -935,12 +935,14 @@ def test_ppo_masked_whiten_of_equal_values_is_zero():
 
 # ----------------------------------------------------------------------------- KL estimators
 
-def test_ppo_kl_k1_k3_hand_values():
+def test_ppo_kl_k1_k2_k3_hand_values():
     lp = [-1.0, -0.2, -3.0, -0.5]
     ref = [-1.5, -0.2, -1.0, -2.5]
     k1 = ppo.kl_penalty(torch.tensor([lp]), torch.tensor([ref]), kind="k1")[0].tolist()
+    k2 = ppo.kl_penalty(torch.tensor([lp]), torch.tensor([ref]), kind="k2")[0].tolist()
     k3 = ppo.kl_penalty(torch.tensor([lp]), torch.tensor([ref]), kind="k3")[0].tolist()
     assert k1 == pytest.approx([a - b for a, b in zip(lp, ref)])
+    assert k2 == pytest.approx([0.5 * (a - b) ** 2 for a, b in zip(lp, ref)])
     assert k3 == pytest.approx([math.exp(b - a) - (b - a) - 1 for a, b in zip(lp, ref)])
     assert k3[1] == 0.0 and all(v >= 0 for v in k3)  # k3 >= 0, zero iff equal
 
@@ -951,7 +953,29 @@ def test_ppo_kl_k3_finite_for_huge_log_ratios():
     k3 = ppo.kl_penalty(lp, ref, kind="k3")
     assert torch.isfinite(k3).all() and (k3 > 0).all()
     with pytest.raises(ValueError, match="unknown kind"):
-        ppo.kl_penalty(lp, ref, kind="k2")
+        ppo.kl_penalty(lp, ref, kind="k4")
+
+
+def test_ppo_kl_loss_gradients_are_the_divergences():
+    """As loss terms at tokens sampled from the policy, the estimators' expected gradients (computed exactly, summing
+    over a 5-token vocabulary weighted by the policy) are: k1's zero, k2's the gradient of KL(pi || ref), k3's the
+    gradient of KL(ref || pi) - each against autograd through the divergence itself."""
+    g = torch.Generator().manual_seed(0)
+    theta, ref = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    ref_lp = torch.log_softmax(ref, -1)
+
+    def grad(f):
+        t = theta.clone().requires_grad_()
+        f(t).backward()
+        return t.grad
+    pi = torch.softmax(theta, -1)                                       # the sampling weights, held fixed
+    expected = {k: grad(lambda t, k=k: (pi * ppo.kl_penalty(torch.log_softmax(t, -1), ref_lp, k)).sum())
+                for k in ("k1", "k2", "k3")}
+    forward = grad(lambda t: (torch.softmax(t, -1) * (torch.log_softmax(t, -1) - ref_lp)).sum())
+    backward = grad(lambda t: (ref_lp.exp() * (ref_lp - torch.log_softmax(t, -1))).sum())
+    assert expected["k1"].abs().max() < 1e-6                            # (kl_penalty computes in fp32)
+    assert torch.allclose(expected["k2"], forward, atol=1e-6) and torch.allclose(expected["k3"], backward, atol=1e-6)
+    assert (forward - backward).abs().max() > 1e-2
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -1031,6 +1055,16 @@ def test_ppo_group_scores_by_hand():
         ppo.group_scores(scores, 1, "rloo")
 
 
+@pytest.mark.parametrize("value", [0.7, -1.0, 1.0, 0.1, 1e6])
+def test_ppo_group_scores_of_equal_scores_are_exactly_zero(value):
+    """A group of 15 equal scores (--incorrect-reward 0.7, say) has no signal: every advantage is exactly 0, with and
+    without the std, for grpo and rloo (in fp32 the mean's rounding divided by a ~1e-8 std gave up to 0.1)."""
+    scores = torch.tensor([value] * 15 + [1.0, 0.0, 0.7] * 5)
+    for kind, std in (("grpo", True), ("grpo", False), ("rloo", True)):
+        out = ppo.group_scores(scores, 15, kind, scale_by_std=std)
+        assert out.dtype == torch.float32 and (out[:15] == 0).all() and (out[15:] != 0).any()
+
+
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
 def test_ppo_discounted_returns_match_naive_loop(gamma):
     rewards, mask = ragged([5, 2, 1], T=6, seed=4)
@@ -1091,9 +1125,11 @@ def test_ppo_policy_loss_token_mean_vs_seq_mean():
     adv = torch.tensor([[1.0, 2.0, 3.0], [10.0, GARBAGE, GARBAGE]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     tok, _, _ = ppo.policy_loss(lp, lp, adv, mask)
-    seq, _, _ = ppo.policy_loss(lp, lp, adv, mask, seq_mean=True)
+    seq, _, _ = ppo.policy_loss(lp, lp, adv, mask, agg="seq")
+    fixed, _, _ = ppo.policy_loss(lp, lp, adv, mask, agg="fixed", horizon=8)      # Dr. GRPO: sum / (2 x 8)
     assert tok.item() == pytest.approx(-(1 + 2 + 3 + 10) / 4)
     assert seq.item() == pytest.approx(-((1 + 2 + 3) / 3 + 10) / 2)
+    assert fixed.item() == pytest.approx(-(1 + 2 + 3 + 10) / (2 * 8))
 
 
 # ----------------------------------------------------------------------------- value loss
@@ -1133,7 +1169,7 @@ def test_ppo_value_loss_token_mean_vs_seq_mean():
     R = torch.zeros(2, 3)
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     tok = ppo.value_loss(v, v, R, mask, clip_eps=None)
-    seq = ppo.value_loss(v, v, R, mask, clip_eps=None, seq_mean=True)
+    seq = ppo.value_loss(v, v, R, mask, clip_eps=None, agg="seq")
     assert tok.item() == pytest.approx(0.5 * (1 + 4 + 9 + 16) / 4)
     assert seq.item() == pytest.approx(0.5 * ((1 + 4 + 9) / 3 + 16) / 2)
 
@@ -1571,8 +1607,9 @@ def taught_base(tmp_path_factory):
     return path
 
 
-ESTIMATOR_ARGV = {"gae": [], "grpo": ["--advantage", "grpo", "--samples-per-prompt", "2", "--cuda-graphs"],
-                  "rloo": ["--advantage", "rloo", "--samples-per-prompt", "4", "--kl-in", "loss", "--kl-estimator", "k3"],
+ESTIMATOR_ARGV = {"gae": [], "grpo": ["--advantage", "grpo", "--samples-per-prompt", "2", "--cuda-graphs",
+                                      "--loss-agg", "fixed"],
+                  "rloo": ["--advantage", "rloo", "--samples-per-prompt", "4", "--kl-in", "loss", "--kl-estimator", "k2"],
                   "reinforce++": ["--advantage", "reinforce++", "--gamma", "0.99", "--rollout-chunk", "3"],
                   # the GPU's precision on a CPU: bf16 compute, fp32 masters, bf16 reference, the chunked head in bf16
                   "gae-bf16": ["--precision", "bf16"]}
@@ -1621,6 +1658,88 @@ def test_train_resume_equals_uninterrupted_run(tmp_path, world, advantage, taugh
     assert not (tmp_path / "resumed" / "checkpoint.tmp").exists()
 
 
+# OpenRLHF 0.5.9, transcribed: openrlhf/models/utils.py masked_mean, openrlhf/models/loss.py PolicyLoss and
+# ValueLoss, and the lr_lambda of transformers 4.48.2's cosine_with_min_lr (optimization.py), which 0.5.9's
+# train_ppo.py schedules over ceil(num_episodes * len(prompts) * n_samples // train_batch * max_epochs) optimizer
+# steps with num_warmup_steps = ceil(max_steps * lr_warmup_ratio) and min_lr = 0.1 * lr.
+def _059_masked_mean(tensor, mask, dim=None):
+    if dim is not None:
+        return (tensor * mask).sum(axis=dim) / mask.sum(axis=dim)
+    return (tensor * mask).sum() / mask.sum()
+
+
+def _059_policy_loss(log_probs, old_log_probs, advantages, action_mask, clip_eps=0.2):
+    ratio = (log_probs - old_log_probs).exp()
+    surr1 = ratio * advantages
+    surr2 = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
+    loss = -torch.min(surr1, surr2)
+    return _059_masked_mean(loss, action_mask, dim=-1).mean()
+
+
+def _059_value_loss(values, old_values, returns, action_mask, clip_eps=0.2):
+    values_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    surr1 = (values_clipped - returns) ** 2
+    surr2 = (values - returns) ** 2
+    loss = torch.max(surr1, surr2)
+    loss = _059_masked_mean(loss, action_mask, dim=-1).mean()
+    return 0.5 * loss
+
+
+def _059_lr_lambda(current_step, *, num_warmup_steps, num_training_steps, num_cycles=0.5, min_lr_rate=0.0):
+    if current_step < num_warmup_steps:
+        return float(current_step) / float(max(1, num_warmup_steps))
+    progress = float(current_step - num_warmup_steps) / float(max(1, num_training_steps - num_warmup_steps))
+    factor = 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress))
+    factor = factor * (1 - min_lr_rate) + min_lr_rate
+    return max(0, factor)
+
+
+def test_train_preset_update_and_schedule_equal_openrlhf_059(tmp_path):
+    """--preset med-rlvr against the transcription above: its learning rate at every optimizer step of a MedQA-sized
+    run (19 rollout steps of 512, 4 updates each, 3 of warmup, the first at lr 0), and one update of actor and
+    critic on fixed experience (micro-batches of 2 of a minibatch of 6 responses of unequal lengths) equal to one
+    SGD step on 0.5.9's per-response-mean policy and value losses."""
+    args = train.parse_args(["--preset", "med-rlvr"])
+    steps, per_step = 10178 // args.rollout_batch, args.rollout_batch // args.train_batch
+    total = steps * per_step
+    want = [_059_lr_lambda(u, num_warmup_steps=math.ceil(total * 0.03), num_training_steps=total, min_lr_rate=0.1)
+            for u in range(total)]
+    assert [train.lr_factor(args, u // per_step, u % per_step, steps) for u in range(total)] == want
+    assert want[0] == 0.0 and want[3] == 1.0 and want[-1] == pytest.approx(0.1, abs=1e-3)
+
+    make_checkpoint(tmp_path / "m", tied=True, heads=4, kv_heads=2, layers=2)
+    actor, critic = model.load_model(tmp_path / "m").train(), model.load_model(tmp_path / "m", value_head=True).train()
+    prompts, responses, rows = _fixed_experience(actor.config.vocab_size)
+    exp = _experience_for(prompts, responses, rows)
+    before = {(net, n): p.detach().clone() for net in (actor, critic) for n, p in net.named_parameters()}
+    lp, _ = train.response_logprobs(actor, exp.input_ids, exp.attn, exp.P, 1.0)
+    values = train.response_values(critic, exp.input_ids, exp.attn, exp.P)
+    (_059_policy_loss(lp, exp.old_logprobs, exp.advantages, exp.mask)
+     + _059_value_loss(values, exp.values, exp.returns, exp.mask)).backward()
+    want = {(net, n): before[net, n] - p.grad for net in (actor, critic) for n, p in net.named_parameters()}
+    for net in (actor, critic):
+        net.zero_grad()
+    opts = [torch.optim.SGD(net.parameters(), lr=1.0) for net in (actor, critic)]
+    train.ppo_update(actor, critic, *opts, exp, list(range(len(prompts))), micro_batch=2, temperature=1.0,
+                     clip=args.clip, value_clip=args.value_clip, grad_clip=1e9, loss_agg=args.loss_agg, world=1)
+    moved = 0.0
+    for net in (actor, critic):
+        for n, p in net.named_parameters():
+            assert (p.detach() - want[net, n]).abs().max() <= 1e-6, n
+            moved = max(moved, (p.detach() - before[net, n]).abs().max().item())
+    assert moved > 1e-3
+
+
+def test_train_presets_grpo_and_dr_grpo_are_the_published_forms():
+    grpo, dr = train.parse_args(["--preset", "grpo"]), train.parse_args(["--preset", "dr-grpo"])
+    for a in (grpo, dr):
+        assert (a.advantage, a.kl_in, a.kl_estimator, a.gamma) == ("grpo", "loss", "k3", 1.0)
+        assert a.samples_per_prompt > 1
+    assert (grpo.group_std, grpo.loss_agg, grpo.kl_coef) == (True, "seq", 0.04)
+    assert (dr.group_std, dr.loss_agg) == (False, "fixed")
+    assert train.parse_args(["--preset", "grpo", "--kl-coef", "0.0"]).kl_coef == 0.0        # a flag still wins
+
+
 def test_bench_gpu_report_runs_in_miniature_on_cpu(tmp_path):
     """`bench.py --device cpu --tiny`: the GPU report's four sections run on a CPU and their numbers land in the JSON
     report; the training smoke run passes its three checks (finite, resume exact, graph tokens equal)."""
@@ -1629,6 +1748,7 @@ def test_bench_gpu_report_runs_in_miniature_on_cpu(tmp_path):
     assert list(report) == ["machine", "parity", "rollout", "ppo", "training"]
     assert not [k for k, v in report.items() if "error" in v]
     assert report["parity"]["twins_fp32_max_err"] <= 1e-4 and report["parity"]["bf16_head"]["logprob_err"] <= 1e-5
+    assert report["parity"]["bf16_head"]["ok"] and report["parity"]["ok"]
     assert "cudnn" not in str(report["parity"]["attention_kernels"])
     assert report["rollout"]["graph_rows_identical"] == report["rollout"]["batch"]
     for run in ("default", "--cuda-graphs"):
@@ -1659,7 +1779,7 @@ def test_train_bad_inputs_give_clear_errors(tmp_path):
     (train, ["--steps", "-1"], "--steps"), (train, ["--train-batch", "0"], "--train-batch"),
     (train, ["--ppo-epochs", "0"], "--ppo-epochs"), (train, ["--micro-batch", "0"], "--micro-batch"),
     (train, ["--rollout-batch", "0"], "--rollout-batch"), (train, ["--max-new-tokens", "0"], "--max-new-tokens"),
-    (train, ["--kl-estimator", "k2"], "--kl-estimator"), (train, ["--actor-lr", "nan"], "--actor-lr"),
+    (train, ["--kl-estimator", "k4"], "--kl-estimator"), (train, ["--actor-lr", "nan"], "--actor-lr"),
     (evaluate, ["--limit", "-1"], "--limit"), (evaluate, ["--batch", "0"], "--batch"),
     (evaluate, ["--dose", "-5"], "--dose"), (sft, ["--batch", "0"], "--batch"), (bench, ["--new", "x"], "--new"),
 ], ids=lambda x: x.__name__ if hasattr(x, "__name__") else None)
@@ -1692,7 +1812,10 @@ def test_train_bad_inputs_found_before_any_work(tmp_path):
     _mistake(lambda: train.main(argv("--train-data", str(tmp_path / "four.jsonl"))),
              "4 examples, fewer than --rollout-batch 8", out)
     _mistake(lambda: train.main(argv("--train-batch", "3")), "multiple of --train-batch 3", out)
-    _mistake(lambda: train.main(argv("--kl-in", "loss")), "--kl-in loss needs --kl-estimator k3", out)
+    _mistake(lambda: train.main(argv("--kl-in", "loss")), "--kl-in loss needs --kl-estimator k2 or k3", out)
+    for estimator in ("grpo", "rloo"):
+        _mistake(lambda: train.main(argv("--advantage", estimator, "--samples-per-prompt", "2", "--gamma", "0.9")),
+                 f"--advantage {estimator} with --gamma 0.9", out)
     _mistake(lambda: train.main(argv("--advantage", "grpo")), "--samples-per-prompt 2 or more", out)
     assert sft.parse_args(["--model", "m", "--train", "t"]).out == "runs/sft" and sft.parse_args([]).out == \
         "runs/demo-sft"
@@ -1773,6 +1896,10 @@ def test_train_resume_checks_flags_and_survives_torn_files(tmp_path):
     shutil.copytree(out / "checkpoint", out / "checkpoint.old")
     train.main(_ppo_argv(tmp_path / "base", out, 4, "--resume"))
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
+    # under the cosine schedule --steps sets every learning rate: it may not change on resume
+    train.main(_ppo_argv(tmp_path / "base", tmp_path / "cos", 2, "--lr-schedule", "cosine"))
+    _mistake(lambda: train.main(_ppo_argv(tmp_path / "base", tmp_path / "cos", 3, "--resume", "--lr-schedule",
+                                          "cosine")), "made with --steps 2, not --steps 3")
 
 
 def test_train_diverging_run_stops_and_writes_nothing_non_finite(tmp_path):
@@ -1873,7 +2000,10 @@ def test_train_memory_plan_refuses_3b_on_one_gpu():
     args = train.parse_args(["--preset", "med-rlvr"])
     plan = train.memory_plan(model.Qwen2Config(**cfg), args, 1)
     assert plan["actor (fp32 weights, grads, AdamW)"] == pytest.approx(16 * n / 1e9)
-    assert plan["reference (bf16)"] == pytest.approx(2 * n / 1e9)
+    assert plan["reference"] == pytest.approx(2 * n / 1e9)
+    fp32 = train.memory_plan(model.Qwen2Config(**cfg), train.parse_args(["--preset", "med-rlvr", "--precision",
+                                                                         "fp32"]), 1)
+    assert fp32["reference"] == pytest.approx(4 * n / 1e9) and sum(fp32.values()) > sum(plan.values())
     with pytest.raises(ValueError, match=r"needs about \d+ GB per GPU .* has 80 GB: use more GPUs \(now 1\)"):
         train.check_fits(plan, 80.0, 1)
     train.check_fits(train.memory_plan(model.Qwen2Config(**cfg), args, 8), 80.0, 8)

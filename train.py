@@ -15,7 +15,9 @@ One PPO step, as OpenRLHF 0.5.9 (which Med-RLVR used) does it:
                  -beta * KL(k1) on every response token plus the score on the last one (ppo.token_rewards);
                  GAE(gamma, lambda) gives advantages, whitened over the whole rollout batch, and returns;
   4. learn       `ppo_epochs` passes over minibatches of `train_batch`: the clipped policy loss steps the actor,
-                 the clipped value loss steps the critic (AdamW, grad-norm clipping, linear warmup).
+                 the clipped value loss steps the critic (AdamW, grad-norm clipping; each optimizer step at its
+                 scheduled learning rate: --lr-schedule). Where the KL goes and how the loss is averaged: --kl-in
+                 and --loss-agg (the preset: in the reward; per response, then over responses, as 0.5.9).
 The old log-probs come from the actor's training forward over the finished sequences (as OpenRLHF), at the
 rollout's temperature, so the ratio starts at exactly 1; in fp32 they equal the sampler's own (tested), and the
 gap between the two is logged as `sampler_logprob_err` (bf16 decoding drifts a little).
@@ -55,15 +57,23 @@ import sft
 
 # ------------------------------------------------------------------------------------------------ flags
 PRESETS = {
-    # Med-RLVR (arXiv 2502.19655) as far as it is published: OpenRLHF 0.5.9 on Qwen2.5-3B base with its PPO
-    # defaults (gamma 1, lambda 1, clip 0.2, value clip 0.2, k1 KL in the reward) and the paper's learning rates.
-    # Deliberate deviations from OpenRLHF: constant lr after warmup (it decays by cosine to 0.1 lr), token-mean
-    # loss (0.5.x averages per sequence: --loss-agg seq), old log-probs and all else as documented above.
+    # Med-RLVR (arXiv 2502.19655): OpenRLHF 0.5.9 on Qwen2.5-3B base, with 0.5.9's defaults wherever the paper is
+    # silent: PPO with a critic, gamma 1, lambda 1, clip 0.2, value clip 0.2, k1 KL (0.01) in the reward, the loss
+    # averaged per response, cosine_with_min_lr over the optimizer steps (3% warmup, down to 0.1 lr). The README
+    # traces every value to its source, and lists what we do differently and why.
     "med-rlvr": dict(steps=0, rollout_batch=512, train_batch=128, micro_batch=4, ppo_epochs=1,
-                     actor_lr=1e-6, critic_lr=9e-6, warmup=5, kl_coef=0.01, kl_estimator="k1", gamma=1.0,
-                     lam=1.0, clip=0.2, value_clip=0.2, temperature=1.0, max_prompt_len=1024,
-                     max_new_tokens=1024, eval_limit=0, eval_batch=128, save_every=5, sample_every=1,
-                     grad_checkpoint=True),
+                     actor_lr=1e-6, critic_lr=9e-6, lr_schedule="cosine", warmup_ratio=0.03, min_lr_ratio=0.1,
+                     kl_coef=0.01, kl_estimator="k1", gamma=1.0, lam=1.0, clip=0.2, value_clip=0.2, loss_agg="seq",
+                     temperature=1.0, max_prompt_len=1024, max_new_tokens=1024, eval_limit=0, eval_batch=128,
+                     save_every=5, sample_every=1, grad_checkpoint=True),
+    # DeepSeekMath's GRPO (arXiv 2402.03300): group-normalised scores, the KL (k3, beta 0.04) in the loss, each
+    # response's token-mean averaged over responses (its groups had 64 responses; 8 here)
+    "grpo": dict(advantage="grpo", samples_per_prompt=8, group_std=True, kl_in="loss", kl_estimator="k3",
+                 kl_coef=0.04, loss_agg="seq"),
+    # Dr. GRPO (arXiv 2503.20783): GRPO's two length and difficulty biases removed, no division by the group's std
+    # and a constant divisor (responses x max-new-tokens) in place of each response's length; else as grpo
+    "dr-grpo": dict(advantage="grpo", samples_per_prompt=8, group_std=False, kl_in="loss", kl_estimator="k3",
+                    kl_coef=0.04, loss_agg="fixed"),
 }
 
 
@@ -88,11 +98,20 @@ def make_parser():
     p.add_argument("--ppo-epochs", type=c.positive_int, default=2, help="passes over each step's experience")
     p.add_argument("--actor-lr", type=c.positive_float, default=5e-4, help="actor AdamW learning rate")
     p.add_argument("--critic-lr", type=c.positive_float, default=1e-3, help="critic AdamW learning rate")
-    p.add_argument("--warmup", type=c.nonneg_int, default=3, help="steps of linear learning-rate warmup")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="constant: linear warmup over --warmup PPO steps, then constant; cosine: OpenRLHF 0.5.9's, per "
+                        "optimizer step: linear from 0 over the first --warmup-ratio of them, then a half cosine down "
+                        "to --min-lr-ratio x lr")
+    p.add_argument("--warmup", type=c.nonneg_int, default=3, help="constant: PPO steps of linear warmup")
+    p.add_argument("--warmup-ratio", type=c.prob_float, default=0.03, help="cosine: share of the optimizer steps "
+                                                                           "that warm up (rounded up)")
+    p.add_argument("--min-lr-ratio", type=c.prob_float, default=0.1, help="cosine: the last lr, a share of the lr")
     p.add_argument("--weight-decay", type=c.nonneg_float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=c.positive_float, default=1.0, help="gradient-norm clip, actor and critic")
     p.add_argument("--advantage", choices=["gae", "grpo", "rloo", "reinforce++"], default="gae",
-                   help="gae: PPO with a critic (Med-RLVR); grpo, rloo, reinforce++: critic-free (ppo.py)")
+                   help="gae: PPO with a critic (Med-RLVR); critic-free: grpo (OpenRLHF's group_norm; --preset grpo "
+                        "for DeepSeekMath's form), rloo (OpenRLHF's), reinforce++ (OpenRLHF 0.5.9's reinforce); "
+                        "ppo.py says which reference each equals")
     p.add_argument("--samples-per-prompt", type=c.positive_int, default=1,
                    help="responses sampled per prompt, a group (grpo and rloo need >= 2)")
     p.add_argument("--group-std", action=argparse.BooleanOptionalAction, default=True,
@@ -100,15 +119,17 @@ def make_parser():
     p.add_argument("--kl-coef", type=c.nonneg_float, default=0.01, help="beta: weight of the per-token KL penalty")
     p.add_argument("--kl-in", choices=["reward", "loss"], default="reward",
                    help="reward: -beta*KL in every token's reward (OpenRLHF); loss: beta*KL added to the policy "
-                        "loss (GRPO, with --kl-estimator k3)")
-    p.add_argument("--kl-estimator", choices=["k1", "k3"], default="k1",
-                   help="k1 = log pi - log pi_ref (OpenRLHF's default), k3 = Schulman's positive estimator")
+                        "loss (GRPO; needs k2 or k3)")
+    p.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default="k1",
+                   help="k1 = log pi - log pi_ref (OpenRLHF's default), k2 = k1^2 / 2, k3 = Schulman's positive "
+                        "unbiased estimator; as a loss k2's gradient is KL(pi||ref)'s, k3's KL(ref||pi)'s")
     p.add_argument("--gamma", type=c.prob_float, default=1.0, help="GAE discount")
     p.add_argument("--lam", type=c.prob_float, default=1.0, help="GAE lambda (OpenRLHF 0.5.9's default is 1)")
     p.add_argument("--clip", type=c.positive_float, default=0.2, help="PPO ratio clip epsilon")
     p.add_argument("--value-clip", type=c.positive_float, default=0.2, help="value clip around the old values")
-    p.add_argument("--loss-agg", choices=["token", "seq"], default="token",
-                   help="token: token-mean over the minibatch; seq: mean per response, then over responses")
+    p.add_argument("--loss-agg", choices=["token", "seq", "fixed"], default="token",
+                   help="token: token-mean over the minibatch; seq: mean per response, then over responses "
+                        "(OpenRLHF 0.5.9, the preset); fixed: token sum / (responses x --max-new-tokens) (Dr. GRPO)")
     p.add_argument("--temperature", type=c.positive_float, default=1.0, help="sampling temperature of rollouts")
     p.add_argument("--top-p", type=c.unit_float, default=1.0, help="nucleus sampling; keep 1 for training")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -310,17 +331,18 @@ def make_experience(actor, critic, ref, tok, examples, prompts, generator, args,
 
 # ------------------------------------------------------------------------------------------------ learning
 def ppo_update(actor, critic, actor_opt, critic_opt, exp: Experience, rows, *, micro_batch, temperature, clip,
-               value_clip, grad_clip, loss_agg, world, kl_coef=0.0, kl_estimator="k3"):
+               value_clip, grad_clip, loss_agg, world, kl_coef=0.0, kl_estimator="k3", horizon=None):
     """Step 4, one optimizer step of the actor (and the critic, unless it is None) on the rows `rows` of this
     rank's experience. kl_coef > 0 adds kl_coef * KL(actor || reference) to the policy loss (--kl-in loss).
 
     The loss is averaged over the whole minibatch of all ranks ("token": every response token weighs the same;
-    "seq": every response does): each micro-batch's mean is weighted by its share of the global count, and the
-    world size undoes FSDP's gradient averaging. Returns the minibatch's metrics, this rank's share of them
+    "seq": every response does; "fixed": token sums over responses x horizon, the response budget): each
+    micro-batch's loss is weighted by its share of the global count (tokens, or responses), and the world size
+    undoes FSDP's gradient averaging. Returns the minibatch's metrics, this rank's share of them
     (all_sum them over the ranks), and `skipped` = 1.0 when a non-finite gradient skipped the step."""
     count = (lambda m: float(m.sum())) if loss_agg == "token" else (lambda m: float(len(m)))
     n_global = common.all_sum(count(exp.mask[rows]), world)
-    seq_mean = loss_agg == "seq"
+    agg = dict(agg=loss_agg, horizon=horizon)
     m = {}
     for a in range(0, len(rows), micro_batch):
         s = rows[a:a + micro_batch]
@@ -328,16 +350,16 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp: Experience, rows, *, m
         weight = count(mask) / n_global
         logprobs, entropy = response_logprobs(actor, ids, attn, P, temperature)    # [b, R]; rollout's temperature
         pl, clip_frac, approx_kl = ppo.policy_loss(logprobs, exp.old_logprobs[s], exp.advantages[s], mask, clip,
-                                                   seq_mean)
+                                                   **agg)
         out = dict(policy_loss=pl, clip_frac=clip_frac, approx_kl=approx_kl)
         if kl_coef:                                                                # the KL as a loss term (GRPO)
             kl = ppo.kl_penalty(logprobs, exp.ref_logprobs[s], kl_estimator)
-            out["kl_loss"] = ppo.masked_mean(kl, mask, dim=-1).mean() if seq_mean else ppo.masked_mean(kl, mask)
+            out["kl_loss"] = ppo.aggregate(kl, mask, **agg)
             pl = pl + kl_coef * out["kl_loss"]
         (pl * weight * world).backward()
         if critic is not None:
             values = response_values(critic, ids, attn, P)
-            out["value_loss"] = ppo.value_loss(values, exp.values[s], exp.returns[s], mask, value_clip, seq_mean)
+            out["value_loss"] = ppo.value_loss(values, exp.values[s], exp.returns[s], mask, value_clip, **agg)
             (out["value_loss"] * weight * world).backward()
         with torch.no_grad():
             out["entropy"] = ppo.masked_mean(entropy, mask)
@@ -349,20 +371,35 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp: Experience, rows, *, m
     return m
 
 
-def learn(actor, critic, actor_opt, critic_opt, exp: Experience, step, args, world, skipped_in_a_row):
+def lr_factor(args, step, update, steps) -> float:
+    """The learning rate of PPO step `step`'s `update`-th optimizer step, as a share of --actor-lr / --critic-lr
+    (--lr-schedule). cosine counts optimizer steps, as OpenRLHF 0.5.9's scheduler: all `steps` PPO steps' worth."""
+    if args.lr_schedule == "constant":
+        return common.lr_at(step, 1.0, args.warmup)
+    per_step = args.ppo_epochs * args.rollout_batch * args.samples_per_prompt // args.train_batch
+    total = steps * per_step
+    return common.cosine_lr(step * per_step + update, total, math.ceil(total * args.warmup_ratio), args.min_lr_ratio)
+
+
+def learn(actor, critic, actor_opt, critic_opt, exp: Experience, step, steps, args, world, skipped_in_a_row):
     """Step 4: `ppo_epochs` passes over the experience in minibatches of `train_batch` (this rank's share of each
-    minibatch, in a seeded order). -> (the metrics averaged over the updates, with the number of skipped updates;
-    the count of updates skipped in a row so far). Too many skipped in a row stop the run."""
+    minibatch, in a seeded order), each optimizer step at its scheduled learning rate. -> (the metrics averaged
+    over the updates, with the number of skipped updates; the count of updates skipped in a row so far). Too many
+    skipped in a row stop the run."""
     m, per_rank, n_updates, n_skipped = {}, args.train_batch // world, 0, 0
     for epoch in range(args.ppo_epochs):
         g = torch.Generator().manual_seed(seed_for("minibatch", args.seed, step, epoch))
         order = torch.randperm(len(exp.scores), generator=g).tolist()
         for a in range(0, len(order), per_rank):
+            factor = lr_factor(args, step, n_updates, steps)
+            for opt, lr in ((actor_opt, args.actor_lr), (critic_opt, args.critic_lr)):
+                for group in opt.param_groups if opt is not None else []:
+                    group["lr"] = lr * factor
             update = ppo_update(actor, critic, actor_opt, critic_opt, exp, order[a:a + per_rank],
                                 micro_batch=args.micro_batch, temperature=args.temperature, clip=args.clip,
                                 value_clip=args.value_clip, grad_clip=args.grad_clip, loss_agg=args.loss_agg,
                                 world=world, kl_coef=args.kl_coef if args.kl_in == "loss" else 0.0,
-                                kl_estimator=args.kl_estimator)
+                                kl_estimator=args.kl_estimator, horizon=args.max_new_tokens)
             skipped = update.pop("skipped")                 # the same on every rank
             n_skipped += skipped
             skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
@@ -400,7 +437,7 @@ TRAJECTORY_FLAGS = ("advantage", "samples_per_prompt", "group_std", "kl_in", "ro
                     "ppo_epochs", "actor_lr", "critic_lr", "warmup", "weight_decay", "grad_clip", "kl_coef",
                     "kl_estimator", "gamma", "lam", "clip", "value_clip", "loss_agg", "temperature", "top_p",
                     "max_prompt_len", "max_new_tokens", "incorrect_reward", "seed", "rollout_chunk",
-                    "cuda_graphs", "precision")
+                    "cuda_graphs", "precision", "lr_schedule", "warmup_ratio", "min_lr_ratio")
 
 
 def find_checkpoint(args, world):
@@ -425,7 +462,8 @@ def find_checkpoint(args, world):
     if not same_path(args.train_data, saved.get("train_data")):
         raise ValueError(f"--resume: {ckpt} was trained on --train-data {saved.get('train_data')}, "
                          f"not {args.train_data}")
-    changed = [k for k in TRAJECTORY_FLAGS if k in saved and saved[k] != getattr(args, k)]
+    keys = TRAJECTORY_FLAGS + (("steps",) if args.lr_schedule == "cosine" else ())    # it sets the schedule's length
+    changed = [k for k in keys if k in saved and saved[k] != getattr(args, k)]
     if changed:
         was = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
         now = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in changed)
@@ -493,9 +531,13 @@ def check_flags(args, world):
     if args.advantage in ("grpo", "rloo") and args.samples_per_prompt < 2:
         raise ValueError(f"--advantage {args.advantage} compares the responses to one prompt: give "
                          "--samples-per-prompt 2 or more")
-    if args.kl_in == "loss" and args.kl_estimator != "k3":
-        raise ValueError("--kl-in loss needs --kl-estimator k3: as a loss, k1's gradient is not the KL's (its "
-                         "expectation under the sampling policy is zero at the first minibatch)")
+    if args.kl_in == "loss" and args.kl_estimator == "k1":
+        raise ValueError("--kl-in loss needs --kl-estimator k2 or k3: as a loss, k1's gradient is zero in expectation "
+                         "(k2's is the gradient of KL(pi||ref), k3's of KL(ref||pi))")
+    if args.advantage in ("grpo", "rloo") and args.gamma != 1.0:
+        raise ValueError(f"--advantage {args.advantage} with --gamma {args.gamma}: discounting a score shifted by "
+                         "its group's baseline makes the advantage depend on the response's length; use --gamma 1 "
+                         "(OpenRLHF forces it)")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: choose one")
     if args.model is not None:                                   # a missing or broken checkpoint, named, now
@@ -503,29 +545,29 @@ def check_flags(args, world):
 
 
 def memory_plan(config, args, world) -> dict:
-    """Estimated GB per GPU, by part, for this configuration (a plan, not a measurement; bf16 compute, fp32 master
-    weights). Sharded over the ranks: actor (and, for gae, critic) weights + gradients + AdamW's two moments in fp32,
-    16 bytes a parameter; the bf16 reference, 2. Then the larger of the two phases: the rollout (the actor's full
-    bf16 weights + the KV cache of the sequences decoded together) and the update (one micro-batch's activations: with
-    --grad-checkpoint each block's input, else ~34 values a token per block; plus two gathered blocks and the LM
-    head's chunk)."""
+    """Estimated GB per GPU, by part, for this configuration (a plan, not a measurement; fp32 master weights, compute
+    in bf16, or fp32 with --precision fp32: b bytes a value). Sharded over the ranks: actor (and, for gae, critic)
+    weights + gradients + AdamW's two moments in fp32, 16 bytes a parameter; the reference, b. Then the larger of the
+    two phases: the rollout (the actor's full weights + the KV cache of the sequences decoded together) and the
+    update (one micro-batch's activations: with --grad-checkpoint each block's input, else ~17 hidden-sized values
+    a token per block; plus two gathered blocks, the LM head's chunks and its fp32 weight gradient and temporary)."""
     L, H, I, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
     kv = config.num_key_value_heads * (H // config.num_attention_heads)
     block = 2 * H + H * H + 2 * H * kv + H * H + 3 * H * I + H + 2 * kv     # norms, q, k+v, o, mlp, biases
     n = L * block + V * H * (1 if config.tie_word_embeddings else 2) + H
-    gb, seq = 1e9, args.max_prompt_len + args.max_new_tokens
+    gb, seq, b = 1e9, args.max_prompt_len + args.max_new_tokens, 4 if args.precision == "fp32" else 2
     per_rank = args.rollout_batch * args.samples_per_prompt // world
     plan = {"actor (fp32 weights, grads, AdamW)": 16 * n / world / gb,
-            "reference (bf16)": 2 * n / world / gb}
+            "reference": b * n / world / gb}
     if args.advantage == "gae":
         n_critic = n - (0 if config.tie_word_embeddings else V * H) + H       # no LM head; a value head
         plan["critic (fp32 weights, grads, AdamW)"] = 16 * n_critic / world / gb
     decoding = min(per_rank, args.rollout_chunk or per_rank)                  # sequences decoded together
-    rollout = 2 * n + L * 2 * kv * 2 * decoding * seq                           # full bf16 weights + K and V
+    rollout = b * n + L * 2 * kv * b * decoding * seq                           # full weights + K and V
     tokens = args.micro_batch * seq
-    acts = tokens * H * 2 * L if args.grad_checkpoint else tokens * 34 * H * L
-    update = acts + tokens * (2 * H + 3 * I) * 2 + 2 * block * 2 + 3 * 2**28     # one block's temporaries, head
-    plan["rollout (full bf16 weights, KV cache)" if rollout > update else "update (activations)"] = \
+    acts = tokens * H * b * L if args.grad_checkpoint else tokens * 17 * b * H * L
+    update = acts + tokens * (2 * H + 3 * I) * b + 2 * block * b + 3 * 2**28 + 2 * 4 * V * H  # a block's, the head's
+    plan["rollout (full weights, KV cache)" if rollout > update else "update (activations)"] = \
         max(rollout, update) / gb
     return plan
 
@@ -596,6 +638,7 @@ def step_rows(step, n_train, rollout_batch, seed, perms):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = common.init_distributed(args.precision)
+    args.precision = "bf16" if common.compute_dtype(args.precision, device) == torch.bfloat16 else "fp32"  # recorded
     torch.manual_seed(args.seed)                  # the critic's fresh value head; every other draw uses seed_for
     out = Path(args.out)
     log = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
@@ -667,20 +710,17 @@ def run(args, ckpt, start, train_set, eval_set, tok, train_prompts, eval_prompts
         for step in bar:
             t0 = time.time()
             rows = step_rows(step, len(train_set), args.rollout_batch, args.seed, perms)[rank::world]
-            for (_, opt), lr in zip(trained.values(), (args.actor_lr, args.critic_lr)):
-                for g in opt.param_groups:
-                    g["lr"] = common.lr_at(step, lr, args.warmup)
             # 1-3. rollout, reward, experience
             gen = torch.Generator(device).manual_seed(seed_for("rollout", args.seed, step, rank))
             exp, stats = make_experience(actor, critic, ref, tok, [train_set[i] for i in rows],
                                          [train_prompts[i] for i in rows], gen, args, world, device)
             # 4. learn
             t1 = time.time()
-            m, skipped_in_a_row = learn(actor, critic, actor_opt, critic_opt, exp, step, args, world,
+            m, skipped_in_a_row = learn(actor, critic, actor_opt, critic_opt, exp, step, steps, args, world,
                                         skipped_in_a_row)
 
             n = common.all_sum(stats["n"], world)
-            row = {"step": step + 1, "lr": common.lr_at(step, args.actor_lr, args.warmup)}
+            row = {"step": step + 1, "lr": args.actor_lr * lr_factor(args, step, 0, steps)}     # its first update's
             row.update({k: common.all_sum(stats[k], world) / n for k in
                         ("reward", "accuracy", "format", "truncated", "kl", "direct_answer", "sampler_logprob_err")})
             row["response_length"] = common.all_sum(stats["response_length"], world) / n
