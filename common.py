@@ -26,9 +26,11 @@ message that names the flag, before any work starts.
 """
 import argparse
 import datetime
+import fnmatch
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -205,6 +207,62 @@ def lock(out: Path):
 def unlock(f):
     if f is not None:
         f.close()                                # closing the file releases the lock; the file itself stays
+
+
+# ------------------------------------------------------------------------------------------------ hub ids
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")       # org/name, or org/name:split for data
+FILE_SUFFIX = re.compile(r"\.(jsonl|json|parquet|csv|txt|safetensors)$")    # a missing file, not an id
+MODEL_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json"]
+
+
+def from_hub(arg: str | None, kind: str, split: str | None = None, world: int = 1) -> str | None:
+    """A path as it is; a Hugging Face id (not an existing path, and `org/name`, or `org/name:split` for data) -> the
+    local path of its files in the HF cache: kind "model" a checkpoint folder (config, safetensors, tokenizer only),
+    kind "data" the one file of its split (`split` unless the id names one: the file whose name holds it). Fetched
+    once, by local rank 0 of each node under a file lock while the other ranks wait; then every rank reads the cache.
+    HF_HOME and HF_HUB_OFFLINE work as everywhere; an id that is neither cached nor reachable is one error line."""
+    if arg is None or Path(arg).exists() or not HUB_ID.fullmatch(arg) or FILE_SUFFIX.search(arg):
+        return arg                               # (a missing path is reported, by name, where it is read)
+    try:
+        import huggingface_hub as hub
+        from huggingface_hub import constants
+    except ImportError:
+        raise ImportError(f"{arg}: reading a Hugging Face id needs huggingface_hub (pip install huggingface_hub), "
+                          "or give a local path") from None
+    repo, _, named = arg.partition(":")
+    split = named or split
+    patterns = MODEL_FILES if kind == "model" else [f"*{split}*.{ext}" for ext in ("jsonl", "json", "parquet")]
+    repo_type = "model" if kind == "model" else "dataset"
+
+    def get(cached_only):
+        return hub.snapshot_download(repo, repo_type=repo_type, allow_patterns=patterns, local_files_only=cached_only)
+    fetch_error = None
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        import fcntl
+        Path(constants.HF_HUB_CACHE).mkdir(parents=True, exist_ok=True)
+        with open(Path(constants.HF_HUB_CACHE) / ".med-rlvr.lock", "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)           # one download at a time, also across runs
+            try:
+                get(cached_only=False)
+            except Exception as e:                          # every rank reports it below, from the cache
+                fetch_error = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else \
+                    (str(e).strip().splitlines() or [type(e).__name__])[0]
+    barrier(world)
+    try:
+        folder = Path(get(cached_only=True))
+    except Exception:
+        hint = " --repo-type dataset" if kind == "data" else ""
+        raise ValueError(f"{arg}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and not fetched "
+                         f"({fetch_error or 'another rank fetches it'}); run once with network access (HF_HUB_OFFLINE "
+                         f"unset), `huggingface-cli download {repo}{hint}`, or give a local path") from None
+    if kind == "model":
+        return str(folder)
+    files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()
+                   and any(fnmatch.fnmatch(f.name, p) for p in patterns))
+    if len(files) != 1:
+        raise ValueError(f"{arg}: {'no' if not files else len(files)} files for split {split!r} in {repo} "
+                         f"({', '.join(files) or 'none'}); name the split (org/name:split) or give a local path")
+    return str(folder / files[0])
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2

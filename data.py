@@ -3,9 +3,10 @@ Data for Med-RLVR: the Qwen2.5 tokenizer, the multiple-choice datasets, and the 
 
 - load_tokenizer / eos_token_id / decode: a plain `tokenizers.Tokenizer` read from a checkpoint's
   tokenizer.json. Qwen2.5 base uses "<|endoftext|>" (id 151643) as both EOS and pad.
-- load_medqa / load_mmlu_pro: read the released files into a list of `Example`s with options lettered
-  A, B, C, ... in order and the answer as a letter. MedQA is the jind11 JSON-lines release; MMLU-Pro is
-  TIGER-Lab's release, as JSON lines or as .parquet (the latter needs pyarrow).
+- load_questions (= load_medqa, load_mmlu_pro): read a released multiple-choice file into a list of
+  `Example`s with options lettered A, B, C, ... in order and the answer as a letter, its schema found from
+  its fields (SCHEMAS: MedQA as jind11 and GBaker released it, MedQA's -hf form, TIGER-Lab's MMLU-Pro),
+  as JSON lines or as .parquet (the latter needs pyarrow).
 - build_prompt: the R1-Zero-style base-model prompt (think in <think></think>, answer with a letter in
   <answer></answer>), ending with the pre-filled "<think>".
 - make_dose_questions / dose_solution / train_demo_tokenizer: the CPU demo's synthetic, verifiable task
@@ -109,16 +110,63 @@ def _rows(path):
             yield where, row
 
 
-def _load(path, to_example) -> list[Example]:
-    """Convert every row with `to_example`, turning any malformed row into one ValueError naming it."""
-    examples = []
+def _medqa(row, category):
+    """MedQA-USMLE as jind11 released it (4- and 5-option files) and GBaker's copy: question, options {"A": ...},
+    answer_idx (a letter), answer (its text), meta_info. The letters differ between the 4- and 5-option files, so the
+    answer text is checked against its letter: a row whose letter came from the other file is an error."""
+    options = {k: str(v) for k, v in sorted(row["options"].items())}     # sort: key order is not promised
+    if "answer" in row and options.get(row["answer_idx"]) != str(row["answer"]):
+        raise ValueError(f"answer_idx {row['answer_idx']!r} is option {options.get(row['answer_idx'])!r}, but answer "
+                         f"says {row['answer']!r} (the letter of another release: 4 vs 5 options?)")
+    return Example(str(row["question"]), options, row["answer_idx"], str(row.get("meta_info", "")))
+
+
+def _medqa_hf(row, category):
+    """MedQA's -hf form (SWAG-style: sent1, ending0..ending3, an integer label)."""
+    endings = [str(row[f"ending{i}"]) for i in range(10) if f"ending{i}" in row]
+    question = " ".join(str(row[k]) for k in ("sent1", "sent2") if row.get(k))
+    return Example(question, dict(zip(LETTERS, endings)), LETTERS[int(row["label"])], "")
+
+
+def _mmlu_pro(row, category):
+    """MMLU-Pro as TIGER-Lab released it: question, options (a list of 3-10 strings), answer (a letter), category,
+    src; `category` keeps only its rows (e.g. "health": 818 of the 12,032 test rows)."""
+    if category is not None and row["category"] != category:
+        return None
+    # "N/A" pads some validation rows to 10 options (always at the end); the official MMLU-Pro evaluation drops
+    # them too, so the letters of the real options do not change.
+    options = [str(o) for o in row["options"] if o != "N/A"]
+    # Trust `answer`, not `answer_index`: they disagree on one chemistry test row (question_id 3983).
+    return Example(str(row["question"]), dict(zip(LETTERS, options)), row["answer"], str(row.get("src", "")))
+
+
+# The multiple-choice schemas we read, told apart by the fields of a file's first row (the first match wins).
+SCHEMAS = [("MedQA (jind11, GBaker): question, options {letter: text}, answer_idx", {"question", "options",
+                                                                                     "answer_idx"}, _medqa),
+           ("MedQA -hf: sent1, ending0..ending3, label", {"sent1", "ending0", "label"}, _medqa_hf),
+           ("MMLU-Pro: question, options [texts], answer, category", {"question", "options", "answer", "category"},
+            _mmlu_pro)]
+
+
+def load_questions(path, category: str | None = None) -> list[Example]:
+    """A multiple-choice file (.jsonl, or .parquet with pyarrow) in any schema of SCHEMAS, found from its first row
+    -> Examples with options lettered A, B, C, ... in order and the answer a letter. `category`: MMLU-Pro's rows of
+    that category only. An unknown schema is one error naming the file, the fields found and the schemas known; a
+    malformed row, one naming its line."""
+    examples, convert = [], None
     for where, row in _rows(path):
+        if convert is None:
+            fields = set(row) if isinstance(row, dict) else set()
+            convert = next((f for _, need, f in SCHEMAS if need <= fields), None)
+            if convert is None:
+                raise ValueError(f"{path}: unknown schema (fields {sorted(fields)}); known: "
+                                 + "; ".join(name for name, _, _ in SCHEMAS))
         try:
-            ex = to_example(row)
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            ex = convert(row, category)
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
             raise ValueError(f"{where}: malformed row ({type(e).__name__}: {e})") from None
         if ex is None:
-            continue  # filtered out by the caller
+            continue  # not of the asked category
         if not 2 <= len(ex.options) <= 10:
             raise ValueError(f"{where}: {len(ex.options)} options; 2 to 10 (A-J, the letters the reward reads) "
                              "are supported")
@@ -132,26 +180,8 @@ def _load(path, to_example) -> list[Example]:
     return examples
 
 
-def load_medqa(path) -> list[Example]:
-    """MedQA-USMLE, jind11 JSON lines: question, options {"A": ..., "D": ...}, answer_idx (letter), meta_info."""
-    def to_example(row):
-        options = {k: str(v) for k, v in sorted(row["options"].items())}  # sort: key order is not promised
-        return Example(str(row["question"]), options, row["answer_idx"], str(row.get("meta_info", "")))
-    return _load(path, to_example)
-
-
-def load_mmlu_pro(path, category: str | None = None) -> list[Example]:
-    """MMLU-Pro, released fields: question, options (list of 3-10 strings), answer (letter), category, src.
-    `category` keeps only rows of that category (e.g. "health": 818 of the 12,032 test rows)."""
-    def to_example(row):
-        if category is not None and row["category"] != category:
-            return None
-        # "N/A" pads some validation rows to 10 options (always at the end); the official MMLU-Pro
-        # evaluation drops them too, so the letters of the real options do not change.
-        options = [str(o) for o in row["options"] if o != "N/A"]
-        # Trust `answer`, not `answer_index`: they disagree on one chemistry test row (question_id 3983).
-        return Example(str(row["question"]), dict(zip(LETTERS, options)), row["answer"], str(row["src"]))
-    return _load(path, to_example)
+load_medqa = load_questions          # the names the scripts use: MedQA's splits, MMLU-Pro's (health) rows
+load_mmlu_pro = load_questions
 
 
 # -----------------------------------------------------------------------------

@@ -379,9 +379,10 @@ def spread(paths) -> str:
 def make_parser():
     parser = common.parser(__doc__)
     c = common
-    parser.add_argument("--model", nargs="+", default=[], help="checkpoint folders (HF layout), side by side")
-    parser.add_argument("--medqa", help="MedQA jsonl (jind11 format), e.g. the test split")
-    parser.add_argument("--mmlu-pro", help="MMLU-Pro jsonl/parquet; its health category is used")
+    parser.add_argument("--model", nargs="+", default=[], help="checkpoint folders (HF layout) or hub ids, side by side")
+    parser.add_argument("--medqa", help="MedQA test questions: a file (data.SCHEMAS) or a hub id, org/name[:split]")
+    parser.add_argument("--mmlu-pro", help="MMLU-Pro: a jsonl/parquet file or a hub id (TIGER-Lab/MMLU-Pro); its "
+                                           "health category is used")
     parser.add_argument("--dose", type=c.nonneg_int, default=0, help="N held-out questions of the CPU demo's dose task")
     parser.add_argument("--prompt", choices=["rlvr", "direct", "cot"], default="rlvr",
                         help="how the model is asked (see the docstring)")
@@ -423,11 +424,13 @@ def main(argv=None):
             parser.error("--medqa / --mmlu-pro need --model DIR [DIR ...]")
         return demo_study(args)
 
-    datasets = {}
+    datasets = {}         # a hub id becomes its files in the HF cache (split test unless it names one)
+    args.model = [common.from_hub(path, "model") for path in args.model]
     if args.medqa:
-        datasets["MedQA"] = data.load_medqa(args.medqa)
+        datasets["MedQA"] = data.load_medqa(common.from_hub(args.medqa, "data", "test"))
     if args.mmlu_pro:     # the whole test set (12,032 rows) or its health rows (818): keep the health category
-        datasets["MMLU-Pro-Health"] = data.load_mmlu_pro(args.mmlu_pro, category="health")
+        datasets["MMLU-Pro-Health"] = data.load_mmlu_pro(common.from_hub(args.mmlu_pro, "data", "test"),
+                                                         category="health")
     if args.dose:
         datasets["Dose (demo)"] = data.demo_questions("eval", args.dose)           # the demo's held-out questions
     if not datasets:

@@ -13,10 +13,10 @@ responses to the same prompt, then the plain discounted return:
 
   gae          PPO with a critic: GAE(gamma, lambda) of the per-token rewards, whitened (Med-RLVR;
                OpenRLHF 0.5.9's gae)
-  grpo         score - group mean, / group std -> returns. With the KL in the reward (k1) this is OpenRLHF's
-               group_norm (added after 0.5.9); DeepSeekMath's GRPO puts a k3 KL in the loss and averages per
-               response (train.py --preset grpo); without the std and with a fixed-length loss, Dr. GRPO
-               (--preset dr-grpo)
+  grpo         score - group mean, / (group std + 1e-6) -> returns. With the KL in the reward (k1) this is
+               OpenRLHF's group_norm (added after 0.5.9; its epsilon is 1e-9); DeepSeekMath's GRPO puts a k3 KL
+               in the loss and averages per response (train.py --preset grpo); without the std, with a
+               fixed-length loss and no KL, Dr. GRPO (--preset dr-grpo)
   rloo         score - mean of the group's *other* responses, per-token KL outside the baseline: OpenRLHF's
                rloo (less 0.5.9's batch whitening), not TRL's / Ahmadian et al.'s sequence-level form
   reinforce++  the score as it is, returns whitened over the batch (Hu 2025; OpenRLHF 0.5.9's "reinforce")
@@ -79,9 +79,10 @@ def kl_penalty(logprobs, ref_logprobs, kind="k1"):
       k1 = logp - ref_logp                      unbiased, can be negative per token; OpenRLHF's default
       k2 = 0.5 * (logp - ref_logp)^2            biased, >= 0
       k3 = exp(ref - logp) - (ref - logp) - 1   unbiased and >= 0, lower variance
-    As a loss term (differentiated through logp, at tokens sampled from the policy), their gradients are,
-    in expectation: k1's zero (useless as a loss), k2's the gradient of KL(policy || ref), k3's the
-    gradient of KL(ref || policy)."""
+    As a loss term (differentiated through logp), their gradients are, in expectation over tokens drawn
+    from the current policy at one position: k1's zero (useless as a loss), k2's the gradient of
+    KL(policy || ref), k3's the gradient of KL(ref || policy). (Summed over a sequence they miss the
+    score-function terms of later positions, and after the first minibatch the tokens are off-policy.)"""
     if kind == "k1":
         return logprobs.float() - ref_logprobs.float()
     if kind == "k2":

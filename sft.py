@@ -34,10 +34,12 @@ import model as M
 # ------------------------------------------------------------------------------------------------ flags
 def make_parser():
     p = common.parser(__doc__)
-    p.add_argument("--model", help="base checkpoint folder (HF layout: config.json, *.safetensors, tokenizer.json); "
+    p.add_argument("--model", help="base checkpoint folder (HF layout: config.json, *.safetensors, tokenizer.json) "
+                                   "or a hub id (Qwen/Qwen2.5-3B); "
                                    "default: the CPU demo's base model (runs/demo-base), with DEMO_BASELINE's "
                                    "settings for the flags not given")
-    p.add_argument("--train", help="MedQA train split, jind11 JSON lines; default with the demo: its RL training "
+    p.add_argument("--train", help="MedQA train split: a file (data.SCHEMAS) or a hub id, org/name[:split]; "
+                                   "default with the demo: its RL training "
                                    "questions")
     p.add_argument("--out", help="where the fine-tuned model is written (HF layout); default: runs/demo-sft for the "
                                  "demo, runs/sft with --model")
@@ -220,9 +222,10 @@ def main(argv=None):
     if args.model is None:                                       # the demo: its base (built once) and questions
         args.model = str(build_demo_base(Path(DEMO_BASE), rank, world, device))
         examples = data.demo_questions("train")                  # train.py's training questions
-    else:
+    else:                                                        # a hub id becomes its files in the HF cache
+        args.model = common.from_hub(args.model, "model", world=world)
         common.check_checkpoint(args.model)                      # before any work
-        examples = data.load_medqa(args.train)
+        examples = data.load_medqa(common.from_hub(args.train, "data", "train", world))
     tokenizer = data.load_tokenizer(args.model)
     texts = [medqa_pair(ex) for ex in examples]
     if len(texts) < args.batch:

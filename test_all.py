@@ -803,6 +803,32 @@ def test_data_medqa_options_out_of_order_are_sorted(tmp_path):
     assert list(ex.options.items()) == [("A", "a"), ("B", "b"), ("C", "c"), ("D", "d")]
 
 
+def test_data_schemas_are_detected(tmp_path):
+    """One question in every schema we read (jind11's 4- and 5-option MedQA, GBaker's copy, the -hf form, MMLU-Pro)
+    comes out as the same Example; the letter of the other MedQA release, and an unknown schema, are one error."""
+    q, texts = "Which drug?", ["aspirin", "heparin", "warfarin", "insulin"]
+    rows = {"jind11-4": {"question": q, "options": dict(zip("ABCD", texts)), "answer": "warfarin",
+                         "answer_idx": "C", "meta_info": "step1"},
+            "jind11-5": {"question": q, "options": dict(zip("ABCDE", ["statin"] + texts)), "answer": "warfarin",
+                         "answer_idx": "D", "meta_info": "step1"},
+            "gbaker": {"question": q, "answer": "warfarin", "options": dict(zip("ABCD", texts)),
+                       "meta_info": "step1", "answer_idx": "C", "metamap_phrases": ["drug"]},
+            "hf": {"id": 0, "sent1": q, "sent2": "", "ending0": texts[0], "ending1": texts[1], "ending2": texts[2],
+                   "ending3": texts[3], "label": 2},
+            "mmlu-pro": {"question_id": 1, "question": q, "options": texts, "answer": "C", "answer_index": 2,
+                         "cot_content": "", "category": "health", "src": "ori_mmlu-clinical_knowledge"}}
+    for name, row in rows.items():
+        [ex] = data.load_questions(write_lines(tmp_path / f"{name}.jsonl", [json.dumps(row)]))
+        assert ex.question == q and ex.options[ex.answer] == "warfarin", name
+        assert list(ex.options.values()) == (["statin"] + texts if name == "jind11-5" else texts), name
+    mixed = {**rows["jind11-4"], "answer_idx": "D"}                # the 5-option file's letter in the 4-option one
+    with pytest.raises(ValueError, match=r"mixed\.jsonl line 1: .*answer_idx 'D' is option 'insulin'"):
+        data.load_questions(write_lines(tmp_path / "mixed.jsonl", [json.dumps(mixed)]))
+    with pytest.raises(ValueError, match=r"odd\.jsonl: unknown schema \(fields \['prompt', 'target'\]\); known: "
+                                         r"MedQA \(jind11, GBaker\).*MMLU-Pro"):
+        data.load_questions(write_lines(tmp_path / "odd.jsonl", [json.dumps({"prompt": q, "target": "C"})]))
+
+
 @pytest.mark.parametrize("loader", [data.load_medqa, data.load_mmlu_pro])
 def test_data_missing_file(tmp_path, loader):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
@@ -1499,6 +1525,9 @@ def _worker(kind, ckpt, out):
         hyper = dict(micro_batch=2, temperature=0.7, clip=0.2, value_clip=0.2, grad_clip=1.0, loss_agg="token",
                      world=world)
         assert train.ppo_update(actor, critic, *opts, exp, list(range(len(mine))), **hyper)["skipped"] == 0.0
+        for agg in ("seq", "fixed"):          # the other averagings, weighted across micro-batches and ranks alike
+            assert train.ppo_update(actor, critic, *opts, exp, list(range(len(mine))),
+                                    **{**hyper, "loss_agg": agg}, horizon=5)["skipped"] == 0.0
         # the critic-free update: the actor alone, with the KL to the reference as a loss term (GRPO's k3)
         assert train.ppo_update(actor, None, opts[0], None, exp, list(range(len(mine))), kl_coef=0.1,
                                 kl_estimator="k3", **hyper)["skipped"] == 0.0
@@ -1695,17 +1724,20 @@ def _059_lr_lambda(current_step, *, num_warmup_steps, num_training_steps, num_cy
 
 
 def test_train_preset_update_and_schedule_equal_openrlhf_059(tmp_path):
-    """--preset med-rlvr against the transcription above: its learning rate at every optimizer step of a MedQA-sized
-    run (19 rollout steps of 512, 4 updates each, 3 of warmup, the first at lr 0), and one update of actor and
-    critic on fixed experience (micro-batches of 2 of a minibatch of 6 responses of unequal lengths) equal to one
-    SGD step on 0.5.9's per-response-mean policy and value losses."""
+    """--preset med-rlvr against the transcription above: its learning rate at every optimizer step of a one-pass
+    MedQA run (19 full rollout steps of 512, 4 updates each, as 0.5.9's loader, which drops the partial last batch;
+    the cosine laid over 0.5.9's max_steps = 10178 // 128 = 79 with ceil(79 * 0.03) = 3 of warmup, the first update
+    at lr 0), and one update of actor and critic on fixed experience (micro-batches of 2 of a minibatch of 6
+    responses of unequal lengths) equal to one SGD step on 0.5.9's per-response-mean policy and value losses."""
     args = train.parse_args(["--preset", "med-rlvr"])
-    steps, per_step = 10178 // args.rollout_batch, args.rollout_batch // args.train_batch
-    total = steps * per_step
-    want = [_059_lr_lambda(u, num_warmup_steps=math.ceil(total * 0.03), num_training_steps=total, min_lr_rate=0.1)
-            for u in range(total)]
-    assert [train.lr_factor(args, u // per_step, u % per_step, steps) for u in range(total)] == want
-    assert want[0] == 0.0 and want[3] == 1.0 and want[-1] == pytest.approx(0.1, abs=1e-3)
+    n_train, per_step = 10178, args.rollout_batch // args.train_batch
+    steps = n_train // args.rollout_batch
+    max_steps = math.ceil(1 * (n_train * 1 // 128 * 1))                          # num_episodes, n_samples, max_epochs
+    want = [_059_lr_lambda(u, num_warmup_steps=math.ceil(max_steps * 0.03), num_training_steps=max_steps,
+                           min_lr_rate=0.1) for u in range(steps * per_step)]
+    total = train.schedule_length(args, n_train, steps)
+    assert [train.lr_factor(args, u // per_step, u % per_step, total) for u in range(steps * per_step)] == want
+    assert (max_steps, len(want), want[0], want[3]) == (79, 76, 0.0, 1.0)
 
     make_checkpoint(tmp_path / "m", tied=True, heads=4, kv_heads=2, layers=2)
     actor, critic = model.load_model(tmp_path / "m").train(), model.load_model(tmp_path / "m", value_head=True).train()
@@ -1733,10 +1765,10 @@ def test_train_preset_update_and_schedule_equal_openrlhf_059(tmp_path):
 def test_train_presets_grpo_and_dr_grpo_are_the_published_forms():
     grpo, dr = train.parse_args(["--preset", "grpo"]), train.parse_args(["--preset", "dr-grpo"])
     for a in (grpo, dr):
-        assert (a.advantage, a.kl_in, a.kl_estimator, a.gamma) == ("grpo", "loss", "k3", 1.0)
-        assert a.samples_per_prompt > 1
-    assert (grpo.group_std, grpo.loss_agg, grpo.kl_coef) == (True, "seq", 0.04)
-    assert (dr.group_std, dr.loss_agg) == (False, "fixed")
+        assert (a.advantage, a.gamma, a.ppo_epochs) == ("grpo", 1.0, 1) and a.samples_per_prompt > 1
+    assert (grpo.group_std, grpo.loss_agg, grpo.kl_in, grpo.kl_estimator, grpo.kl_coef) == (True, "seq", "loss", "k3",
+                                                                                           0.04)
+    assert (dr.group_std, dr.loss_agg, dr.kl_coef) == (False, "fixed", 0.0)
     assert train.parse_args(["--preset", "grpo", "--kl-coef", "0.0"]).kl_coef == 0.0        # a flag still wins
 
 
@@ -1754,6 +1786,48 @@ def test_bench_gpu_report_runs_in_miniature_on_cpu(tmp_path):
     for run in ("default", "--cuda-graphs"):
         assert report["training"][run]["finite"] and report["training"][run]["resume_exact"]
     assert report["training"]["graph_step1_equal"]
+
+
+def _hub_cache(home: Path, repo: str, files: dict, repo_type="model") -> Path:
+    """Lay out files in a Hugging Face cache under `home` (HF_HOME) as a download would: a snapshot folder per
+    commit, refs/main naming it. -> the snapshot folder."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = home / "hub" / f"{repo_type}s--{repo.replace('/', '--')}"
+    for name, src in files.items():
+        dest = root / "snapshots" / commit / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(src.read_bytes() if isinstance(src, Path) else src.encode())
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    return root / "snapshots" / commit
+
+
+def test_train_takes_hub_ids_offline_from_the_cache(tmp_path):
+    """`--model org/tiny --train-data org/medqa` with HF_HUB_OFFLINE=1 and a hand-built cache: 2 ranks under torchrun
+    train from the cached files (the split's file found by name), and record where they came from; an id that is not
+    cached stops before anything is written, in one line that names it and what to do."""
+    make_demo_like_checkpoint(tmp_path / "tiny")
+    home = tmp_path / "hf"
+    snapshot = _hub_cache(home, "org/tiny", {f.name: f for f in (tmp_path / "tiny").iterdir()})
+    rows = [json.dumps({**MEDQA_ROW, "question": f"Which dose {i}?"}) for i in range(8)]
+    questions = _hub_cache(home, "org/medqa", {"data/train-00000.jsonl": "\n".join(rows),
+                                               "data/test-00000.jsonl": rows[0]}, "dataset")
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    argv = ["--model", "org/tiny", "--train-data", "org/medqa", "--eval-data", "org/medqa", "--out",
+            str(tmp_path / "run"), "--steps", "1", "--rollout-batch", "8", "--train-batch", "4", "--micro-batch", "4",
+            "--max-new-tokens", "8", "--save-every", "0"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recorded = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert recorded["model"] == str(snapshot.resolve())
+    assert recorded["train_data"] == str(questions.resolve() / "data" / "train-00000.jsonl")
+    assert recorded["eval_data"] == str(questions.resolve() / "data" / "test-00000.jsonl")
+    assert [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [0, 1, 1]
+    r = subprocess.run([sys.executable, "train.py", *argv[:1], "org/missing", *argv[2:-8], "--out",
+                        str(tmp_path / "never")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and not (tmp_path / "never").exists()
+    assert re.fullmatch(r"error: org/missing: not in the Hugging Face cache .*give a local path\n", r.stderr), r.stderr
 
 
 def test_train_bad_inputs_give_clear_errors(tmp_path):

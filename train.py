@@ -67,13 +67,14 @@ PRESETS = {
                      temperature=1.0, max_prompt_len=1024, max_new_tokens=1024, eval_limit=0, eval_batch=128,
                      save_every=5, sample_every=1, grad_checkpoint=True),
     # DeepSeekMath's GRPO (arXiv 2402.03300): group-normalised scores, the KL (k3, beta 0.04) in the loss, each
-    # response's token-mean averaged over responses (its groups had 64 responses; 8 here)
+    # response's token-mean averaged over responses, one update per rollout (its groups had 64 responses; 8 here)
     "grpo": dict(advantage="grpo", samples_per_prompt=8, group_std=True, kl_in="loss", kl_estimator="k3",
-                 kl_coef=0.04, loss_agg="seq"),
-    # Dr. GRPO (arXiv 2503.20783): GRPO's two length and difficulty biases removed, no division by the group's std
-    # and a constant divisor (responses x max-new-tokens) in place of each response's length; else as grpo
-    "dr-grpo": dict(advantage="grpo", samples_per_prompt=8, group_std=False, kl_in="loss", kl_estimator="k3",
-                    kl_coef=0.04, loss_agg="fixed"),
+                 kl_coef=0.04, loss_agg="seq", ppo_epochs=1),
+    # Dr. GRPO (arXiv 2503.20783, as its scripts run it): GRPO's length and difficulty biases removed - no division
+    # by the group's std, a constant divisor (responses x max-new-tokens) in place of each response's length - and
+    # no KL term (beta 0)
+    "dr-grpo": dict(advantage="grpo", samples_per_prompt=8, group_std=False, kl_coef=0.0, loss_agg="fixed",
+                    ppo_epochs=1),
 }
 
 
@@ -82,11 +83,12 @@ def make_parser():
     p = common.parser(__doc__)
     c = common
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; flags given explicitly still win")
-    p.add_argument("--model", help="base checkpoint folder (HF layout); default: the CPU demo's tiny base model, "
-                                   "built into runs/demo-base on first use")
-    p.add_argument("--train-data", help="MedQA train split (jind11 JSON lines); default: synthetic dose questions")
-    p.add_argument("--eval-data", help="held-out questions for eval_accuracy (MedQA test jsonl); default: 256 "
-                                       "dose questions of another seed")
+    p.add_argument("--model", help="base checkpoint: a folder (HF layout) or a hub id (Qwen/Qwen2.5-3B); default: the "
+                                   "CPU demo's tiny base model, built into runs/demo-base on first use")
+    p.add_argument("--train-data", help="MedQA train split: a file (data.SCHEMAS) or a hub id, org/name[:split] "
+                                        "(GBaker/MedQA-USMLE-4-options); default: synthetic dose questions")
+    p.add_argument("--eval-data", help="held-out questions for eval_accuracy: a file or a hub id (split test unless "
+                                       "named); default: 256 dose questions of another seed")
     p.add_argument("--out", default="runs/demo", help="run folder: metrics.jsonl, samples.jsonl, checkpoint/, final/")
     p.add_argument("--steps", type=c.nonneg_int, default=60, help="PPO steps; 0 = one pass over the train data")
     p.add_argument("--rollout-batch", type=c.positive_int, default=64,
@@ -371,17 +373,25 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp: Experience, rows, *, m
     return m
 
 
-def lr_factor(args, step, update, steps) -> float:
+def schedule_length(args, n_train, steps) -> int:
+    """The optimizer steps the cosine schedule spans. With --steps 0 (one pass), OpenRLHF 0.5.9's max_steps:
+    len(train) * samples // train_batch * epochs (79 for MedQA's 10,178), although its loader, like ours, drops the
+    last partial rollout batch and so runs 76; with --steps N, the N steps' updates."""
+    if args.steps == 0:
+        return n_train * args.samples_per_prompt // args.train_batch * args.ppo_epochs
+    return steps * args.ppo_epochs * args.rollout_batch * args.samples_per_prompt // args.train_batch
+
+
+def lr_factor(args, step, update, total) -> float:
     """The learning rate of PPO step `step`'s `update`-th optimizer step, as a share of --actor-lr / --critic-lr
-    (--lr-schedule). cosine counts optimizer steps, as OpenRLHF 0.5.9's scheduler: all `steps` PPO steps' worth."""
+    (--lr-schedule). cosine counts optimizer steps, as OpenRLHF 0.5.9's scheduler, over `total` of them."""
     if args.lr_schedule == "constant":
         return common.lr_at(step, 1.0, args.warmup)
     per_step = args.ppo_epochs * args.rollout_batch * args.samples_per_prompt // args.train_batch
-    total = steps * per_step
     return common.cosine_lr(step * per_step + update, total, math.ceil(total * args.warmup_ratio), args.min_lr_ratio)
 
 
-def learn(actor, critic, actor_opt, critic_opt, exp: Experience, step, steps, args, world, skipped_in_a_row):
+def learn(actor, critic, actor_opt, critic_opt, exp: Experience, step, total, args, world, skipped_in_a_row):
     """Step 4: `ppo_epochs` passes over the experience in minibatches of `train_batch` (this rank's share of each
     minibatch, in a seeded order), each optimizer step at its scheduled learning rate. -> (the metrics averaged
     over the updates, with the number of skipped updates; the count of updates skipped in a row so far). Too many
@@ -391,7 +401,7 @@ def learn(actor, critic, actor_opt, critic_opt, exp: Experience, step, steps, ar
         g = torch.Generator().manual_seed(seed_for("minibatch", args.seed, step, epoch))
         order = torch.randperm(len(exp.scores), generator=g).tolist()
         for a in range(0, len(order), per_rank):
-            factor = lr_factor(args, step, n_updates, steps)
+            factor = lr_factor(args, step, n_updates, total)
             for opt, lr in ((actor_opt, args.actor_lr), (critic_opt, args.critic_lr)):
                 for group in opt.param_groups if opt is not None else []:
                     group["lr"] = lr * factor
@@ -462,8 +472,10 @@ def find_checkpoint(args, world):
     if not same_path(args.train_data, saved.get("train_data")):
         raise ValueError(f"--resume: {ckpt} was trained on --train-data {saved.get('train_data')}, "
                          f"not {args.train_data}")
-    keys = TRAJECTORY_FLAGS + (("steps",) if args.lr_schedule == "cosine" else ())    # it sets the schedule's length
-    changed = [k for k in keys if k in saved and saved[k] != getattr(args, k)]
+    unused = ("warmup_ratio", "min_lr_ratio") if args.lr_schedule == "constant" else ("warmup",)
+    keys = [k for k in TRAJECTORY_FLAGS if k not in unused] + (["steps"] if args.lr_schedule == "cosine" else [])
+    changed = [k for k in keys if k in saved and saved[k] != getattr(args, k)
+               and not (k == "precision" and saved[k] == "auto")]     # (older checkpoints recorded it unresolved)
     if changed:
         was = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
         now = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in changed)
@@ -533,11 +545,11 @@ def check_flags(args, world):
                          "--samples-per-prompt 2 or more")
     if args.kl_in == "loss" and args.kl_estimator == "k1":
         raise ValueError("--kl-in loss needs --kl-estimator k2 or k3: as a loss, k1's gradient is zero in expectation "
-                         "(k2's is the gradient of KL(pi||ref), k3's of KL(ref||pi))")
+                         "(per position, at tokens from the policy; k2's is that of KL(pi||ref), k3's of KL(ref||pi))")
     if args.advantage in ("grpo", "rloo") and args.gamma != 1.0:
         raise ValueError(f"--advantage {args.advantage} with --gamma {args.gamma}: discounting a score shifted by "
                          "its group's baseline makes the advantage depend on the response's length; use --gamma 1 "
-                         "(OpenRLHF forces it)")
+                         "(later OpenRLHF releases force it)")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: choose one")
     if args.model is not None:                                   # a missing or broken checkpoint, named, now
@@ -644,9 +656,9 @@ def main(argv=None):
     log = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
 
     # everything the user gave is checked before a model is loaded or an output touched
-    for k in ("model", "train_data", "eval_data"):               # recorded resolved: a resume may start elsewhere
-        if getattr(args, k) is not None:
-            setattr(args, k, str(Path(getattr(args, k)).resolve()))
+    for k, kind, split in (("model", "model", None), ("train_data", "data", "train"), ("eval_data", "data", "test")):
+        if getattr(args, k) is not None:    # a hub id becomes its files in the HF cache; recorded resolved (resume)
+            setattr(args, k, str(Path(common.from_hub(getattr(args, k), kind, split, world)).resolve()))
     check_flags(args, world)
     ckpt, start = find_checkpoint(args, world)   # resuming: the checkpoint and its step; (None, 0): a fresh run
     if device.type == "cuda" and args.model is not None:          # does it fit? (before any weight is read)
@@ -674,6 +686,7 @@ def encode_all(args, train_set, eval_set):
 
 def run(args, ckpt, start, train_set, eval_set, tok, train_prompts, eval_prompts, out, rank, world, device, log):
     steps = args.steps or len(train_set) // args.rollout_batch
+    total = schedule_length(args, len(train_set), steps)            # optimizer steps, for --lr-schedule cosine
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trained, ref = build_models(args, tok, ckpt, rank, world, device)
@@ -716,11 +729,11 @@ def run(args, ckpt, start, train_set, eval_set, tok, train_prompts, eval_prompts
                                          [train_prompts[i] for i in rows], gen, args, world, device)
             # 4. learn
             t1 = time.time()
-            m, skipped_in_a_row = learn(actor, critic, actor_opt, critic_opt, exp, step, steps, args, world,
+            m, skipped_in_a_row = learn(actor, critic, actor_opt, critic_opt, exp, step, total, args, world,
                                         skipped_in_a_row)
 
             n = common.all_sum(stats["n"], world)
-            row = {"step": step + 1, "lr": args.actor_lr * lr_factor(args, step, 0, steps)}     # its first update's
+            row = {"step": step + 1, "lr": args.actor_lr * lr_factor(args, step, 0, total)}     # its first update's
             row.update({k: common.all_sum(stats[k], world) / n for k in
                         ("reward", "accuracy", "format", "truncated", "kl", "direct_answer", "sampler_logprob_err")})
             row["response_length"] = common.all_sum(stats["response_length"], world) / n
