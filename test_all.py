@@ -2156,7 +2156,8 @@ def test_demo_study_three_commands_end_to_end(tmp_path, taught_base, monkeypatch
 def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path):
     make_demo_like_checkpoint(tmp_path / "base")
     rows = [{"question": f"Which dose is right for case {i}?", "options": {"A": "1 mg", "B": "2 mg", "C": "3 mg",
-             "D": "4 mg"}, "answer": "x", "answer_idx": "ABCD"[i % 4], "meta_info": "step1"} for i in range(16)]
+             "D": "4 mg"}, "answer": f"{i % 4 + 1} mg", "answer_idx": "ABCD"[i % 4], "meta_info": "step1"}
+            for i in range(16)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     net = model.load_model(tmp_path / "base").train()
     tok = data.load_tokenizer(tmp_path / "base")
