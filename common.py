@@ -54,9 +54,9 @@ _USERS = 0      # init_distributed calls not yet finish()ed: the last finish() l
 _OWN_ENV = {}   # the torchrun variables a one-process group set (finish() removes them)
 
 
-def init_distributed(precision: str = "auto"):
+def init_distributed(group: bool = False):
     """-> (rank, world, device). torchrun sets RANK / WORLD_SIZE; plain `python` runs as a world of one (on a GPU, or
-    on a CPU with --precision bf16, as a one-process group, so that FSDP2's mixed precision applies there too).
+    on a CPU with group=True - --precision bf16, --offload - as a one-process group, so that FSDP2 applies there too).
     Called again in a process that has a group (bench.py runs train.main several times), it joins that group."""
     global _USERS
     _USERS += 1
@@ -64,7 +64,7 @@ def init_distributed(precision: str = "auto"):
         return dist.get_rank(), dist.get_world_size(), \
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if "RANK" not in os.environ:
-        if not torch.cuda.is_available() and precision != "bf16":
+        if not torch.cuda.is_available() and not group:
             return 0, 1, torch.device("cpu")
         import socket
         with socket.socket() as s:                  # a free port for the one-process group
@@ -218,7 +218,7 @@ MODEL_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "
 def from_hub(arg: str | None, kind: str, split: str | None = None, world: int = 1) -> str | None:
     """A path as it is; a Hugging Face id (not an existing path, and `org/name`, or `org/name:split` for data) -> the
     local path of its files in the HF cache: kind "model" a checkpoint folder (config, safetensors, tokenizer only),
-    kind "data" the one file of its split (`split` unless the id names one: the file whose name holds it). Fetched
+    kind "config" the folder with config.json alone, kind "data" the one file of its split (`split` unless the id names one: the file whose name holds it). Fetched
     once, by local rank 0 of each node under a file lock while the other ranks wait; then every rank reads the cache.
     HF_HOME and HF_HUB_OFFLINE work as everywhere; an id that is neither cached nor reachable is one error line."""
     if arg is None or Path(arg).exists() or not HUB_ID.fullmatch(arg) or FILE_SUFFIX.search(arg):
@@ -231,8 +231,9 @@ def from_hub(arg: str | None, kind: str, split: str | None = None, world: int = 
                           "or give a local path") from None
     repo, _, named = arg.partition(":")
     split = named or split
-    patterns = MODEL_FILES if kind == "model" else [f"*{split}*.{ext}" for ext in ("jsonl", "json", "parquet")]
-    repo_type = "model" if kind == "model" else "dataset"
+    patterns = {"model": MODEL_FILES, "config": ["config.json"]}.get(kind) or \
+        [f"*{split}*.{ext}" for ext in ("jsonl", "json", "parquet")]
+    repo_type = "dataset" if kind == "data" else "model"
 
     def get(cached_only):
         return hub.snapshot_download(repo, repo_type=repo_type, allow_patterns=patterns, local_files_only=cached_only)
@@ -255,7 +256,7 @@ def from_hub(arg: str | None, kind: str, split: str | None = None, world: int = 
         raise ValueError(f"{arg}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and not fetched "
                          f"({fetch_error or 'another rank fetches it'}); run once with network access (HF_HUB_OFFLINE "
                          f"unset), `huggingface-cli download {repo}{hint}`, or give a local path") from None
-    if kind == "model":
+    if kind != "data":
         return str(folder)
     files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()
                    and any(fnmatch.fnmatch(f.name, p) for p in patterns))
@@ -277,19 +278,90 @@ def compute_dtype(precision: str, device) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def shard(model, world: int, dtype: torch.dtype | None = None):
+def shard(model, world: int, dtype: torch.dtype | None = None, offload: bool = False):
     """FSDP2 per decoder block (see the module docstring), computing in `dtype` (default: bf16 on CUDA, fp32 on a
-    CPU) while the stored weights keep theirs; an fp32 world of one on a CPU keeps the plain module."""
+    CPU) while the stored weights keep theirs; an fp32 world of one on a CPU keeps the plain module. offload: the
+    sharded weights, their gradients and so the optimizer's state live in host memory, and the optimizer steps
+    there (FSDP2's CPUOffloadPolicy; each block's weights visit the GPU for its forward and backward)."""
     device = next(model.parameters()).device
     dtype = dtype or compute_dtype("auto", device)
-    if world == 1 and device.type != "cuda" and dtype == torch.float32:
+    if world == 1 and device.type != "cuda" and dtype == torch.float32 and not offload:
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
+              offload_policy=CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy())
     for layer in model.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
     return model
+
+
+# ------------------------------------------------------------------------------------------------ memory plan
+def memory_plan(config, args, world: int, offload: bool) -> tuple[dict, float]:
+    """Estimated GB per GPU, by part, and GB of host memory per node (a plan, not a measurement) for train.py's flags
+    `args`: fp32 master weights, compute in bf16 (or fp32 with --precision fp32: b bytes a value). Sharded over the
+    ranks: actor (and, for gae, critic) weights + gradients + AdamW's two moments in fp32, 16 bytes a parameter, on
+    the GPU or, with --offload, in host memory; the reference, b. Then the larger of the two phases: the rollout (the
+    actor's full weights + the KV cache of the sequences decoded together) and the update (one micro-batch's
+    activations: with --grad-checkpoint each block's input, else ~17 hidden-sized values a token per block; plus two
+    gathered blocks, the LM head's chunks and its fp32 weight gradient and temporary)."""
+    L, H, I, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * (H // config.num_attention_heads)
+    block = 2 * H + H * H + 2 * H * kv + H * H + 3 * H * I + H + 2 * kv     # norms, q, k+v, o, mlp, biases
+    n = L * block + V * H * (1 if config.tie_word_embeddings else 2) + H
+    gb, seq, b = 1e9, args.max_prompt_len + args.max_new_tokens, 4 if args.precision == "fp32" else 2
+    per_rank = args.rollout_batch * args.samples_per_prompt // world
+    trained = {"actor (fp32 weights, grads, AdamW)": 16 * n / world / gb}
+    if args.advantage == "gae":
+        n_critic = n - (0 if config.tie_word_embeddings else V * H) + H       # no LM head; a value head
+        trained["critic (fp32 weights, grads, AdamW)"] = 16 * n_critic / world / gb
+    plan = {} if offload else dict(trained)
+    plan["reference"] = b * n / world / gb
+    decoding = min(per_rank, args.rollout_chunk or per_rank)                  # sequences decoded together
+    rollout = b * n + L * 2 * kv * b * decoding * seq                           # full weights + K and V
+    tokens = args.micro_batch * seq
+    acts = tokens * H * b * L if args.grad_checkpoint else tokens * 17 * b * H * L
+    update = acts + tokens * (2 * H + 3 * I) * b + 2 * block * b + 3 * 2**28 + 2 * 4 * V * H  # a block's, the head's
+    plan["rollout (full weights, KV cache)" if rollout > update else "update (activations)"] = \
+        max(rollout, update) / gb
+    host = sum(trained.values()) * min(world, 8) if offload else 0.0          # the shards of a node's (<= 8) ranks
+    return plan, host
+
+
+def check_fits(config, args, world: int, capacity_gb: float):
+    """Refuse, with the numbers, a configuration whose plan exceeds 90% of the GPU's memory, saying what would fit:
+    --offload, more GPUs, or smaller batches."""
+    def need(w, offload):
+        return sum(memory_plan(config, args, w, offload)[0].values())
+    if need(world, args.offload) <= 0.9 * capacity_gb:
+        return
+    plan, _ = memory_plan(config, args, world, args.offload)
+    fixes = []
+    if not args.offload and need(world, True) <= 0.9 * capacity_gb:
+        fixes.append(f"--offload (then ~{memory_plan(config, args, world, True)[1]:.0f} GB of host memory a node)")
+    more = next((w for w in (2, 4, 8, 16, 32, 64) if w > world and need(w, args.offload) <= 0.9 * capacity_gb), None)
+    if more:
+        fixes.append(f"{more} GPUs (now {world})")
+    fixes.append("--grad-checkpoint, a smaller --micro-batch or --rollout-chunk, or shorter --max-new-tokens")
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in plan.items())
+    raise ValueError(f"this configuration needs about {need(world, args.offload):.0f} GB per GPU ({parts}) but a GPU "
+                     f"has {capacity_gb:.0f} GB: use " + "; or ".join(fixes))
+
+
+def plan_table(config, args, name: str) -> str:
+    """train.py --plan: per-GPU and host memory for 1, 2, 4 and 8 GPUs, with and without --offload, against GPUs of
+    24 / 48 / 80 / 141 GB (a plan fits in 90% of a GPU), as a markdown table."""
+    sizes = (24, 48, 80, 141)
+    lines = [f"memory plan of {name} under these flags (GB; per GPU, and host memory a node)", "",
+             "| GPUs | --offload | per GPU | host | " + " | ".join(f"{s} GB" for s in sizes) + " |",
+             "|---|---|---|---|" + "---|" * len(sizes)]
+    for world in (1, 2, 4, 8):
+        for offload in (False, True):
+            plan, host = memory_plan(config, args, world, offload)
+            gpu = sum(plan.values())
+            lines.append(f"| {world} | {'yes' if offload else 'no'} | {gpu:.1f} | {host:.0f} | "
+                         + " | ".join("fits" if gpu <= 0.9 * s else "-" for s in sizes) + " |")
+    return "\n".join(lines)
 
 
 def is_sharded(model) -> bool:

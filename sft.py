@@ -214,7 +214,7 @@ def build_demo_base(out: Path, rank=0, world=1, device="cpu", log=print) -> Path
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = common.init_distributed(args.precision)
+    rank, world, device = common.init_distributed(group=args.precision == "bf16")
     torch.manual_seed(args.seed)
     out = Path(args.out)
     if (out / "config.json").exists() and not args.overwrite:

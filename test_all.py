@@ -1640,12 +1640,13 @@ ESTIMATOR_ARGV = {"gae": [], "grpo": ["--advantage", "grpo", "--samples-per-prom
                                       "--loss-agg", "fixed"],
                   "rloo": ["--advantage", "rloo", "--samples-per-prompt", "4", "--kl-in", "loss", "--kl-estimator", "k2"],
                   "reinforce++": ["--advantage", "reinforce++", "--gamma", "0.99", "--rollout-chunk", "3"],
-                  # the GPU's precision on a CPU: bf16 compute, fp32 masters, bf16 reference, the chunked head in bf16
-                  "gae-bf16": ["--precision", "bf16"]}
+                  # the GPU's precision on a CPU: bf16 compute, fp32 masters, bf16 reference, the chunked head in bf16;
+                  # and the one-GPU recipe's offload (masters, gradients and AdamW in host memory, a CPU step)
+                  "gae-bf16-offload": ["--precision", "bf16", "--offload"]}
 
 
-@pytest.mark.parametrize("world, advantage", [(1, "gae"), (2, "gae-bf16"), (1, "grpo"), (2, "grpo"), (1, "rloo"),
-                                              (1, "reinforce++")])
+@pytest.mark.parametrize("world, advantage", [(1, "gae"), (2, "gae-bf16-offload"), (1, "grpo"), (2, "grpo"),
+                                              (1, "rloo"), (1, "reinforce++")])
 def test_train_resume_equals_uninterrupted_run(tmp_path, world, advantage, taught_base):
     """Also under torchrun with 2 ranks: sharded optimizer state saved in full, read back by every rank; for every
     estimator (the critic-free ones build, step and save no critic); and in the GPU's bf16 configuration, through
@@ -1669,7 +1670,7 @@ def test_train_resume_equals_uninterrupted_run(tmp_path, world, advantage, taugh
     straight, resumed = metrics("straight"), metrics("resumed")
     assert [r["step"] for r in straight] == [0, 1, 2, 3, 4, 4]        # eval rows at 0 and 4, one row per step
     assert all(v is not None for r in straight + resumed for v in r.values())    # a NaN would be written as null
-    if advantage.endswith("bf16"):            # bf16 decoding really ran: its log-probs are off the training forward's
+    if "bf16" in advantage:                   # bf16 decoding really ran: its log-probs are off the training forward's
         assert straight[1]["sampler_logprob_err"] > 1e-5
     # the resumed run re-evaluates nothing at step 0 and keeps the first run's rows 0..2
     assert len(resumed) == len(straight)
@@ -2064,25 +2065,39 @@ def test_train_export_in_bf16_loads_in_transformers(tmp_path):
         assert (theirs(x).logits - net(x)).abs().max() <= 0.05             # bf16 rounding of the weights only
 
 
-def test_train_memory_plan_refuses_3b_on_one_gpu():
+def test_train_memory_plan_refuses_3b_on_one_gpu(tmp_path, capsys):
     """The plan's parameter count equals transformers' Qwen2.5-3B (built on the meta device: no memory); 16 bytes
-    each for actor and critic do not fit one 80 GB GPU, and the refusal says what to change; 8 GPUs fit."""
+    each for actor and critic do not fit one 80 GB GPU, and the refusal says what would (--offload, 4 GPUs); 8 GPUs
+    fit, and so does one with --offload, which moves those bytes to host memory; --plan's table says the same."""
     cfg = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True)
     with torch.device("meta"):
         n = sum(p.numel() for p in transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg)).parameters())
     args = train.parse_args(["--preset", "med-rlvr"])
-    plan = train.memory_plan(model.Qwen2Config(**cfg), args, 1)
+    config = model.Qwen2Config(**cfg)
+    plan, _ = common.memory_plan(config, args, 1, False)
     assert plan["actor (fp32 weights, grads, AdamW)"] == pytest.approx(16 * n / 1e9)
     assert plan["reference"] == pytest.approx(2 * n / 1e9)
-    fp32 = train.memory_plan(model.Qwen2Config(**cfg), train.parse_args(["--preset", "med-rlvr", "--precision",
-                                                                         "fp32"]), 1)
+    fp32, _ = common.memory_plan(config, train.parse_args(["--preset", "med-rlvr", "--precision", "fp32"]), 1, False)
     assert fp32["reference"] == pytest.approx(4 * n / 1e9) and sum(fp32.values()) > sum(plan.values())
-    with pytest.raises(ValueError, match=r"needs about \d+ GB per GPU .* has 80 GB: use more GPUs \(now 1\)"):
-        train.check_fits(plan, 80.0, 1)
-    train.check_fits(train.memory_plan(model.Qwen2Config(**cfg), args, 8), 80.0, 8)
+    with pytest.raises(ValueError, match=r"needs about \d+ GB per GPU .* has 80 GB: use --offload \(then ~\d+ GB of "
+                                         r"host memory a node\); or 4 GPUs \(now 1\); or --grad-checkpoint"):
+        common.check_fits(config, args, 1, 80.0)
+    common.check_fits(config, args, 8, 80.0)
     grpo = train.parse_args(["--preset", "med-rlvr", "--advantage", "grpo", "--samples-per-prompt", "4"])
-    assert "critic (fp32 weights, grads, AdamW)" not in train.memory_plan(model.Qwen2Config(**cfg), grpo, 8)
+    assert "critic (fp32 weights, grads, AdamW)" not in common.memory_plan(config, grpo, 8, False)[0]
+    # --offload: actor and critic leave the GPU for host memory, 16 bytes a parameter each (the critic: the body and
+    # a value head, the tied LM head not its own), all of a node's ranks' shards together
+    offloaded, host = common.memory_plan(config, args, 4, True)
+    assert not [k for k in offloaded if "AdamW" in k] and host == pytest.approx(16 * (n + n + 2048) / 1e9)
+    common.check_fits(config, train.parse_args(["--preset", "med-rlvr", "--offload"]), 1, 80.0)
+    table = common.plan_table(config, args, "Qwen2.5-3B").splitlines()
+    assert table[4].startswith("| 1 | no |") and table[4].endswith("| - | - | - | - |")
+    assert table[5].startswith("| 1 | yes |") and table[5].endswith("| fits | fits |")
+    (tmp_path / "3b").mkdir()                      # train.py --plan: config.json is all it reads, nothing is written
+    (tmp_path / "3b" / "config.json").write_text(json.dumps(config.to_json("Qwen2ForCausalLM")))
+    train.main(["--preset", "med-rlvr", "--model", str(tmp_path / "3b"), "--plan", "--out", str(tmp_path / "out")])
+    assert capsys.readouterr().out.strip().splitlines()[2:] == table[2:] and not (tmp_path / "out").exists()
 
 
 def test_train_ppo_raises_the_reward_of_a_tiny_model(tmp_path, taught_base):

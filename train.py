@@ -162,6 +162,11 @@ def make_parser():
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute each block's activations in backward (long sequences on GPUs)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help=common.PRECISION_HELP)
+    p.add_argument("--offload", action="store_true", help="keep actor and critic weights, gradients and AdamW states "
+                                                          "in host memory (the optimizer steps on the CPU): 3B on one "
+                                                          "80 GB GPU")
+    p.add_argument("--plan", action="store_true", help="print the memory plan for 1-8 GPUs, with and without "
+                                                       "--offload, and exit (reads config.json only)")
     return p
 
 
@@ -556,44 +561,6 @@ def check_flags(args, world):
         common.check_checkpoint(args.model)
 
 
-def memory_plan(config, args, world) -> dict:
-    """Estimated GB per GPU, by part, for this configuration (a plan, not a measurement; fp32 master weights, compute
-    in bf16, or fp32 with --precision fp32: b bytes a value). Sharded over the ranks: actor (and, for gae, critic)
-    weights + gradients + AdamW's two moments in fp32, 16 bytes a parameter; the reference, b. Then the larger of the
-    two phases: the rollout (the actor's full weights + the KV cache of the sequences decoded together) and the
-    update (one micro-batch's activations: with --grad-checkpoint each block's input, else ~17 hidden-sized values
-    a token per block; plus two gathered blocks, the LM head's chunks and its fp32 weight gradient and temporary)."""
-    L, H, I, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
-    kv = config.num_key_value_heads * (H // config.num_attention_heads)
-    block = 2 * H + H * H + 2 * H * kv + H * H + 3 * H * I + H + 2 * kv     # norms, q, k+v, o, mlp, biases
-    n = L * block + V * H * (1 if config.tie_word_embeddings else 2) + H
-    gb, seq, b = 1e9, args.max_prompt_len + args.max_new_tokens, 4 if args.precision == "fp32" else 2
-    per_rank = args.rollout_batch * args.samples_per_prompt // world
-    plan = {"actor (fp32 weights, grads, AdamW)": 16 * n / world / gb,
-            "reference": b * n / world / gb}
-    if args.advantage == "gae":
-        n_critic = n - (0 if config.tie_word_embeddings else V * H) + H       # no LM head; a value head
-        plan["critic (fp32 weights, grads, AdamW)"] = 16 * n_critic / world / gb
-    decoding = min(per_rank, args.rollout_chunk or per_rank)                  # sequences decoded together
-    rollout = b * n + L * 2 * kv * b * decoding * seq                           # full weights + K and V
-    tokens = args.micro_batch * seq
-    acts = tokens * H * b * L if args.grad_checkpoint else tokens * 17 * b * H * L
-    update = acts + tokens * (2 * H + 3 * I) * b + 2 * block * b + 3 * 2**28 + 2 * 4 * V * H  # a block's, the head's
-    plan["rollout (full weights, KV cache)" if rollout > update else "update (activations)"] = \
-        max(rollout, update) / gb
-    return plan
-
-
-def check_fits(plan: dict, capacity_gb: float, world: int):
-    """Refuse, with the numbers, a configuration whose plan exceeds 90% of the GPU's memory."""
-    need = sum(plan.values())
-    if need > 0.9 * capacity_gb:
-        parts = ", ".join(f"{k} {v:.1f}" for k, v in plan.items())
-        raise ValueError(f"this configuration needs about {need:.0f} GB per GPU ({parts}) but a GPU has "
-                         f"{capacity_gb:.0f} GB: use more GPUs (now {world}), --grad-checkpoint, a smaller "
-                         "--micro-batch or --rollout-batch, or shorter --max-new-tokens")
-
-
 def load_examples(args):
     """-> (train examples, eval examples), read and checked before any model is loaded."""
     train_set = data.demo_questions("train") if args.train_data is None else data.load_medqa(args.train_data)
@@ -626,7 +593,7 @@ def build_models(args, tok, ckpt, rank, world, device):
         net = M.load_model(args.model, device=device, dtype=torch.float32,
                            value_head=name == "critic")                # fp32 master weights (common.shard)
         net.model.gradient_checkpointing = args.grad_checkpoint
-        net = common.shard(net.train(), world, dtype)
+        net = common.shard(net.train(), world, dtype, args.offload)
         trained[name] = (net, torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=args.weight_decay,
                                                 betas=(0.9, 0.95)))                  # betas as OpenRLHF
     ref = common.shard(M.load_model(args.model, device=device, dtype=dtype).requires_grad_(False), world, dtype)
@@ -649,7 +616,12 @@ def step_rows(step, n_train, rollout_batch, seed, perms):
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = common.init_distributed(args.precision)
+    if args.plan:                                 # the memory plan alone: config.json, no weight, no process group
+        if args.model is None:
+            raise ValueError("--plan needs --model (a checkpoint folder or a hub id; only its config.json is read)")
+        return print(common.plan_table(M.Qwen2Config.from_json(common.from_hub(args.model, "config")), args,
+                                       args.model))
+    rank, world, device = common.init_distributed(group=args.precision == "bf16" or args.offload)
     args.precision = "bf16" if common.compute_dtype(args.precision, device) == torch.bfloat16 else "fp32"  # recorded
     torch.manual_seed(args.seed)                  # the critic's fresh value head; every other draw uses seed_for
     out = Path(args.out)
@@ -662,8 +634,8 @@ def main(argv=None):
     check_flags(args, world)
     ckpt, start = find_checkpoint(args, world)   # resuming: the checkpoint and its step; (None, 0): a fresh run
     if device.type == "cuda" and args.model is not None:          # does it fit? (before any weight is read)
-        check_fits(memory_plan(M.Qwen2Config.from_json(args.model), args, world),
-                   torch.cuda.get_device_properties(device).total_memory / 1e9, world)
+        common.check_fits(M.Qwen2Config.from_json(args.model), args, world,
+                          torch.cuda.get_device_properties(device).total_memory / 1e9)
     train_set, eval_set = load_examples(args)
     prompts = encode_all(args, train_set, eval_set) if args.model is not None else None
     lock = claim_out(args, start, rank, world)
