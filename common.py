@@ -183,6 +183,49 @@ def check_checkpoint(path):
                          f"{config.vocab_size}")
 
 
+def truncate_jsonl(path: Path, last_step: int, log=print):
+    """Keep the rows up to the checkpoint's step: the resumed run redoes the later ones, identically. (An
+    evaluation row at that step was the end of the interrupted run, not a part of the whole one.) A torn last
+    line (a kill mid-write) is dropped; a bad line elsewhere is an error naming it."""
+    if not path.exists():
+        return
+    lines, rows = path.read_text().splitlines(), []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                log(f"{path} line {i + 1}: torn by the interruption, dropped")
+                continue
+            raise ValueError(f"{path} line {i + 1}: not JSON; repair or delete the line, then resume") from None
+        if row["step"] < last_step or (row["step"] == last_step and "eval_accuracy" not in row):
+            rows.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)                                        # never a half-written metrics file
+
+
+def claim_out(out: Path, resume: bool, overwrite: bool, start: int, rank: int, world: int):
+    """Before anything is written: refuse an --out that holds another run (unless --resume continues it or
+    --overwrite deletes it), and lock it against a second run. -> the lock file (rank 0) or None."""
+    message, held_lock = None, None
+    if rank == 0:
+        held = [f for f in ("metrics.jsonl", "checkpoint", "checkpoint.old", "final") if (out / f).exists()]
+        if held and not overwrite and not resume:
+            message = (f"--out {out} holds a run ({', '.join(held)}): add --resume to continue it, --overwrite to "
+                       "delete it and start over, or choose another --out")
+        elif held and not overwrite and start == 0:
+            message = (f"--resume: {out} holds a run ({', '.join(held)}) but no checkpoint to continue from; "
+                       "add --overwrite to delete it and start over")
+        else:
+            try:
+                held_lock = lock(out)
+            except (ValueError, OSError) as e:                   # in use; or not writable
+                message = str(e)
+    agree(message, world)
+    return held_lock
+
+
 def lock(out: Path):
     """Hold an exclusive lock on <out>/.lock for the rest of the run, or raise naming the process that holds it.
     The kernel releases the lock when its process ends, however it ends (a crash, a SIGKILL): no stale locks.

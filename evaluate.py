@@ -17,7 +17,8 @@ printed and written next to results.json (results.md).
   direct  the paper's base-model baseline: question, options, "Answer:"; the letter is read from the first line;
   cot     the chain-of-thought baseline: "... Let's think step by step."; the letter is read after the last
           "answer is". For these two, "valid format" means a letter could be read.
-Deliberate simplifications: one process (generation is batched, sorted by length); greedy decoding stops at
+Under torchrun every rank loads every model whole and decodes its share of the batches (sorted by length; the
+same batches and seeds as one process, so the same numbers). Deliberate simplification: greedy decoding stops at
 --max-new-tokens (1024, as in training).
 """
 import json
@@ -61,23 +62,28 @@ def read_answer(response: str, style: str):
 
 
 @torch.no_grad()
-def run_model(policy, tok, examples, style, temperature, max_new_tokens, batch, seed=0):
-    """Generate one response per example (batched by prompt length) -> list of (response ids, text)."""
+def run_model(policy, tok, examples, style, temperature, max_new_tokens, batch, seed=0, rank=0, world=1):
+    """Generate one response per example -> list of (response ids, text), on every rank. The examples are batched
+    by prompt length and rank r decodes batches r, r + world, ...; each batch samples from its own seeded generator,
+    so the responses are those of one process whatever the number of ranks."""
     prompts = [tok.encode(make_prompt(ex, style)).ids for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out = [None] * len(prompts)
-    gen = torch.Generator(policy.lm_head.weight.device).manual_seed(seed)
-    for k in range(0, len(order), batch):
-        idx = order[k:k + batch]
-        r = rollout.generate(policy, [prompts[i] for i in idx], max_new_tokens, temperature=temperature,
+    batches = [order[k:k + batch] for k in range(0, len(order), batch)]
+    mine = []
+    for b in range(rank, len(batches), world):
+        gen = torch.Generator(policy.lm_head.weight.device).manual_seed(seed * 1_000_003 + b)
+        r = rollout.generate(policy, [prompts[i] for i in batches[b]], max_new_tokens, temperature=temperature,
                              eos_token_id=data.eos_token_id(tok), generator=gen)
-        for i, resp in zip(idx, r.responses):
-            out[i] = (resp, data.decode(tok, resp))
+        mine += list(zip(batches[b], r.responses))
+    out = [None] * len(prompts)
+    for i, resp in common.gather(mine, world):
+        out[i] = (resp, data.decode(tok, resp))
     return out
 
 
-def evaluate_one(policy, tok, examples, args) -> dict:
-    greedy = run_model(policy, tok, examples, args.prompt, 0.0, args.max_new_tokens, args.batch)
+def evaluate_one(policy, tok, examples, args, rank=0, world=1) -> dict:
+    greedy = run_model(policy, tok, examples, args.prompt, 0.0, args.max_new_tokens, args.batch, rank=rank,
+                       world=world)
     right, valid, letters, per_cat = 0, 0, Counter(), defaultdict(list)
     for ex, (ids, text) in zip(examples, greedy):
         ok, letter = read_answer(text, args.prompt)
@@ -96,7 +102,8 @@ def evaluate_one(policy, tok, examples, args) -> dict:
     if args.samples:
         hits = 0
         for k in range(args.samples):
-            sampled = run_model(policy, tok, examples, args.prompt, 1.0, args.max_new_tokens, args.batch, seed=k)
+            sampled = run_model(policy, tok, examples, args.prompt, 1.0, args.max_new_tokens, args.batch, seed=k,
+                                rank=rank, world=world)
             hits += sum(read_answer(text, args.prompt) == (True, ex.answer) for ex, (_, text) in zip(examples, sampled))
         result["accuracy_sampled"] = hits / (n * args.samples)
     return result
@@ -225,11 +232,12 @@ def compare_runs(paths) -> dict:
         # the estimator's name when the estimators differ (their batch shapes follow), else the differing flags
         label = args["advantage"] if "advantage" in differ else ", ".join(f"{k}={args.get(k)}" for k in differ)
         g = groups.setdefault(label or "run", dict(responses_per_step=args["rollout_batch"] * args.get("samples_per_prompt", 1),
-                                                   seeds=[], eval={}, train={}, wall_s=[], peak_mem_mb=[]))
+                                                   seeds=[], eval={}, ood={}, train={}, wall_s=[], peak_mem_mb=[]))
         g["seeds"].append(args["seed"])
         for r in rows:
-            if "eval_accuracy" in r:
-                g["eval"].setdefault(r["step"], []).append(r["eval_accuracy"])
+            for k in ("eval", "ood"):                       # ood: train.py --ood-data
+                if f"{k}_accuracy" in r:
+                    g[k].setdefault(r["step"], []).append(r[f"{k}_accuracy"])
         for r in steps:
             g["train"].setdefault(r["step"], []).append((r["accuracy"], r["direct_answer"]))
         g["wall_s"].append(sum(r["time_step"] for r in steps))
@@ -276,7 +284,8 @@ def training_table(groups: dict, every: int = 10) -> str:
 
 
 def plot_comparison(groups: dict, path) -> None:
-    """Held-out accuracy over steps, one line per estimator (mean over seeds, the band one std)."""
+    """Held-out accuracy over steps, one line per estimator (mean over seeds, the band one std); out-of-distribution
+    accuracy (train.py --ood-data) dashed in the same colour."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -287,8 +296,12 @@ def plot_comparison(groups: dict, path) -> None:
     for name, g in groups.items():
         steps = sorted(g["eval"])
         mean, std = zip(*(_mean_std(g["eval"][s]) for s in steps))
-        ax.plot(steps, mean, marker="o", label=f"{name} ({len(g['seeds'])} seeds)")
+        line, = ax.plot(steps, mean, marker="o", label=f"{name} ({len(g['seeds'])} seeds)")
         ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+        if g["ood"]:
+            ood = sorted(g["ood"])
+            ax.plot(ood, [_mean_std(g["ood"][s])[0] for s in ood], linestyle="--", marker="x", color=line.get_color(),
+                    label=f"{name}: out of distribution")
     ax.set(xlabel="training step", ylabel="held-out accuracy (greedy)", ylim=(0, 1))
     ax.legend(loc="upper left", fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -424,12 +437,13 @@ def main(argv=None):
             parser.error("--medqa / --mmlu-pro need --model DIR [DIR ...]")
         return demo_study(args)
 
+    rank, world, device = common.init_distributed()  # under torchrun each rank decodes its share of every set
     datasets = {}         # a hub id becomes its files in the HF cache (split test unless it names one)
-    args.model = [common.from_hub(path, "model") for path in args.model]
+    args.model = [common.from_hub(path, "model", world=world) for path in args.model]
     if args.medqa:
-        datasets["MedQA"] = data.load_medqa(common.from_hub(args.medqa, "data", "test"))
+        datasets["MedQA"] = data.load_medqa(common.from_hub(args.medqa, "data", "test", world))
     if args.mmlu_pro:     # the whole test set (12,032 rows) or its health rows (818): keep the health category
-        datasets["MMLU-Pro-Health"] = data.load_mmlu_pro(common.from_hub(args.mmlu_pro, "data", "test"),
+        datasets["MMLU-Pro-Health"] = data.load_mmlu_pro(common.from_hub(args.mmlu_pro, "data", "test", world),
                                                          category="health")
     if args.dose:
         datasets["Dose (demo)"] = data.demo_questions("eval", args.dose)           # the demo's held-out questions
@@ -442,15 +456,17 @@ def main(argv=None):
         common.check_checkpoint(path)
     results = {}
     for path in args.model:
-        tok, policy = data.load_tokenizer(path), M.load_model(path)
-        results[path] = {name: evaluate_one(policy, tok, exs, args) for name, exs in datasets.items()}
-        print(f"{path}: " + ", ".join(f"{d} {r['accuracy']:.1%}" for d, r in results[path].items()))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    table = markdown(results)
-    out.with_suffix(".md").write_text(table)
-    print(table)
+        tok, policy = data.load_tokenizer(path), M.load_model(path, device=device)
+        results[path] = {name: evaluate_one(policy, tok, exs, args, rank, world) for name, exs in datasets.items()}
+        if rank == 0:
+            print(f"{path}: " + ", ".join(f"{d} {r['accuracy']:.1%}" for d, r in results[path].items()))
+    if rank == 0:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+        out.with_suffix(".md").write_text(markdown(results))
+        print(markdown(results))
+    common.finish(world)
     return results
 
 

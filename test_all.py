@@ -1831,6 +1831,24 @@ def test_train_takes_hub_ids_offline_from_the_cache(tmp_path):
     assert re.fullmatch(r"error: org/missing: not in the Hugging Face cache .*give a local path\n", r.stderr), r.stderr
 
 
+def test_train_logs_out_of_distribution_accuracy(tmp_path, monkeypatch):
+    """--ood-data: MMLU-Pro's --ood-category rows (the 6 health ones of 9) evaluated beside --eval-data (its first 8)
+    before the first step and after the last, as ood_accuracy / ood_format in the same rows."""
+    make_demo_like_checkpoint(tmp_path / "base")
+    rows = [json.dumps({**MMLU_ROW, "question_id": i, "question": f"Q{i}?", "category": "health" if i % 3 else "law"})
+            for i in range(9)]
+    write_lines(tmp_path / "mmlu.jsonl", rows)
+    seen, real = [], train.eval_accuracy
+    monkeypatch.setattr(train, "eval_accuracy", lambda policy, tok, exs, *a: seen.append([e.question for e in exs])
+                        or real(policy, tok, exs, *a))
+    train.main(_ppo_argv(tmp_path / "base", tmp_path / "run", 1, "--ood-data", str(tmp_path / "mmlu.jsonl"),
+                         "--max-new-tokens", "8"))
+    evals = [r for r in _metrics(tmp_path / "run") if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 1] and all({"ood_accuracy", "ood_format"} <= set(r) for r in evals)
+    health = [f"Q{i}?" for i in range(9) if i % 3]
+    assert [len(s) for s in seen] == [8, 6, 8, 6] and seen[1] == seen[3] == health
+
+
 def test_train_bad_inputs_give_clear_errors(tmp_path):
     tok = make_demo_like_checkpoint(tmp_path / "base")
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
@@ -2188,6 +2206,20 @@ def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path):
     with torch.no_grad():
         assert (theirs(x).logits - ours(x)).abs().max() <= 1e-4
     assert data.load_tokenizer(tmp_path / "sft").get_vocab_size() == tok.get_vocab_size()
+
+
+def test_evaluate_under_torchrun_equals_one_process(tmp_path):
+    """evaluate.py with 2 ranks, each decoding its share of the batches: the same results file as one process, the
+    sampled accuracy included (each batch has its own seeded generator)."""
+    make_demo_like_checkpoint(tmp_path / "m")
+    argv = ["--model", str(tmp_path / "m"), "--dose", "12", "--batch", "4", "--samples", "2", "--max-new-tokens", "12"]
+    one = evaluate.main([*argv, "--out", str(tmp_path / "one.json")])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "evaluate.py", *argv, "--out", str(tmp_path / "two.json")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "two.json").read_text()) == json.loads(json.dumps(one))
+    assert one[str(tmp_path / "m")]["Dose (demo)"]["n"] == 12
 
 
 def test_evaluate_compare_runs_by_hand(tmp_path):

@@ -145,8 +145,11 @@ def make_parser():
                    help="response budget; a response without EOS by then is truncated")
     p.add_argument("--incorrect-reward", type=c.any_float, default=0.0,
                    help="reward of a valid format with a wrong answer; -1 is the paper's ablation")
+    p.add_argument("--ood-data", help="out-of-distribution questions, evaluated with --eval-data and logged as "
+                                      "ood_accuracy / ood_format: a file or a hub id (TIGER-Lab/MMLU-Pro)")
+    p.add_argument("--ood-category", default="health", help="--ood-data in MMLU-Pro's schema: the category kept")
     p.add_argument("--eval-limit", type=c.nonneg_int, default=256,
-                   help="first N held-out questions for eval_accuracy (0: all)")
+                   help="first N questions of each held-out set (0: all)")
     p.add_argument("--eval-batch", type=c.positive_int, default=64, help="prompts per greedy-decoding batch")
     p.add_argument("--eval-every", type=c.nonneg_int, default=0,
                    help="also evaluate every N steps (0: only before the first step and after the last)")
@@ -493,49 +496,6 @@ def find_checkpoint(args, world):
     return ckpt, state["step"]
 
 
-def truncate_jsonl(path: Path, last_step: int, log=print):
-    """Keep the rows up to the checkpoint's step: the resumed run redoes the later ones, identically. (An
-    evaluation row at that step was the end of the interrupted run, not a part of the whole one.) A torn last
-    line (a kill mid-write) is dropped; a bad line elsewhere is an error naming it."""
-    if not path.exists():
-        return
-    lines, rows = path.read_text().splitlines(), []
-    for i, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                log(f"{path} line {i + 1}: torn by the interruption, dropped")
-                continue
-            raise ValueError(f"{path} line {i + 1}: not JSON; repair or delete the line, then resume") from None
-        if row["step"] < last_step or (row["step"] == last_step and "eval_accuracy" not in row):
-            rows.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    os.replace(tmp, path)                                        # never a half-written metrics file
-
-
-def claim_out(args, start, rank, world):
-    """Before anything is written: refuse an --out that holds another run (unless --resume continues it or
-    --overwrite deletes it), and lock it against a second run. -> the lock file (rank 0) or None."""
-    out, message, lock = Path(args.out), None, None
-    if rank == 0:
-        held = [f for f in ("metrics.jsonl", "checkpoint", "checkpoint.old", "final") if (out / f).exists()]
-        if held and not args.overwrite and not args.resume:
-            message = (f"--out {out} holds a run ({', '.join(held)}): add --resume to continue it, --overwrite to "
-                       "delete it and start over, or choose another --out")
-        elif held and not args.overwrite and start == 0:
-            message = (f"--resume: {out} holds a run ({', '.join(held)}) but no checkpoint to continue from; "
-                       "add --overwrite to delete it and start over")
-        else:
-            try:
-                lock = common.lock(out)
-            except (ValueError, OSError) as e:                   # in use; or not writable
-                message = str(e)
-    common.agree(message, world)
-    return lock
-
-
 # ------------------------------------------------------------------------------------------------ setup
 def check_flags(args, world):
     """What argparse cannot check alone: flags against each other and the world size."""
@@ -562,15 +522,17 @@ def check_flags(args, world):
 
 
 def load_examples(args):
-    """-> (train examples, eval examples), read and checked before any model is loaded."""
+    """-> (train examples, held-out sets: {"eval": ..., and with --ood-data "ood": ...}), read and checked before
+    any model is loaded."""
     train_set = data.demo_questions("train") if args.train_data is None else data.load_medqa(args.train_data)
-    eval_set = data.demo_questions("eval") if args.eval_data is None else data.load_medqa(args.eval_data)
-    if args.eval_limit:
-        eval_set = eval_set[:args.eval_limit]
+    held = {"eval": data.demo_questions("eval") if args.eval_data is None else data.load_medqa(args.eval_data)}
+    if args.ood_data is not None:                # MMLU-Pro: its --ood-category rows (other schemas have none)
+        held["ood"] = data.load_mmlu_pro(args.ood_data, category=args.ood_category)
+    held = {k: v[:args.eval_limit or None] for k, v in held.items()}
     if len(train_set) < args.rollout_batch:
         raise ValueError(f"--train-data {args.train_data}: {len(train_set)} examples, fewer than --rollout-batch "
                          f"{args.rollout_batch}: not one PPO step")
-    return train_set, eval_set
+    return train_set, held
 
 
 def encode_prompts(examples, tok, max_prompt_len, what):
@@ -628,7 +590,8 @@ def main(argv=None):
     log = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
 
     # everything the user gave is checked before a model is loaded or an output touched
-    for k, kind, split in (("model", "model", None), ("train_data", "data", "train"), ("eval_data", "data", "test")):
+    for k, kind, split in (("model", "model", None), ("train_data", "data", "train"), ("eval_data", "data", "test"),
+                           ("ood_data", "data", "test")):
         if getattr(args, k) is not None:    # a hub id becomes its files in the HF cache; recorded resolved (resume)
             setattr(args, k, str(Path(common.from_hub(getattr(args, k), kind, split, world)).resolve()))
     check_flags(args, world)
@@ -636,27 +599,29 @@ def main(argv=None):
     if device.type == "cuda" and args.model is not None:          # does it fit? (before any weight is read)
         common.check_fits(M.Qwen2Config.from_json(args.model), args, world,
                           torch.cuda.get_device_properties(device).total_memory / 1e9)
-    train_set, eval_set = load_examples(args)
-    prompts = encode_all(args, train_set, eval_set) if args.model is not None else None
-    lock = claim_out(args, start, rank, world)
+    train_set, held = load_examples(args)
+    prompts = encode_all(args, train_set, held) if args.model is not None else None
+    lock = common.claim_out(Path(args.out), args.resume, args.overwrite, start, rank, world)
     try:
         if prompts is None:                      # the CPU demo: its base model and tokenizer, built on first use
             args.model = str(sft.build_demo_base(Path(sft.DEMO_BASE), rank, world, device, log).resolve())
-            prompts = encode_all(args, train_set, eval_set)
-        run(args, ckpt, start, train_set, eval_set, *prompts, out, rank, world, device, log)
+            prompts = encode_all(args, train_set, held)
+        run(args, ckpt, start, train_set, held, *prompts, out, rank, world, device, log)
     finally:
         common.unlock(lock)
     common.finish(world)
 
 
-def encode_all(args, train_set, eval_set):
-    """-> (tokenizer, train prompt ids, eval prompt ids); a prompt longer than --max-prompt-len is an error."""
+def encode_all(args, train_set, held):
+    """-> (tokenizer, train prompt ids, {held-out set: prompt ids}); a prompt longer than --max-prompt-len is an
+    error."""
     tok = data.load_tokenizer(args.model)
     return (tok, encode_prompts(train_set, tok, args.max_prompt_len, args.train_data or "train questions"),
-            encode_prompts(eval_set, tok, args.max_prompt_len, args.eval_data or "eval questions"))
+            {k: encode_prompts(v, tok, args.max_prompt_len, getattr(args, f"{k}_data") or f"{k} questions")
+             for k, v in held.items()})
 
 
-def run(args, ckpt, start, train_set, eval_set, tok, train_prompts, eval_prompts, out, rank, world, device, log):
+def run(args, ckpt, start, train_set, held, tok, train_prompts, held_prompts, out, rank, world, device, log):
     steps = args.steps or len(train_set) // args.rollout_batch
     total = schedule_length(args, len(train_set), steps)            # optimizer steps, for --lr-schedule cosine
     if device.type == "cuda":
@@ -668,7 +633,7 @@ def run(args, ckpt, start, train_set, eval_set, tok, train_prompts, eval_prompts
             for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "final"):
                 shutil.rmtree(out / d, ignore_errors=True)
         for f in ("metrics.jsonl", "samples.jsonl"):
-            (truncate_jsonl(out / f, start, log) if start else (out / f).unlink(missing_ok=True))
+            (common.truncate_jsonl(out / f, start, log) if start else (out / f).unlink(missing_ok=True))
         if not start:                                            # the run's flags, for readers of its metrics
             (out / "args.json").write_text(json.dumps({**vars(args), "world": world}, indent=1))
         log(f"PPO: {args.model}, {M.num_params(actor) / 1e6:.2f}M params, world {world}, steps {start}..{steps}")
@@ -679,10 +644,14 @@ def run(args, ckpt, start, train_set, eval_set, tok, train_prompts, eval_prompts
             with open(out / name, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def evaluate(step):
-        acc, fmt = eval_accuracy(actor, tok, eval_set, eval_prompts, args.max_new_tokens, args.eval_batch, rank, world)
-        write("metrics.jsonl", {"step": step, "eval_accuracy": acc, "eval_format": fmt})
-        log(f"step {step}: eval accuracy {acc:.3f}, valid format {fmt:.3f}")
+    def evaluate(step):                                          # eval_accuracy, eval_format (and ood_...)
+        row = {"step": step}
+        for k, exs in held.items():
+            row[f"{k}_accuracy"], row[f"{k}_format"] = eval_accuracy(actor, tok, exs, held_prompts[k],
+                                                                     args.max_new_tokens, args.eval_batch, rank, world)
+        write("metrics.jsonl", row)
+        log(f"step {step}: " + ", ".join(f"{k} accuracy {row[f'{k}_accuracy']:.3f}, valid format "
+                                         f"{row[f'{k}_format']:.3f}" for k in held))
 
     def checkpoint(step):                                        # the data position and all seeds derive from step
         common.save_checkpoint(out, trained, {"step": step, "world": world, "args": vars(args)}, tok, rank, world)
