@@ -252,6 +252,51 @@ def unlock(f):
         f.close()                                # closing the file releases the lock; the file itself stays
 
 
+# ------------------------------------------------------------------------------------------------ trackers
+def check_trackers(wandb_project: str | None, tensorboard_dir: str | None):
+    """--wandb / --tensorboard: their package is there (checked before any work; imported only when asked)."""
+    import importlib.util
+    for flag, package in (("--wandb", "wandb" if wandb_project else None),
+                          ("--tensorboard", "tensorboard" if tensorboard_dir else None)):
+        if package and importlib.util.find_spec(package) is None:
+            raise ImportError(f"{flag} needs the {package} package: pip install {package}")
+
+
+def trackers(wandb_project: str | None, tensorboard_dir: str | None, config: dict, rank: int):
+    """-> track(file, row): what train.py writes to metrics.jsonl (every number, at its step) and, for wandb, to
+    samples.jsonl (a table of a sampled step's responses) sent on to Weights & Biases and / or TensorBoard, from rank
+    0; track(None, None) closes them. Optional: training needs neither, so neither is a dependency."""
+    if rank != 0 or not (wandb_project or tensorboard_dir):
+        return lambda file, row: None
+    board = run = None
+    if tensorboard_dir:
+        from torch.utils.tensorboard import SummaryWriter
+        board = SummaryWriter(tensorboard_dir)
+    if wandb_project:
+        import wandb
+        run = wandb.init(project=wandb_project, config=config)
+    samples = []
+
+    def track(file, row):
+        if samples and file != "samples.jsonl":            # a sampled step's responses are all in: one table
+            run.log({"samples": wandb.Table(columns=list(samples[0]), data=[[json.dumps(v) if isinstance(v, dict)
+                                                                              else v for v in r.values()]
+                                                                             for r in samples])}, step=samples[0]["step"])
+            samples.clear()
+        if file == "samples.jsonl" and run:
+            samples.append(row)
+        elif file == "metrics.jsonl":
+            numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}   # not null
+            for k, v in numbers.items() if board else ():
+                board.add_scalar(k, v, row["step"])
+            if run:
+                run.log(numbers, step=row["step"])
+        elif file is None:
+            board and board.close()
+            run and run.finish()
+    return track
+
+
 # ------------------------------------------------------------------------------------------------ hub ids
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")       # org/name, or org/name:split for data
 FILE_SUFFIX = re.compile(r"\.(jsonl|json|parquet|csv|txt|safetensors)$")    # a missing file, not an id
@@ -629,6 +674,15 @@ def cli(main):
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory: CUDA memory allocated since the run began on a GPU (run() resets it: a process may run several),
+    the process's peak resident set size (RSS) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # Linux reports KiB
 
 
 def finish(world: int):

@@ -29,6 +29,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")   # the suite is CPU-only (fp3
 import random
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -1847,6 +1848,50 @@ def test_train_logs_out_of_distribution_accuracy(tmp_path, monkeypatch):
     assert [r["step"] for r in evals] == [0, 1] and all({"ood_accuracy", "ood_format"} <= set(r) for r in evals)
     health = [f"Q{i}?" for i in range(9) if i % 3]
     assert [len(s) for s in seen] == [8, 6, 8, 6] and seen[1] == seen[3] == health
+
+
+def _wandb_history(run_file: Path) -> list[dict]:
+    """The history rows of an offline W&B run file (a LevelDB-style log of 32 KiB blocks, 7-byte record headers,
+    holding protobuf Records), as {key: value} with JSON-decoded values."""
+    from wandb.proto import wandb_internal_pb2
+    raw, pos, block, part, rows = run_file.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:                     # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        part, pos = part + raw[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):                              # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+            part = b""
+    return rows
+
+
+def test_train_sends_metrics_to_tensorboard_and_wandb(tmp_path, monkeypatch):
+    """--tensorboard DIR and --wandb PROJECT (offline): every number of every metrics.jsonl row arrives at its step,
+    read back from TensorBoard's event file and from W&B's run file; a sampled step's responses form a W&B table."""
+    pytest.importorskip("tensorboard", reason="the --tensorboard test needs tensorboard (.ci/run installs it)")
+    pytest.importorskip("wandb", reason="the --wandb test needs wandb (.ci/run installs it)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    make_demo_like_checkpoint(tmp_path / "base")
+    train.main(_ppo_argv(tmp_path / "base", tmp_path / "run", 2, "--max-new-tokens", "8", "--tensorboard",
+                         str(tmp_path / "tb"), "--wandb", "med-rlvr-test"))
+    rows = _metrics(tmp_path / "run")
+    board = EventAccumulator(str(tmp_path / "tb"))
+    board.Reload()
+    history = _wandb_history(next(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))
+    for key in ("reward", "kl", "policy_loss", "value_loss", "eval_accuracy"):
+        want = [(r["step"], r[key]) for r in rows if key in r]
+        assert [(e.step, e.value) for e in board.Scalars(key)] == [(s, pytest.approx(v)) for s, v in want], key
+        assert [(h["_step"], h[key]) for h in history if key in h] == [(s, pytest.approx(v)) for s, v in want], key
+    tables = [h for h in history if "samples/nrows" in h]
+    assert [(h["_step"], h["samples/nrows"]) for h in tables] == [(1, 8), (2, 8)]
 
 
 def test_train_bad_inputs_give_clear_errors(tmp_path):

@@ -170,6 +170,8 @@ def make_parser():
                                                           "80 GB GPU")
     p.add_argument("--plan", action="store_true", help="print the memory plan for 1-8 GPUs, with and without "
                                                        "--offload, and exit (reads config.json only)")
+    p.add_argument("--wandb", metavar="PROJECT", help="also send metrics (and sampled responses) to this W&B project")
+    p.add_argument("--tensorboard", metavar="DIR", help="also write the metrics as TensorBoard events into DIR")
     return p
 
 
@@ -182,15 +184,6 @@ def parse_args(argv=None):
 
 
 TIMING_KEYS = ("time_rollout", "time_experience", "time_train", "time_step", "tokens_per_s", "peak_mem_mb")
-
-
-def peak_memory_mb(device) -> float:
-    """Peak memory: CUDA memory allocated since the run began on a GPU (run() resets it: a process may run several),
-    the process's peak resident set size (RSS) on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # Linux reports KiB
 
 
 def seed_for(kind: str, seed: int, i: int, j: int = 0) -> int:
@@ -517,6 +510,7 @@ def check_flags(args, world):
                          "(later OpenRLHF releases force it)")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: choose one")
+    common.check_trackers(args.wandb, args.tensorboard)
     if args.model is not None:                                   # a missing or broken checkpoint, named, now
         common.check_checkpoint(args.model)
 
@@ -638,11 +632,14 @@ def run(args, ckpt, start, train_set, held, tok, train_prompts, held_prompts, ou
             (out / "args.json").write_text(json.dumps({**vars(args), "world": world}, indent=1))
         log(f"PPO: {args.model}, {M.num_params(actor) / 1e6:.2f}M params, world {world}, steps {start}..{steps}")
 
+    track = common.trackers(args.wandb, args.tensorboard, vars(args), rank)     # --wandb, --tensorboard
+
     def write(name, row):
         if rank == 0:                                            # NaN / inf are written as null: valid JSON
             row = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
             with open(out / name, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            track(name, row)
 
     def evaluate(step):                                          # eval_accuracy, eval_format (and ood_...)
         row = {"step": step}
@@ -682,7 +679,7 @@ def run(args, ckpt, start, train_set, held, tok, train_prompts, held_prompts, ou
             row.update(time_rollout=stats["time_rollout"], time_experience=stats["time_experience"],
                        time_train=time.time() - t1, time_step=time.time() - t0,
                        tokens_per_s=row["response_length"] * n / max(stats["time_rollout"], 1e-9),
-                       peak_mem_mb=common.all_max(peak_memory_mb(device), world))
+                       peak_mem_mb=common.all_max(common.peak_memory_mb(device), world))
             write("metrics.jsonl", row)
             bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row['kl']:.3f}")
             if args.sample_every and (step + 1) % args.sample_every == 0:      # every response of the step
@@ -709,6 +706,7 @@ def run(args, ckpt, start, train_set, held, tok, train_prompts, held_prompts, ou
 
     evaluate(steps)
     common.export(actor, tok, out / "final", rank, world, args.export_dtype)
+    track(None, None)
     log(f"final policy: {out / 'final'}")
 
 
