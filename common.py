@@ -676,6 +676,18 @@ def cli(main):
     sys.exit(code)
 
 
+def machine() -> dict:
+    """What ran a run, for its args.json: the CPU's name, torch's version, the GPU's name (floating-point results
+    differ from one CPU or GPU kind to another)."""
+    import platform
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
 def peak_memory_mb(device) -> float:
     """Peak memory: CUDA memory allocated since the run began on a GPU (run() resets it: a process may run several),
     the process's peak resident set size (RSS) on the CPU."""

@@ -32,6 +32,7 @@ import data
 import model as M
 import reward
 import rollout
+import sft
 from reward import LABELS, classify
 
 DIRECT_PROMPT = "Question: {question}\n{options}\nAnswer:"
@@ -81,16 +82,21 @@ def run_model(policy, tok, examples, style, temperature, max_new_tokens, batch, 
     return out
 
 
+def verdict(example, text, style) -> tuple[bool, bool]:
+    """(valid format, right) of one response; for the rlvr prompt exactly the training reward's verdict."""
+    ok, letter = read_answer(text, style)
+    if style == "rlvr":
+        return ok, reward.score(data.PROMPT_PREFILL + text, example.answer) == 1.0
+    return ok, ok and letter == example.answer
+
+
 def evaluate_one(policy, tok, examples, args, rank=0, world=1) -> dict:
     greedy = run_model(policy, tok, examples, args.prompt, 0.0, args.max_new_tokens, args.batch, rank=rank,
                        world=world)
     right, valid, letters, per_cat = 0, 0, Counter(), defaultdict(list)
     for ex, (ids, text) in zip(examples, greedy):
-        ok, letter = read_answer(text, args.prompt)
-        if args.prompt == "rlvr":          # exactly the training reward's verdict
-            hit = reward.score(data.PROMPT_PREFILL + text, ex.answer) == 1.0
-        else:
-            hit = ok and letter == ex.answer
+        ok, hit = verdict(ex, text, args.prompt)
+        letter = read_answer(text, args.prompt)[1]
         right, valid = right + hit, valid + ok
         letters[letter or "none"] += 1
         per_cat[ex.category].append(hit)
@@ -99,13 +105,21 @@ def evaluate_one(policy, tok, examples, args, rank=0, world=1) -> dict:
               "response_length": sum(len(ids) for ids, _ in greedy) / n,
               "letters": dict(sorted(letters.items())),
               "per_category": {c: sum(v) / len(v) for c, v in sorted(per_cat.items())}}
-    if args.samples:
-        hits = 0
+    if args.samples:      # K responses per question at temperature 1: less of a knife edge than the greedy one
+        hits = valid = 0
+        behaviour = Counter()
         for k in range(args.samples):
             sampled = run_model(policy, tok, examples, args.prompt, 1.0, args.max_new_tokens, args.batch, seed=k,
                                 rank=rank, world=world)
-            hits += sum(read_answer(text, args.prompt) == (True, ex.answer) for ex, (_, text) in zip(examples, sampled))
-        result["accuracy_sampled"] = hits / (n * args.samples)
+            for ex, (_, text) in zip(examples, sampled):
+                ok, hit = verdict(ex, text, args.prompt)
+                hits, valid = hits + hit, valid + ok
+                if args.prompt == "rlvr":
+                    behaviour[classify(data.PROMPT_PREFILL + text, ex.options)] += 1
+        total = n * args.samples
+        result.update(sampled_accuracy=hits / total, sampled_format_rate=valid / total)
+        if behaviour:
+            result["behaviour"] = {label: behaviour[label] / total for label in LABELS}
     return result
 
 
@@ -204,7 +218,7 @@ def show_dynamics(samples: Path, every: int = 1):
 # -----------------------------------------------------------------------------
 # estimators side by side: train.py runs that differ in --advantage (and --seed), as in the README's comparison
 
-IGNORED_FLAGS = {"seed", "out", "resume", "overwrite", "eval_every", "save_every", "sample_every", "world",
+IGNORED_FLAGS = {"seed", "out", "resume", "overwrite", "eval_every", "save_every", "sample_every", "world", "machine",
                  "micro_batch", "eval_batch", "grad_checkpoint"}
 
 
@@ -326,14 +340,15 @@ def show_comparison(paths):
 # -----------------------------------------------------------------------------
 # the CPU demo's study: base, SFT and RLVR, in and out of distribution (python evaluate.py, no flags)
 
-STUDY_METRICS = ("accuracy", "format_rate", "response_length")
+STUDY_METRICS = ("accuracy", "format_rate", "response_length", "sampled_accuracy", "sampled_format_rate")
 
 
 def demo_study(args) -> dict:
     """Evaluate the demo's base, SFT and RLVR models on N held-out questions of the training family (in
     distribution) and of the other family (out of distribution), greedy; write <rlvr>/results.json and
     results.md, with the behaviour mix per training step of <rlvr>/samples.jsonl (and dynamics.png)."""
-    models = {"base": Path(args.base), "sft": Path(args.sft), "rlvr": Path(args.rlvr) / "final"}
+    models = {"base": Path(args.base or sft.demo_base_path(args.base_seed)), "sft": Path(args.sft),
+              "rlvr": Path(args.rlvr) / "final"}
     for name, path in models.items():                            # all checked before the first is evaluated
         if not (path / "config.json").is_file():
             how = {"base": "train.py builds it", "sft": "run sft.py", "rlvr": "run train.py"}[name]
@@ -345,17 +360,25 @@ def demo_study(args) -> dict:
     results = {}
     for name, path in models.items():
         tok, policy = data.load_tokenizer(path), M.load_model(path)
-        results[name] = {split: {k: v for k, v in evaluate_one(policy, tok, exs, args).items() if k in STUDY_METRICS}
-                         for split, exs in splits.items()}
+        results[name] = {split: {k: v for k, v in evaluate_one(policy, tok, exs, args).items()
+                                 if k in STUDY_METRICS + ("behaviour",)} for split, exs in splits.items()}
         print(f"{name}: " + ", ".join(f"{s} {r['accuracy']:.1%}" for s, r in results[name].items()))
     out = Path(args.rlvr)
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    metrics = [m for m in STUDY_METRICS if m in results["base"]["in_distribution"]]   # sampled ones: --samples
     lines = ["| model | " + " | ".join(f"{s.replace('_', ' ')}: {m.replace('_', ' ')}" for s in splits
-                                        for m in STUDY_METRICS) + " |", "|---" * (1 + 2 * len(STUDY_METRICS)) + "|"]
+                                        for m in metrics) + " |", "|---" * (1 + 2 * len(metrics)) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[s][m]:.1f}" if m == "response_length" else f"{r[s][m]:.1%}"
-                                                 for s in splits for m in STUDY_METRICS) + " |")
-    report = f"{n} held-out questions per set, greedy decoding\n\n" + "\n".join(lines) + "\n"
+                                                 for s in splits for m in metrics) + " |")
+    report = (f"{n} held-out questions per set; greedy decoding, and {args.samples} responses per question sampled "
+              "at temperature 1 (sampled_*)\n\n" + "\n".join(lines) + "\n")
+    if args.samples:      # the base's own mix is the stages' step 0
+        report += ("\nbehaviour of the sampled held-out responses (reward.classify)\n\n| model | set | "
+                   + " | ".join(LABELS) + " |\n" + "|---" * (2 + len(LABELS)) + "|\n"
+                   + "".join(f"| {name} | {s.replace('_', ' ')} | " + " | ".join(f"{r[s]['behaviour'][label]:.1%}"
+                                                                              for label in LABELS) + " |\n"
+                             for name, r in results.items() for s in splits))
     if (out / "samples.jsonl").is_file():
         table = dynamics_table(read_samples(out / "samples.jsonl"), every=10)
         report += "\nbehaviour of the sampled training responses (reward.classify), per 10 steps\n\n" + \
@@ -376,12 +399,13 @@ def spread(paths) -> str:
         if not (Path(p) / "results.json").is_file():
             raise FileNotFoundError(f"{p}: no results.json (run python evaluate.py --rlvr {p} first)")
         runs.append(json.loads((Path(p) / "results.json").read_text()))
-    lines = [f"| model ({len(runs)} runs) | split | " + " | ".join(m.replace("_", " ") for m in STUDY_METRICS) + " |",
-             "|---" * (2 + len(STUDY_METRICS)) + "|"]
+    metrics = [m for m in STUDY_METRICS if all(m in r[n][s] for r in runs for n in r for s in r[n])]
+    lines = [f"| model ({len(runs)} runs) | split | " + " | ".join(m.replace("_", " ") for m in metrics) + " |",
+             "|---" * (2 + len(metrics)) + "|"]
     for name in runs[0]:
         for split in runs[0][name]:
             cells = []
-            for m in STUDY_METRICS:
+            for m in metrics:
                 mean, std = _mean_std([r[name][split][m] for r in runs])
                 cells.append(f"{mean:.1f} ± {std:.1f}" if m == "response_length" else
                              f"{100 * mean:.1f} ± {100 * std:.1f}")
@@ -400,13 +424,17 @@ def make_parser():
     parser.add_argument("--prompt", choices=["rlvr", "direct", "cot"], default="rlvr",
                         help="how the model is asked (see the docstring)")
     parser.add_argument("--limit", type=c.nonneg_int, default=0, help="first N questions of each dataset (0: all)")
-    parser.add_argument("--samples", type=c.nonneg_int, default=0, help="also the mean accuracy of K samples at T=1")
+    parser.add_argument("--samples", type=c.nonneg_int, default=8, help="K responses per question sampled at "
+                                                                        "temperature 1: their mean accuracy, format "
+                                                                        "rate and behaviour mix (0: greedy only)")
     parser.add_argument("--max-new-tokens", type=c.positive_int, default=1024, help="response budget in tokens")
     parser.add_argument("--batch", type=c.positive_int, default=64, help="prompts per decoding batch")
     parser.add_argument("--out", default="results.json", help="results as JSON; a markdown table beside it (.md)")
     parser.add_argument("--dynamics", help="samples.jsonl of a training run: print the behaviour mix per step")
     parser.add_argument("--every", type=c.positive_int, default=1, help="with --dynamics: steps per table row")
-    parser.add_argument("--base", default="runs/demo-base", help="without --model: the demo's base model")
+    parser.add_argument("--base", help="without --model: the demo's base model (default: runs/demo-base-seed<N> "
+                                       "of --base-seed)")
+    parser.add_argument("--base-seed", type=int, default=0, help="without --model: which demo base build")
     parser.add_argument("--sft", default="runs/demo-sft", help="without --model: the demo's SFT baseline")
     parser.add_argument("--rlvr", default="runs/demo", help="without --model: the demo's RLVR run folder "
                                                             "(final/, samples.jsonl); results are written there")

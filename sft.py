@@ -5,7 +5,7 @@ It has two jobs, one mechanism:
   1. Med-RLVR's SFT baseline: the base model trained on the RL training questions to answer directly. The prompt
      is data.build_prompt(question) (the same as RL's); the response is " </think>\\n<answer>X</answer>" + EOS,
      an empty think block and the gold letter, since MedQA has no written rationales. With no flags: the CPU
-     demo's baseline, from runs/demo-base on the demo's training questions, into runs/demo-sft.
+     demo's baseline, from runs/demo-base-seed0 on the demo's training questions, into runs/demo-sft.
   2. The CPU demo's base model (build_demo_base): a tiny Qwen2 with its own small tokenizer, trained on worked
      dose calculations in the forms a base model writes (data.FORMS, in DEMO_FORMS' shares), of which only
      DEMO_RIGHT_SHARE multiply (right) and the rest add (wrong), in two question families. It learns the format
@@ -36,7 +36,7 @@ def make_parser():
     p = common.parser(__doc__)
     p.add_argument("--model", help="base checkpoint folder (HF layout: config.json, *.safetensors, tokenizer.json) "
                                    "or a hub id (Qwen/Qwen2.5-3B); "
-                                   "default: the CPU demo's base model (runs/demo-base), with DEMO_BASELINE's "
+                                   "default: the CPU demo's base model (runs/demo-base-seed0), with DEMO_BASELINE's "
                                    "settings for the flags not given")
     p.add_argument("--train", help="MedQA train split: a file (data.SCHEMAS) or a hub id, org/name[:split]; "
                                    "default with the demo: its RL training "
@@ -58,6 +58,7 @@ def make_parser():
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each block's activations in backward")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help=common.PRECISION_HELP)
+    p.add_argument("--base-seed", type=int, default=0, help="the demo: which base build (runs/demo-base-seed<N>)")
     return p
 
 
@@ -81,15 +82,19 @@ DEMO_OOD_SHARE = 0.25
 DEMO_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0, torch_dtype="float32")
 DEMO_SFT = dict(n_questions=30000, epochs=1, batch=32, lr=2e-3, warmup=20)
-DEMO_BASE = "runs/demo-base"
+def demo_base_path(seed: int = 0) -> Path:
+    """Where the demo base of --base-seed `seed` is built and cached."""
+    return Path(f"runs/demo-base-seed{seed}")
 DEMO_BASELINE = dict(epochs=2, batch=64, micro_batch=64, lr=1e-3, warmup=5, grad_checkpoint=False)  # the SFT baseline
 
 
-def demo_recipe() -> dict:
-    """Everything the demo base model is built from, saved beside it: a cached base from another recipe is refused."""
+def demo_recipe(seed: int = 0) -> dict:
+    """Everything the demo base model is built from, saved beside it: a cached base from another recipe is refused.
+    `seed` (--base-seed) seeds the base's initial weights and the order of its training examples; its corpus of
+    questions and answers is the same for every seed."""
     return json.loads(json.dumps(dict(right_share=DEMO_RIGHT_SHARE, forms=DEMO_FORMS, ood_share=DEMO_OOD_SHARE,
                                       config=DEMO_CONFIG, sft=DEMO_SFT, form_texts=data.FORMS,
-                                      families=data.FAMILIES)))                 # as it reads back from JSON
+                                      families=data.FAMILIES, seed=seed)))      # as it reads back from JSON
 
 
 def demo_corpus(n: int, seed: int = data.DEMO_SEEDS["base"]):
@@ -181,12 +186,12 @@ def tokenize_pairs(tokenizer, texts: list[tuple[str, str]], max_len: int):
 
 
 # ------------------------------------------------------------------------------------------------ the demo base
-def build_demo_base(out: Path, rank=0, world=1, device="cpu", log=print) -> Path:
+def build_demo_base(out: Path, rank=0, world=1, device="cpu", log=print, seed: int = 0) -> Path:
     """The CPU demo's starting checkpoint: a tiny Qwen2 with its own tokenizer, briefly trained on worked dose
     calculations, most of them wrong, in a base model's mix of forms (demo_corpus). Cached: built once, then
     reused."""
     out = Path(out)
-    recipe = demo_recipe()
+    recipe = demo_recipe(seed)
     if (out / "model.safetensors").exists():
         built = json.loads((out / "recipe.json").read_text()) if (out / "recipe.json").is_file() else None
         if built != recipe:
@@ -197,13 +202,13 @@ def build_demo_base(out: Path, rank=0, world=1, device="cpu", log=print) -> Path
     texts = [(p, r) for p, r, _ in demo_corpus(DEMO_SFT["n_questions"])]
     tokenizer = data.train_demo_tokenizer([p + r for p, r in texts])                # deterministic on every rank
     config = M.Qwen2Config(vocab_size=tokenizer.get_vocab_size(), **DEMO_CONFIG)
-    policy = common.shard(M.init_model(config, seed=0).to(device), world)          # fp32: init_model builds fp32
+    policy = common.shard(M.init_model(config, seed=seed).to(device), world)       # fp32: init_model builds fp32
     pairs = tokenize_pairs(tokenizer, texts, max_len=512)
     if rank == 0:
         log(f"building the demo base model in {out} ({M.num_params(policy) / 1e6:.2f}M params, "
             f"{len(pairs)} worked examples, {DEMO_RIGHT_SHARE:.0%} of them right)")
     train(policy, pairs, epochs=DEMO_SFT["epochs"], batch=DEMO_SFT["batch"], micro_batch=DEMO_SFT["batch"],
-          lr=DEMO_SFT["lr"], warmup=DEMO_SFT["warmup"], rank=rank, world=world, device=device, log=log)
+          lr=DEMO_SFT["lr"], warmup=DEMO_SFT["warmup"], seed=seed, rank=rank, world=world, device=device, log=log)
     common.export(policy, tokenizer, out, rank, world)
     if rank == 0:
         (out / "recipe.json").write_text(json.dumps(recipe, indent=1))
@@ -220,7 +225,7 @@ def main(argv=None):
     if (out / "config.json").exists() and not args.overwrite:
         raise ValueError(f"--out {out} already holds a model; pass --overwrite to replace it")
     if args.model is None:                                       # the demo: its base (built once) and questions
-        args.model = str(build_demo_base(Path(DEMO_BASE), rank, world, device))
+        args.model = str(build_demo_base(demo_base_path(args.base_seed), rank, world, device, seed=args.base_seed))
         examples = data.demo_questions("train")                  # train.py's training questions
     else:                                                        # a hub id becomes its files in the HF cache
         args.model = common.from_hub(args.model, "model", world=world)

@@ -1848,6 +1848,8 @@ def test_train_logs_out_of_distribution_accuracy(tmp_path, monkeypatch):
     assert [r["step"] for r in evals] == [0, 1] and all({"ood_accuracy", "ood_format"} <= set(r) for r in evals)
     health = [f"Q{i}?" for i in range(9) if i % 3]
     assert [len(s) for s in seen] == [8, 6, 8, 6] and seen[1] == seen[3] == health
+    ran = json.loads((tmp_path / "run" / "args.json").read_text())["machine"]     # what ran it, recorded once
+    assert ran["torch"] == torch.__version__ and ran["cpu"] and ran["cores"] == os.cpu_count()
 
 
 def _wandb_history(run_file: Path) -> list[dict]:
@@ -2211,22 +2213,27 @@ def test_demo_study_three_commands_end_to_end(tmp_path, taught_base, monkeypatch
     """The README's three demo commands with no flags (sft.py, then train.py and evaluate.py shortened), on a tiny
     base model in runs/demo-base: results.json has the documented shape, and the behaviour table is there."""
     monkeypatch.chdir(tmp_path)
-    shutil.copytree(taught_base, "runs/demo-base")
-    Path("runs/demo-base/recipe.json").write_text("{}")                     # a base from another recipe: refused
-    _mistake(lambda: sft.main(["--epochs", "1"]), "another version of the demo's recipe")
-    Path("runs/demo-base/recipe.json").write_text(json.dumps(sft.demo_recipe()))   # stands in for the real one
+    shutil.copytree(taught_base, "runs/demo-base-seed0")
+    Path("runs/demo-base-seed0/recipe.json").write_text(json.dumps(sft.demo_recipe(seed=1)))   # another recipe:
+    _mistake(lambda: sft.main(["--epochs", "1"]), "another version of the demo's recipe")          # refused
+    Path("runs/demo-base-seed0/recipe.json").write_text(json.dumps(sft.demo_recipe()))   # stands in for the real one
     sft.main(["--epochs", "1", "--batch", "256", "--micro-batch", "256"])   # runs/demo-sft, shortened
     train.main(["--steps", "2", "--rollout-batch", "8", "--train-batch", "8", "--eval-limit", "8",
                 "--max-new-tokens", "24", "--sample-every", "1"])            # runs/demo
-    results = evaluate.main(["--dose", "8"])
+    results = evaluate.main(["--dose", "8", "--samples", "3"])
     saved = json.loads(Path("runs/demo/results.json").read_text())
     assert saved == results and set(saved) == {"base", "sft", "rlvr"}
     for r in saved.values():
         assert set(r) == {"in_distribution", "out_of_distribution"}
         for m in r.values():
-            assert set(m) == {"accuracy", "format_rate", "response_length"} and 0 <= m["accuracy"] <= 1
+            assert set(m) == {"accuracy", "format_rate", "response_length", "sampled_accuracy", "sampled_format_rate",
+                              "behaviour"} and 0 <= m["accuracy"] <= 1
+            # 8 questions x 3 samples: every rate is a count of 24, the behaviour shares add up to all 24
+            assert all(abs(24 * v - round(24 * v)) < 1e-9 for v in [m["sampled_accuracy"], *m["behaviour"].values()])
+            assert sum(m["behaviour"].values()) == pytest.approx(1.0) and set(m["behaviour"]) == set(LABELS)
+            assert m["sampled_accuracy"] <= m["sampled_format_rate"]
     report = Path("runs/demo/results.md").read_text()
-    assert "| sft |" in report and "reasoning outside" in report
+    assert "| sft |" in report and "reasoning outside" in report and "| base | in distribution |" in report
     assert len(read_samples("runs/demo/samples.jsonl")) == 16                # every response of both steps
     assert "| rlvr | in distribution |" in evaluate.spread(["runs/demo", "runs/demo"])
 

@@ -84,7 +84,8 @@ def make_parser():
     c = common
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; flags given explicitly still win")
     p.add_argument("--model", help="base checkpoint: a folder (HF layout) or a hub id (Qwen/Qwen2.5-3B); default: the "
-                                   "CPU demo's tiny base model, built into runs/demo-base on first use")
+                                   "CPU demo's tiny base model, built into runs/demo-base-seed<--base-seed> once")
+    p.add_argument("--base-seed", type=int, default=0, help="the demo: which base build (its weights' seed)")
     p.add_argument("--train-data", help="MedQA train split: a file (data.SCHEMAS) or a hub id, org/name[:split] "
                                         "(GBaker/MedQA-USMLE-4-options); default: synthetic dose questions")
     p.add_argument("--eval-data", help="held-out questions for eval_accuracy: a file or a hub id (split test unless "
@@ -598,7 +599,8 @@ def main(argv=None):
     lock = common.claim_out(Path(args.out), args.resume, args.overwrite, start, rank, world)
     try:
         if prompts is None:                      # the CPU demo: its base model and tokenizer, built on first use
-            args.model = str(sft.build_demo_base(Path(sft.DEMO_BASE), rank, world, device, log).resolve())
+            args.model = str(sft.build_demo_base(sft.demo_base_path(args.base_seed), rank, world, device, log,
+                                                 args.base_seed).resolve())
             prompts = encode_all(args, train_set, held)
         run(args, ckpt, start, train_set, held, *prompts, out, rank, world, device, log)
     finally:
@@ -629,7 +631,8 @@ def run(args, ckpt, start, train_set, held, tok, train_prompts, held_prompts, ou
         for f in ("metrics.jsonl", "samples.jsonl"):
             (common.truncate_jsonl(out / f, start, log) if start else (out / f).unlink(missing_ok=True))
         if not start:                                            # the run's flags, for readers of its metrics
-            (out / "args.json").write_text(json.dumps({**vars(args), "world": world}, indent=1))
+            (out / "args.json").write_text(json.dumps({**vars(args), "world": world, "machine": common.machine()},
+                                                      indent=1))
         log(f"PPO: {args.model}, {M.num_params(actor) / 1e6:.2f}M params, world {world}, steps {start}..{steps}")
 
     track = common.trackers(args.wandb, args.tensorboard, vars(args), rank)     # --wandb, --tensorboard
