@@ -254,12 +254,18 @@ def unlock(f):
 
 # ------------------------------------------------------------------------------------------------ trackers
 def check_trackers(wandb_project: str | None, tensorboard_dir: str | None):
-    """--wandb / --tensorboard: their package is there (checked before any work; imported only when asked)."""
+    """--wandb / --tensorboard: their package is there, and W&B can log in or runs offline (checked before any
+    work; each package imported only when asked)."""
     import importlib.util
     for flag, package in (("--wandb", "wandb" if wandb_project else None),
                           ("--tensorboard", "tensorboard" if tensorboard_dir else None)):
         if package and importlib.util.find_spec(package) is None:
             raise ImportError(f"{flag} needs the {package} package: pip install {package}")
+    netrc = Path.home() / ".netrc"
+    if wandb_project and os.environ.get("WANDB_MODE") not in ("offline", "disabled", "dryrun") and \
+            not os.environ.get("WANDB_API_KEY") and not (netrc.is_file() and "api.wandb.ai" in netrc.read_text()):
+        raise ValueError("--wandb: no W&B API key (run `wandb login` or set WANDB_API_KEY), or set WANDB_MODE=offline "
+                         "to log locally")
 
 
 def trackers(wandb_project: str | None, tensorboard_dir: str | None, config: dict, rank: int):
@@ -274,7 +280,10 @@ def trackers(wandb_project: str | None, tensorboard_dir: str | None, config: dic
         board = SummaryWriter(tensorboard_dir)
     if wandb_project:
         import wandb
-        run = wandb.init(project=wandb_project, config=config)
+        try:
+            run = wandb.init(project=wandb_project, config=config)
+        except Exception as e:                                   # (its errors are not all ValueErrors)
+            raise ValueError(f"--wandb {wandb_project}: {e}") from None
     samples = []
 
     def track(file, row):
@@ -289,6 +298,7 @@ def trackers(wandb_project: str | None, tensorboard_dir: str | None, config: dic
             numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}   # not null
             for k, v in numbers.items() if board else ():
                 board.add_scalar(k, v, row["step"])
+            board and board.flush()                              # on disk now: a kill loses no row
             if run:
                 run.log(numbers, step=row["step"])
         elif file is None:
@@ -309,8 +319,9 @@ def from_hub(arg: str | None, kind: str, split: str | None = None, world: int = 
     kind "config" the folder with config.json alone, kind "data" the one file of its split (`split` unless the id names one: the file whose name holds it). Fetched
     once, by local rank 0 of each node under a file lock while the other ranks wait; then every rank reads the cache.
     HF_HOME and HF_HUB_OFFLINE work as everywhere; an id that is neither cached nor reachable is one error line."""
-    if arg is None or Path(arg).exists() or not HUB_ID.fullmatch(arg) or FILE_SUFFIX.search(arg):
-        return arg                               # (a missing path is reported, by name, where it is read)
+    if arg is None or Path(arg).exists() or not HUB_ID.fullmatch(arg) or FILE_SUFFIX.search(arg) or \
+            Path(arg.split("/")[0]).is_dir():    # runs/sft: a local path (reported, by name, where it is read)
+        return arg
     try:
         import huggingface_hub as hub
         from huggingface_hub import constants
@@ -343,7 +354,7 @@ def from_hub(arg: str | None, kind: str, split: str | None = None, world: int = 
         hint = " --repo-type dataset" if kind == "data" else ""
         raise ValueError(f"{arg}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and not fetched "
                          f"({fetch_error or 'another rank fetches it'}); run once with network access (HF_HUB_OFFLINE "
-                         f"unset), `huggingface-cli download {repo}{hint}`, or give a local path") from None
+                         f"unset), `hf download {repo}{hint}`, or give a local path") from None
     if kind != "data":
         return str(folder)
     files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()
@@ -389,8 +400,9 @@ def memory_plan(config, args, world: int, offload: bool) -> tuple[dict, float]:
     """Estimated GB per GPU, by part, and GB of host memory per node (a plan, not a measurement) for train.py's flags
     `args`: fp32 master weights, compute in bf16 (or fp32 with --precision fp32: b bytes a value). Sharded over the
     ranks: actor (and, for gae, critic) weights + gradients + AdamW's two moments in fp32, 16 bytes a parameter, on
-    the GPU or, with --offload, in host memory; the reference, b. Then the larger of the two phases: the rollout (the
-    actor's full weights + the KV cache of the sequences decoded together) and the update (one micro-batch's
+    the GPU or, with --offload, in host memory; the reference, b. Then the larger of the two phases: the rollout or an
+    evaluation (the actor's full weights + the KV cache of the sequences decoded together, --rollout-chunk or
+    --eval-batch, + one block's temporaries over their prompts in the prefill) and the update (one micro-batch's
     activations: with --grad-checkpoint each block's input, else ~17 hidden-sized values a token per block; plus two
     gathered blocks, the LM head's chunks and its fp32 weight gradient and temporary)."""
     L, H, I, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
@@ -405,8 +417,9 @@ def memory_plan(config, args, world: int, offload: bool) -> tuple[dict, float]:
         trained["critic (fp32 weights, grads, AdamW)"] = 16 * n_critic / world / gb
     plan = {} if offload else dict(trained)
     plan["reference"] = b * n / world / gb
-    decoding = min(per_rank, args.rollout_chunk or per_rank)                  # sequences decoded together
-    rollout = b * n + L * 2 * kv * b * decoding * seq                           # full weights + K and V
+    decoding = max(min(per_rank, args.rollout_chunk or per_rank), args.eval_batch)   # sequences decoded together
+    prefill = decoding * args.max_prompt_len * (3 * I + 4 * H) * b              # one block's temporaries over prompts
+    rollout = b * n + L * 2 * kv * b * decoding * seq + prefill                 # full weights + K and V + prefill
     tokens = args.micro_batch * seq
     acts = tokens * H * b * L if args.grad_checkpoint else tokens * 17 * b * H * L
     update = acts + tokens * (2 * H + 3 * I) * b + 2 * block * b + 3 * 2**28 + 2 * 4 * V * H  # a block's, the head's
@@ -416,11 +429,16 @@ def memory_plan(config, args, world: int, offload: bool) -> tuple[dict, float]:
     return plan, host
 
 
-def check_fits(config, args, world: int, capacity_gb: float):
-    """Refuse, with the numbers, a configuration whose plan exceeds 90% of the GPU's memory, saying what would fit:
-    --offload, more GPUs, or smaller batches."""
+def check_fits(config, args, world: int, capacity_gb: float, host_gb: float | None = None):
+    """Refuse, with the numbers, a configuration whose plan exceeds 90% of the GPU's memory (or, offloading, of the
+    host's), saying what would fit: --offload, more GPUs, or smaller batches."""
     def need(w, offload):
         return sum(memory_plan(config, args, w, offload)[0].values())
+    host_gb = host_gb or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9     # this machine's RAM
+    host = memory_plan(config, args, world, args.offload)[1]
+    if host > 0.9 * host_gb:
+        raise ValueError(f"--offload needs about {host:.0f} GB of host memory a node, this one has {host_gb:.0f} GB: "
+                         "use more nodes or GPUs' memory instead")
     if need(world, args.offload) <= 0.9 * capacity_gb:
         return
     plan, _ = memory_plan(config, args, world, args.offload)

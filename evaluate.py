@@ -467,7 +467,7 @@ def main(argv=None):
 
     rank, world, device = common.init_distributed()  # under torchrun each rank decodes its share of every set
     datasets = {}         # a hub id becomes its files in the HF cache (split test unless it names one)
-    args.model = [common.from_hub(path, "model", world=world) for path in args.model]
+    models = {name: common.from_hub(name, "model", world=world) for name in args.model}     # as the user named it
     if args.medqa:
         datasets["MedQA"] = data.load_medqa(common.from_hub(args.medqa, "data", "test", world))
     if args.mmlu_pro:     # the whole test set (12,032 rows) or its health rows (818): keep the health category
@@ -480,14 +480,14 @@ def main(argv=None):
     if args.limit:
         datasets = {k: v[:args.limit] for k, v in datasets.items()}
 
-    for path in args.model:                      # every model is checked before the first one is evaluated
+    for path in models.values():                 # every model is checked before the first one is evaluated
         common.check_checkpoint(path)
     results = {}
-    for path in args.model:
+    for label, path in models.items():
         tok, policy = data.load_tokenizer(path), M.load_model(path, device=device)
-        results[path] = {name: evaluate_one(policy, tok, exs, args, rank, world) for name, exs in datasets.items()}
+        results[label] = {name: evaluate_one(policy, tok, exs, args, rank, world) for name, exs in datasets.items()}
         if rank == 0:
-            print(f"{path}: " + ", ".join(f"{d} {r['accuracy']:.1%}" for d, r in results[path].items()))
+            print(f"{label}: " + ", ".join(f"{d} {r['accuracy']:.1%}" for d, r in results[label].items()))
     if rank == 0:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ Index: each test's name starts with the file it tests.
 This file is also the worker those FSDP tests start under torchrun: `python test_all.py {ppo,sft,rollout} CKPT OUT`
 (see _worker at the bottom).
 """
+import hashlib
 import importlib.util
 import json
 import math
@@ -1795,10 +1796,14 @@ def _hub_cache(home: Path, repo: str, files: dict, repo_type="model") -> Path:
     commit, refs/main naming it. -> the snapshot folder."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     root = home / "hub" / f"{repo_type}s--{repo.replace('/', '--')}"
-    for name, src in files.items():
+    for name, src in files.items():              # each file a blob named by its hash, the snapshot a symlink to it
+        content = src.read_bytes() if isinstance(src, Path) else src.encode()
+        blob = root / "blobs" / hashlib.sha256(content).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(content)
         dest = root / "snapshots" / commit / name
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(src.read_bytes() if isinstance(src, Path) else src.encode())
+        dest.symlink_to(os.path.relpath(blob, dest.parent))
     (root / "refs").mkdir(parents=True, exist_ok=True)
     (root / "refs" / "main").write_text(commit)
     return root / "snapshots" / commit
@@ -1822,9 +1827,9 @@ def test_train_takes_hub_ids_offline_from_the_cache(tmp_path):
                         "train.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     recorded = json.loads((tmp_path / "run" / "args.json").read_text())
-    assert recorded["model"] == str(snapshot.resolve())
-    assert recorded["train_data"] == str(questions.resolve() / "data" / "train-00000.jsonl")
-    assert recorded["eval_data"] == str(questions.resolve() / "data" / "test-00000.jsonl")
+    assert recorded["model"] == str(snapshot)                       # the files' names, not their blobs' hashes
+    assert recorded["train_data"] == str(questions / "data" / "train-00000.jsonl")
+    assert recorded["eval_data"] == str(questions / "data" / "test-00000.jsonl")
     assert [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [0, 1, 1]
     r = subprocess.run([sys.executable, "train.py", *argv[:1], "org/missing", *argv[2:-8], "--out",
                         str(tmp_path / "never")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -1878,10 +1883,15 @@ def test_train_sends_metrics_to_tensorboard_and_wandb(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard", reason="the --tensorboard test needs tensorboard (.ci/run installs it)")
     pytest.importorskip("wandb", reason="the --wandb test needs wandb (.ci/run installs it)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    make_demo_like_checkpoint(tmp_path / "base")
+    for k in ("WANDB_MODE", "WANDB_API_KEY"):                      # no way to log in: one line, before any work
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _mistake(lambda: train.main(_ppo_argv(tmp_path / "base", tmp_path / "run", 2, "--wandb", "p")),
+             "--wandb: no W&B API key", tmp_path / "run")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    make_demo_like_checkpoint(tmp_path / "base")
     train.main(_ppo_argv(tmp_path / "base", tmp_path / "run", 2, "--max-new-tokens", "8", "--tensorboard",
                          str(tmp_path / "tb"), "--wandb", "med-rlvr-test"))
     rows = _metrics(tmp_path / "run")
@@ -2132,7 +2142,7 @@ def test_train_export_in_bf16_loads_in_transformers(tmp_path):
 
 def test_train_memory_plan_refuses_3b_on_one_gpu(tmp_path, capsys):
     """The plan's parameter count equals transformers' Qwen2.5-3B (built on the meta device: no memory); 16 bytes
-    each for actor and critic do not fit one 80 GB GPU, and the refusal says what would (--offload, 4 GPUs); 8 GPUs
+    each for actor and critic do not fit one 80 GB GPU, and the refusal says what would (--offload, 2 GPUs); 8 GPUs
     fit, and so does one with --offload, which moves those bytes to host memory; --plan's table says the same."""
     cfg = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True)
@@ -2146,7 +2156,7 @@ def test_train_memory_plan_refuses_3b_on_one_gpu(tmp_path, capsys):
     fp32, _ = common.memory_plan(config, train.parse_args(["--preset", "med-rlvr", "--precision", "fp32"]), 1, False)
     assert fp32["reference"] == pytest.approx(4 * n / 1e9) and sum(fp32.values()) > sum(plan.values())
     with pytest.raises(ValueError, match=r"needs about \d+ GB per GPU .* has 80 GB: use --offload \(then ~\d+ GB of "
-                                         r"host memory a node\); or 4 GPUs \(now 1\); or --grad-checkpoint"):
+                                         r"host memory a node\); or 2 GPUs \(now 1\); or --grad-checkpoint"):
         common.check_fits(config, args, 1, 80.0)
     common.check_fits(config, args, 8, 80.0)
     grpo = train.parse_args(["--preset", "med-rlvr", "--advantage", "grpo", "--samples-per-prompt", "4"])
@@ -2155,9 +2165,12 @@ def test_train_memory_plan_refuses_3b_on_one_gpu(tmp_path, capsys):
     # a value head, the tied LM head not its own), all of a node's ranks' shards together
     offloaded, host = common.memory_plan(config, args, 4, True)
     assert not [k for k in offloaded if "AdamW" in k] and host == pytest.approx(16 * (n + n + 2048) / 1e9)
-    common.check_fits(config, train.parse_args(["--preset", "med-rlvr", "--offload"]), 1, 80.0)
+    offload = train.parse_args(["--preset", "med-rlvr", "--offload"])
+    common.check_fits(config, offload, 1, 80.0, host_gb=512.0)
+    with pytest.raises(ValueError, match=r"--offload needs about 99 GB of host memory a node, this one has 64 GB"):
+        common.check_fits(config, offload, 1, 80.0, host_gb=64.0)
     table = common.plan_table(config, args, "Qwen2.5-3B").splitlines()
-    assert table[4].startswith("| 1 | no |") and table[4].endswith("| - | - | - | - |")
+    assert table[4].startswith("| 1 | no |") and table[4].endswith("| - | - | - | fits |")       # 121 GB: a 141 GB GPU
     assert table[5].startswith("| 1 | yes |") and table[5].endswith("| fits | fits |")
     (tmp_path / "3b").mkdir()                      # train.py --plan: config.json is all it reads, nothing is written
     (tmp_path / "3b" / "config.json").write_text(json.dumps(config.to_json("Qwen2ForCausalLM")))

@@ -64,8 +64,8 @@ PRESETS = {
     "med-rlvr": dict(steps=0, rollout_batch=512, train_batch=128, micro_batch=4, ppo_epochs=1,
                      actor_lr=1e-6, critic_lr=9e-6, lr_schedule="cosine", warmup_ratio=0.03, min_lr_ratio=0.1,
                      kl_coef=0.01, kl_estimator="k1", gamma=1.0, lam=1.0, clip=0.2, value_clip=0.2, loss_agg="seq",
-                     temperature=1.0, max_prompt_len=1024, max_new_tokens=1024, eval_limit=0, eval_batch=128,
-                     save_every=5, sample_every=1, grad_checkpoint=True),
+                     temperature=1.0, max_prompt_len=1024, max_new_tokens=1024, eval_limit=0, eval_batch=64,
+                     rollout_chunk=64, save_every=5, sample_every=1, grad_checkpoint=True),
     # DeepSeekMath's GRPO (arXiv 2402.03300): group-normalised scores, the KL (k3, beta 0.04) in the loss, each
     # response's token-mean averaged over responses, one update per rollout (its groups had 64 responses; 8 here)
     "grpo": dict(advantage="grpo", samples_per_prompt=8, group_std=True, kl_in="loss", kl_estimator="k3",
@@ -587,8 +587,8 @@ def main(argv=None):
     # everything the user gave is checked before a model is loaded or an output touched
     for k, kind, split in (("model", "model", None), ("train_data", "data", "train"), ("eval_data", "data", "test"),
                            ("ood_data", "data", "test")):
-        if getattr(args, k) is not None:    # a hub id becomes its files in the HF cache; recorded resolved (resume)
-            setattr(args, k, str(Path(common.from_hub(getattr(args, k), kind, split, world)).resolve()))
+        if getattr(args, k) is not None:    # a hub id becomes its files in the HF cache; recorded absolute (resume;
+            setattr(args, k, os.path.abspath(common.from_hub(getattr(args, k), kind, split, world)))   # no blob)
     check_flags(args, world)
     ckpt, start = find_checkpoint(args, world)   # resuming: the checkpoint and its step; (None, 0): a fresh run
     if device.type == "cuda" and args.model is not None:          # does it fit? (before any weight is read)
@@ -704,6 +704,9 @@ def run(args, ckpt, start, train_set, held, tok, train_prompts, held_prompts, ou
                 raise common.Abort(f"{signal.Signals(sig).name} after step {step + 1}: checkpoint written to "
                                    f"{out / 'checkpoint'}; continue with the same command and --resume",
                                    code=128 + sig)
+    except BaseException:                                        # a stop: the trackers keep what they got
+        track(None, None)
+        raise
     finally:
         stop.restore()
 
