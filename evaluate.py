@@ -7,8 +7,8 @@ Evaluation: the paper's comparisons as one command, and the training-dynamics pi
     python evaluate.py --dynamics runs/demo/samples.jsonl                      # behaviour mix per training step
     python evaluate.py --compare runs/estimators                               # train.py runs side by side
 
-For every model and dataset: greedy accuracy (and, with --samples K, the mean accuracy of K samples at
-temperature 1), the valid-format rate, the mean response length in tokens, how often each letter is answered,
+For every model and dataset: greedy accuracy (and, with --samples K - 8 in the demo study - the accuracy, format
+rate and behaviour mix of K samples per question at temperature 1), the valid-format rate, the mean response length in tokens, how often each letter is answered,
 and the accuracy per category (MedQA meta_info, MMLU-Pro src). The models sit side by side in a markdown table,
 printed and written next to results.json (results.md).
 
@@ -126,11 +126,13 @@ def evaluate_one(policy, tok, examples, args, rank=0, world=1) -> dict:
 def markdown(results: dict) -> str:
     """Models side by side: one row per dataset and metric, one column per model."""
     models = list(results)
-    lines = ["| | " + " | ".join(Path(m).name or m for m in models) + " |", "|---" * (len(models) + 1) + "|"]
+    lines = ["| | " + " | ".join(m if "/" in m and not Path(m).exists() else Path(m).name or m for m in models)
+             + " |", "|---" * (len(models) + 1) + "|"]                          # a hub id as it is
     datasets = list(next(iter(results.values())))
     for d in datasets:
-        for key, label in (("accuracy", "accuracy (greedy)"), ("accuracy_sampled", "accuracy (sampled)"),
-                           ("format_rate", "valid format"), ("response_length", "response tokens")):
+        for key, label in (("accuracy", "accuracy (greedy)"), ("sampled_accuracy", "accuracy (sampled)"),
+                           ("format_rate", "valid format"), ("sampled_format_rate", "valid format (sampled)"),
+                           ("response_length", "response tokens")):
             if key not in results[models[0]][d]:
                 continue
             cells = [results[m][d][key] for m in models]
@@ -345,7 +347,8 @@ STUDY_METRICS = ("accuracy", "format_rate", "response_length", "sampled_accuracy
 
 def demo_study(args) -> dict:
     """Evaluate the demo's base, SFT and RLVR models on N held-out questions of the training family (in
-    distribution) and of the other family (out of distribution), greedy; write <rlvr>/results.json and
+    distribution) and of the other family (out of distribution), greedy and sampled (--samples, 8 by default here:
+    accuracy, format rate and the behaviour mix); write <rlvr>/results.json and
     results.md, with the behaviour mix per training step of <rlvr>/samples.jsonl (and dynamics.png)."""
     models = {"base": Path(args.base or sft.demo_base_path(args.base_seed)), "sft": Path(args.sft),
               "rlvr": Path(args.rlvr) / "final"}
@@ -371,9 +374,9 @@ def demo_study(args) -> dict:
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[s][m]:.1f}" if m == "response_length" else f"{r[s][m]:.1%}"
                                                  for s in splits for m in metrics) + " |")
-    report = (f"{n} held-out questions per set; greedy decoding, and {args.samples} responses per question sampled "
-              "at temperature 1 (sampled_*)\n\n" + "\n".join(lines) + "\n")
-    if args.samples:      # the base's own mix is the stages' step 0
+    report = (f"{n} held-out questions per set; greedy decoding" + (f", and {args.samples} responses per question "
+              "sampled at temperature 1 (sampled_*)" if args.samples else "") + "\n\n" + "\n".join(lines) + "\n")
+    if args.samples and args.prompt == "rlvr":      # the base's own mix is the stages' step 0
         report += ("\nbehaviour of the sampled held-out responses (reward.classify)\n\n| model | set | "
                    + " | ".join(LABELS) + " |\n" + "|---" * (2 + len(LABELS)) + "|\n"
                    + "".join(f"| {name} | {s.replace('_', ' ')} | " + " | ".join(f"{r[s]['behaviour'][label]:.1%}"
@@ -424,9 +427,9 @@ def make_parser():
     parser.add_argument("--prompt", choices=["rlvr", "direct", "cot"], default="rlvr",
                         help="how the model is asked (see the docstring)")
     parser.add_argument("--limit", type=c.nonneg_int, default=0, help="first N questions of each dataset (0: all)")
-    parser.add_argument("--samples", type=c.nonneg_int, default=8, help="K responses per question sampled at "
-                                                                        "temperature 1: their mean accuracy, format "
-                                                                        "rate and behaviour mix (0: greedy only)")
+    parser.add_argument("--samples", type=c.nonneg_int, default=0,
+                        help="K responses per question sampled at temperature 1: their mean accuracy, format rate and "
+                             "behaviour mix (each K is one more decode of every set; the demo study's default is 8)")
     parser.add_argument("--max-new-tokens", type=c.positive_int, default=1024, help="response budget in tokens")
     parser.add_argument("--batch", type=c.positive_int, default=64, help="prompts per decoding batch")
     parser.add_argument("--out", default="results.json", help="results as JSON; a markdown table beside it (.md)")
@@ -450,7 +453,7 @@ def main(argv=None):
     parser = make_parser()
     known = parser.parse_known_args(argv)[0]
     if not (known.model or known.dynamics or known.compare or known.spread):
-        parser.set_defaults(max_new_tokens=40, batch=128)        # the demo study: train.py's demo budget
+        parser.set_defaults(max_new_tokens=40, batch=128, samples=8)   # the demo study: train.py's demo budget
     args = parser.parse_args(argv)
     if args.dynamics:
         return show_dynamics(Path(args.dynamics), args.every)

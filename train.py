@@ -580,7 +580,6 @@ def main(argv=None):
                                        args.model))
     rank, world, device = common.init_distributed(group=args.precision == "bf16" or args.offload)
     args.precision = "bf16" if common.compute_dtype(args.precision, device) == torch.bfloat16 else "fp32"  # recorded
-    torch.manual_seed(args.seed)                  # the critic's fresh value head; every other draw uses seed_for
     out = Path(args.out)
     log = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
 
@@ -622,7 +621,8 @@ def run(args, ckpt, start, train_set, held, tok, train_prompts, held_prompts, ou
     total = schedule_length(args, len(train_set), steps)            # optimizer steps, for --lr-schedule cosine
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    trained, ref = build_models(args, tok, ckpt, rank, world, device)
+    torch.manual_seed(args.seed)      # the critic's fresh value head (every other draw uses seed_for), seeded here:
+    trained, ref = build_models(args, tok, ckpt, rank, world, device)   # the same whether the demo base was built now
     (actor, actor_opt), (critic, critic_opt) = trained["actor"], trained.get("critic", (None, None))
     if rank == 0:
         if args.overwrite:
