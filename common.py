@@ -454,11 +454,15 @@ def check_fits(config, args, world: int, capacity_gb: float, host_gb: float | No
                      f"has {capacity_gb:.0f} GB: use " + "; or ".join(fixes))
 
 
-def plan_table(config, args, name: str) -> str:
-    """train.py --plan: per-GPU and host memory for 1, 2, 4 and 8 GPUs, with and without --offload, against GPUs of
-    24 / 48 / 80 / 141 GB (a plan fits in 90% of a GPU), as a markdown table."""
+def plan_table(args) -> str:
+    """train.py --plan: per-GPU and host memory of --model (its config.json alone, also from a hub id) for 1, 2, 4
+    and 8 GPUs, with and without --offload, against GPUs of 24 / 48 / 80 / 141 GB (a plan fits in 90% of a GPU), as
+    a markdown table."""
+    if args.model is None:
+        raise ValueError("--plan needs --model (a checkpoint folder or a hub id; only its config.json is read)")
+    config = M.Qwen2Config.from_json(from_hub(args.model, "config"))
     sizes = (24, 48, 80, 141)
-    lines = [f"memory plan of {name} under these flags (GB; per GPU, and host memory a node)", "",
+    lines = [f"memory plan of {args.model} under these flags (GB; per GPU, and host memory a node)", "",
              "| GPUs | --offload | per GPU | host | " + " | ".join(f"{s} GB" for s in sizes) + " |",
              "|---|---|---|---|" + "---|" * len(sizes)]
     for world in (1, 2, 4, 8):

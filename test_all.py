@@ -2169,11 +2169,12 @@ def test_train_memory_plan_refuses_3b_on_one_gpu(tmp_path, capsys):
     common.check_fits(config, offload, 1, 80.0, host_gb=512.0)
     with pytest.raises(ValueError, match=r"--offload needs about 99 GB of host memory a node, this one has 64 GB"):
         common.check_fits(config, offload, 1, 80.0, host_gb=64.0)
-    table = common.plan_table(config, args, "Qwen2.5-3B").splitlines()
-    assert table[4].startswith("| 1 | no |") and table[4].endswith("| - | - | - | fits |")       # 121 GB: a 141 GB GPU
-    assert table[5].startswith("| 1 | yes |") and table[5].endswith("| fits | fits |")
     (tmp_path / "3b").mkdir()                      # train.py --plan: config.json is all it reads, nothing is written
     (tmp_path / "3b" / "config.json").write_text(json.dumps(config.to_json("Qwen2ForCausalLM")))
+    args.model = str(tmp_path / "3b")
+    table = common.plan_table(args).splitlines()
+    assert table[4].startswith("| 1 | no |") and table[4].endswith("| - | - | - | fits |")       # 121 GB: a 141 GB GPU
+    assert table[5].startswith("| 1 | yes |") and table[5].endswith("| fits | fits |")
     train.main(["--preset", "med-rlvr", "--model", str(tmp_path / "3b"), "--plan", "--out", str(tmp_path / "out")])
     assert capsys.readouterr().out.strip().splitlines()[2:] == table[2:] and not (tmp_path / "out").exists()
 

@@ -4,9 +4,9 @@ Med-RLVR: PPO with a verifiable reward on a base language model.
     torchrun --standalone --nproc_per_node=2 train.py     # the CPU demo: no flags, nothing downloaded, runs/demo/
     python train.py                                       # the same demo in one process
 
-    # the paper's recipe (Qwen2.5-3B base, MedQA), on one 8-GPU node:
-    torchrun --standalone --nproc_per_node=8 train.py --preset med-rlvr --model Qwen2.5-3B \\
-        --train-data medqa/train.jsonl --eval-data medqa/test.jsonl --out runs/med-rlvr
+    # the paper's recipe (Qwen2.5-3B base, MedQA), on one 8-GPU node (one GPU: add --offload; --plan says so):
+    torchrun --standalone --nproc_per_node=8 train.py --preset med-rlvr --model Qwen/Qwen2.5-3B \\
+        --train-data GBaker/MedQA-USMLE-4-options --eval-data GBaker/MedQA-USMLE-4-options:test --out runs/med-rlvr
 
 One PPO step, as OpenRLHF 0.5.9 (which Med-RLVR used) does it:
   1. rollout     each rank samples one response for its share of `rollout_batch` prompts (rollout.generate);
@@ -574,10 +574,7 @@ def step_rows(step, n_train, rollout_batch, seed, perms):
 def main(argv=None):
     args = parse_args(argv)
     if args.plan:                                 # the memory plan alone: config.json, no weight, no process group
-        if args.model is None:
-            raise ValueError("--plan needs --model (a checkpoint folder or a hub id; only its config.json is read)")
-        return print(common.plan_table(M.Qwen2Config.from_json(common.from_hub(args.model, "config")), args,
-                                       args.model))
+        return print(common.plan_table(args))
     rank, world, device = common.init_distributed(group=args.precision == "bf16" or args.offload)
     args.precision = "bf16" if common.compute_dtype(args.precision, device) == torch.bfloat16 else "fp32"  # recorded
     out = Path(args.out)
