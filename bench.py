@@ -278,7 +278,8 @@ def report_rollout(device, tiny, spec):
     a, b = run_ours(new), run_ours(new, graphs=True)
     same_rows = sum(x == y for x, y in zip(a.responses, b.responses))
     equal_tokens = sum(x == y for r, q in zip(a.responses, b.responses) for x, y in zip(r, q))
-    prefix = [next((i for i, (x, y) in enumerate(zip(r, q)) if x != y), len(r)) for r, q in zip(a.responses, b.responses)]
+    prefix = [next((i for i, (x, y) in enumerate(zip(r, q)) if x != y), len(r))         # tokens before the first
+              for r, q in zip(a.responses, b.responses)]                               # that differs
     lp_err = max((la[:n] - lb[:n]).abs().max().item() if n else 0.0
                  for la, lb, n in zip(a.logprobs, b.logprobs, prefix))
     say(f"2. rollout, {shape} shape, bf16, batch {batch}, prompt {prompt}, {new} new tokens, sampling: ours "
@@ -375,7 +376,8 @@ def report_training(device, tiny):
                         torch.cuda.empty_cache()
                 rows = {k: [json.loads(line) for line in open(f"{d}/{k}{graphs}/metrics.jsonl")]
                         for k in ("straight", "resumed")}
-                peak = max([peak] + [r["peak_mem_mb"] for r in rows["straight"] + rows["resumed"] if "peak_mem_mb" in r])
+                peak = max([peak] + [r["peak_mem_mb"] for r in rows["straight"] + rows["resumed"]
+                                     if "peak_mem_mb" in r])
                 finite = all(v is not None for r in rows["straight"] + rows["resumed"] for v in r.values())
                 w = {k: M.read_safetensors(f"{d}/{k}{graphs}/final", "cpu") for k in ("straight", "resumed")}
                 finite &= common.non_finite({n: t for n, (t, _) in w["straight"].items()}) is None
@@ -386,13 +388,14 @@ def report_training(device, tiny):
                 close = len(rows["straight"]) == len(rows["resumed"]) and weight_diff <= 1e-4 and metric_diff <= 1e-3
                 result[graphs or "default"] = {"finite": finite, "resume_exact": exact, "resume_close": close,
                                                "resume_weight_diff": weight_diff, "resume_metric_diff": metric_diff}
+                how = "exactly" if exact else f"weights differ by {weight_diff:.1e}, metrics by {metric_diff:.1e}"
                 say(f"4. training smoke run{' with --cuda-graphs' if graphs else ''}: metrics and weights finite "
                     f"{'PASS' if finite else 'FAIL'}; resume equal to the uninterrupted run "
-                    f"{'PASS' if close else 'FAIL'} ({'exactly' if exact else f'weights differ by {weight_diff:.1e}, metrics by {metric_diff:.1e}'})")
+                    f"{'PASS' if close else 'FAIL'} ({how})")
             samples = {g: [json.loads(line)["response"] for line in open(f"{d}/straight{g}/samples.jsonl")]
                        for g in ("", "--cuda-graphs")}
-            equal = sum(a == b for a, b in zip(*samples.values()))
-            first = [a == b for a, b in zip(*samples.values())][:8]         # step 1: the same weights on both sides
+            same = [a == b for a, b in zip(*samples.values())]
+            equal, first = sum(same), same[:8]                              # step 1: the same weights on both sides
             result["graph_responses_equal"], result["graph_step1_equal"] = f"{equal}/{len(samples[''])}", all(first)
             say(f"   graph tokens equal to default: step 1 {'PASS' if all(first) else 'FAIL'} "
                 f"({sum(first)}/{len(first)} responses); all 3 steps {equal}/{len(samples[''])} responses")

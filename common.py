@@ -257,9 +257,8 @@ def check_trackers(wandb_project: str | None, tensorboard_dir: str | None):
     """--wandb / --tensorboard: their package is there, and W&B can log in or runs offline (checked before any
     work; each package imported only when asked)."""
     import importlib.util
-    for flag, package in (("--wandb", "wandb" if wandb_project else None),
-                          ("--tensorboard", "tensorboard" if tensorboard_dir else None)):
-        if package and importlib.util.find_spec(package) is None:
+    for flag, package, asked in (("--wandb", "wandb", wandb_project), ("--tensorboard", "tensorboard", tensorboard_dir)):
+        if asked and importlib.util.find_spec(package) is None:
             raise ImportError(f"{flag} needs the {package} package: pip install {package}")
     netrc = Path.home() / ".netrc"
     if wandb_project and os.environ.get("WANDB_MODE") not in ("offline", "disabled", "dryrun") and \
@@ -288,22 +287,24 @@ def trackers(wandb_project: str | None, tensorboard_dir: str | None, config: dic
 
     def track(file, row):
         if samples and file != "samples.jsonl":            # a sampled step's responses are all in: one table
-            run.log({"samples": wandb.Table(columns=list(samples[0]), data=[[json.dumps(v) if isinstance(v, dict)
-                                                                              else v for v in r.values()]
-                                                                             for r in samples])}, step=samples[0]["step"])
+            data = [[json.dumps(v) if isinstance(v, dict) else v for v in r.values()] for r in samples]
+            run.log({"samples": wandb.Table(columns=list(samples[0]), data=data)}, step=samples[0]["step"])
             samples.clear()
         if file == "samples.jsonl" and run:
             samples.append(row)
         elif file == "metrics.jsonl":
             numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}   # not null
-            for k, v in numbers.items() if board else ():
-                board.add_scalar(k, v, row["step"])
-            board and board.flush()                              # on disk now: a kill loses no row
+            if board:
+                for k, v in numbers.items():
+                    board.add_scalar(k, v, row["step"])
+                board.flush()                                    # on disk now: a kill loses no row
             if run:
                 run.log(numbers, step=row["step"])
         elif file is None:
-            board and board.close()
-            run and run.finish()
+            if board:
+                board.close()
+            if run:
+                run.finish()
     return track
 
 
@@ -316,8 +317,9 @@ MODEL_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "
 def from_hub(arg: str | None, kind: str, split: str | None = None, world: int = 1) -> str | None:
     """A path as it is; a Hugging Face id (not an existing path, and `org/name`, or `org/name:split` for data) -> the
     local path of its files in the HF cache: kind "model" a checkpoint folder (config, safetensors, tokenizer only),
-    kind "config" the folder with config.json alone, kind "data" the one file of its split (`split` unless the id names one: the file whose name holds it). Fetched
-    once, by local rank 0 of each node under a file lock while the other ranks wait; then every rank reads the cache.
+    kind "config" the folder with config.json alone, kind "data" the one file of its split (`split` unless the id
+    names one: the file whose name holds it). Fetched once, by local rank 0 of each node under a file lock while the
+    other ranks wait; then every rank reads the cache.
     HF_HOME and HF_HUB_OFFLINE work as everywhere; an id that is neither cached nor reachable is one error line."""
     if arg is None or Path(arg).exists() or not HUB_ID.fullmatch(arg) or FILE_SUFFIX.search(arg) or \
             Path(arg.split("/")[0]).is_dir():    # runs/sft: a local path (reported, by name, where it is read)
@@ -432,25 +434,26 @@ def memory_plan(config, args, world: int, offload: bool) -> tuple[dict, float]:
 def check_fits(config, args, world: int, capacity_gb: float, host_gb: float | None = None):
     """Refuse, with the numbers, a configuration whose plan exceeds 90% of the GPU's memory (or, offloading, of the
     host's), saying what would fit: --offload, more GPUs, or smaller batches."""
-    def need(w, offload):
-        return sum(memory_plan(config, args, w, offload)[0].values())
+    def fits(w, offload):
+        plan, host = memory_plan(config, args, w, offload)
+        return sum(plan.values()) <= 0.9 * capacity_gb, plan, host
     host_gb = host_gb or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9     # this machine's RAM
-    host = memory_plan(config, args, world, args.offload)[1]
+    ok, plan, host = fits(world, args.offload)
     if host > 0.9 * host_gb:
         raise ValueError(f"--offload needs about {host:.0f} GB of host memory a node, this one has {host_gb:.0f} GB: "
                          "use more nodes or GPUs' memory instead")
-    if need(world, args.offload) <= 0.9 * capacity_gb:
+    if ok:
         return
-    plan, _ = memory_plan(config, args, world, args.offload)
     fixes = []
-    if not args.offload and need(world, True) <= 0.9 * capacity_gb:
-        fixes.append(f"--offload (then ~{memory_plan(config, args, world, True)[1]:.0f} GB of host memory a node)")
-    more = next((w for w in (2, 4, 8, 16, 32, 64) if w > world and need(w, args.offload) <= 0.9 * capacity_gb), None)
+    offload_ok, _, offload_host = fits(world, True)
+    if not args.offload and offload_ok:
+        fixes.append(f"--offload (then ~{offload_host:.0f} GB of host memory a node)")
+    more = next((w for w in (2, 4, 8, 16, 32, 64) if w > world and fits(w, args.offload)[0]), None)
     if more:
         fixes.append(f"{more} GPUs (now {world})")
     fixes.append("--grad-checkpoint, a smaller --micro-batch or --rollout-chunk, or shorter --max-new-tokens")
     parts = ", ".join(f"{k} {v:.1f}" for k, v in plan.items())
-    raise ValueError(f"this configuration needs about {need(world, args.offload):.0f} GB per GPU ({parts}) but a GPU "
+    raise ValueError(f"this configuration needs about {sum(plan.values()):.0f} GB per GPU ({parts}) but a GPU "
                      f"has {capacity_gb:.0f} GB: use " + "; or ".join(fixes))
 
 

@@ -8,9 +8,9 @@ Evaluation: the paper's comparisons as one command, and the training-dynamics pi
     python evaluate.py --compare runs/estimators                               # train.py runs side by side
 
 For every model and dataset: greedy accuracy (and, with --samples K - 8 in the demo study - the accuracy, format
-rate and behaviour mix of K samples per question at temperature 1), the valid-format rate, the mean response length in tokens, how often each letter is answered,
-and the accuracy per category (MedQA meta_info, MMLU-Pro src). The models sit side by side in a markdown table,
-printed and written next to results.json (results.md).
+rate and behaviour mix of K samples per question at temperature 1), the valid-format rate, the mean response
+length in tokens, how often each letter is answered, and the accuracy per category (MedQA meta_info, MMLU-Pro
+src). The models sit side by side in a markdown table, printed and written next to results.json (results.md).
 
 --prompt picks how the model is asked:
   rlvr    data.build_prompt (the R1-Zero-style prompt RL trains on), scored by reward.score exactly as in training;
@@ -82,12 +82,13 @@ def run_model(policy, tok, examples, style, temperature, max_new_tokens, batch, 
     return out
 
 
-def verdict(example, text, style) -> tuple[bool, bool]:
-    """(valid format, right) of one response; for the rlvr prompt exactly the training reward's verdict."""
+def verdict(example, text, style) -> tuple[bool, str | None, bool]:
+    """(valid format, the letter read, right) of one response; for the rlvr prompt exactly the training reward's
+    verdict."""
     ok, letter = read_answer(text, style)
     if style == "rlvr":
-        return ok, reward.score(data.PROMPT_PREFILL + text, example.answer) == 1.0
-    return ok, ok and letter == example.answer
+        return ok, letter, reward.score(data.PROMPT_PREFILL + text, example.answer) == 1.0
+    return ok, letter, ok and letter == example.answer
 
 
 def evaluate_one(policy, tok, examples, args, rank=0, world=1) -> dict:
@@ -95,8 +96,7 @@ def evaluate_one(policy, tok, examples, args, rank=0, world=1) -> dict:
                        world=world)
     right, valid, letters, per_cat = 0, 0, Counter(), defaultdict(list)
     for ex, (ids, text) in zip(examples, greedy):
-        ok, hit = verdict(ex, text, args.prompt)
-        letter = read_answer(text, args.prompt)[1]
+        ok, letter, hit = verdict(ex, text, args.prompt)
         right, valid = right + hit, valid + ok
         letters[letter or "none"] += 1
         per_cat[ex.category].append(hit)
@@ -112,7 +112,7 @@ def evaluate_one(policy, tok, examples, args, rank=0, world=1) -> dict:
             sampled = run_model(policy, tok, examples, args.prompt, 1.0, args.max_new_tokens, args.batch, seed=k,
                                 rank=rank, world=world)
             for ex, (_, text) in zip(examples, sampled):
-                ok, hit = verdict(ex, text, args.prompt)
+                ok, _, hit = verdict(ex, text, args.prompt)
                 hits, valid = hits + hit, valid + ok
                 if args.prompt == "rlvr":
                     behaviour[classify(data.PROMPT_PREFILL + text, ex.options)] += 1
@@ -126,8 +126,7 @@ def evaluate_one(policy, tok, examples, args, rank=0, world=1) -> dict:
 def markdown(results: dict) -> str:
     """Models side by side: one row per dataset and metric, one column per model."""
     models = list(results)
-    lines = ["| | " + " | ".join(m if "/" in m and not Path(m).exists() else Path(m).name or m for m in models)
-             + " |", "|---" * (len(models) + 1) + "|"]                          # a hub id as it is
+    lines = ["| | " + " | ".join(Path(m).name or m for m in models) + " |", "|---" * (len(models) + 1) + "|"]
     datasets = list(next(iter(results.values())))
     for d in datasets:
         for key, label in (("accuracy", "accuracy (greedy)"), ("sampled_accuracy", "accuracy (sampled)"),
@@ -419,7 +418,8 @@ def spread(paths) -> str:
 def make_parser():
     parser = common.parser(__doc__)
     c = common
-    parser.add_argument("--model", nargs="+", default=[], help="checkpoint folders (HF layout) or hub ids, side by side")
+    parser.add_argument("--model", nargs="+", default=[],
+                        help="checkpoint folders (HF layout) or hub ids, side by side")
     parser.add_argument("--medqa", help="MedQA test questions: a file (data.SCHEMAS) or a hub id, org/name[:split]")
     parser.add_argument("--mmlu-pro", help="MMLU-Pro: a jsonl/parquet file or a hub id (TIGER-Lab/MMLU-Pro); its "
                                            "health category is used")

@@ -343,9 +343,9 @@ def _addmm_in_place_works(device) -> bool:
         try:
             torch.addmm(acc, ones, ones, out_dtype=torch.float32, out=acc)
             _ADDMM_IN_PLACE[device] = bool((acc == 3).all())
-        except (RuntimeError, TypeError) as e:
-            if isinstance(e, torch.OutOfMemoryError):
-                raise
+        except torch.OutOfMemoryError:           # (a RuntimeError, but not this build's answer)
+            raise
+        except (RuntimeError, TypeError):
             _ADDMM_IN_PLACE[device] = False
     return _ADDMM_IN_PLACE[device]
 

@@ -106,8 +106,7 @@ def make_parser():
                         "optimizer step: linear from 0 over the first --warmup-ratio of them, then a half cosine down "
                         "to --min-lr-ratio x lr")
     p.add_argument("--warmup", type=c.nonneg_int, default=3, help="constant: PPO steps of linear warmup")
-    p.add_argument("--warmup-ratio", type=c.prob_float, default=0.03, help="cosine: share of the optimizer steps "
-                                                                           "that warm up (rounded up)")
+    p.add_argument("--warmup-ratio", type=c.prob_float, default=0.03, help="cosine: share of updates warming up")
     p.add_argument("--min-lr-ratio", type=c.prob_float, default=0.1, help="cosine: the last lr, a share of the lr")
     p.add_argument("--weight-decay", type=c.nonneg_float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=c.positive_float, default=1.0, help="gradient-norm clip, actor and critic")
@@ -149,8 +148,7 @@ def make_parser():
     p.add_argument("--ood-data", help="out-of-distribution questions, evaluated with --eval-data and logged as "
                                       "ood_accuracy / ood_format: a file or a hub id (TIGER-Lab/MMLU-Pro)")
     p.add_argument("--ood-category", default="health", help="--ood-data in MMLU-Pro's schema: the category kept")
-    p.add_argument("--eval-limit", type=c.nonneg_int, default=256,
-                   help="first N questions of each held-out set (0: all)")
+    p.add_argument("--eval-limit", type=c.nonneg_int, default=256, help="first N of each held-out set (0: all)")
     p.add_argument("--eval-batch", type=c.positive_int, default=64, help="prompts per greedy-decoding batch")
     p.add_argument("--eval-every", type=c.nonneg_int, default=0,
                    help="also evaluate every N steps (0: only before the first step and after the last)")
@@ -166,11 +164,9 @@ def make_parser():
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute each block's activations in backward (long sequences on GPUs)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help=common.PRECISION_HELP)
-    p.add_argument("--offload", action="store_true", help="keep actor and critic weights, gradients and AdamW states "
-                                                          "in host memory (the optimizer steps on the CPU): 3B on one "
-                                                          "80 GB GPU")
-    p.add_argument("--plan", action="store_true", help="print the memory plan for 1-8 GPUs, with and without "
-                                                       "--offload, and exit (reads config.json only)")
+    p.add_argument("--offload", action="store_true", help="actor and critic weights, gradients and AdamW states in "
+                                                          "host memory, the optimizer step on the CPU (one GPU)")
+    p.add_argument("--plan", action="store_true", help="print the memory plan (1-8 GPUs, --offload or not); exit")
     p.add_argument("--wandb", metavar="PROJECT", help="also send metrics (and sampled responses) to this W&B project")
     p.add_argument("--tensorboard", metavar="DIR", help="also write the metrics as TensorBoard events into DIR")
     return p
@@ -375,13 +371,17 @@ def ppo_update(actor, critic, actor_opt, critic_opt, exp: Experience, rows, *, m
     return m
 
 
+def updates_per_step(args) -> int:
+    """Optimizer steps a PPO step makes: ppo_epochs passes over its responses in minibatches of train_batch."""
+    return args.ppo_epochs * args.rollout_batch * args.samples_per_prompt // args.train_batch
+
+
 def schedule_length(args, n_train, steps) -> int:
-    """The optimizer steps the cosine schedule spans. With --steps 0 (one pass), OpenRLHF 0.5.9's max_steps:
-    len(train) * samples // train_batch * epochs (79 for MedQA's 10,178), although its loader, like ours, drops the
-    last partial rollout batch and so runs 76; with --steps N, the N steps' updates."""
+    """The optimizer steps the cosine spans: with --steps 0, OpenRLHF 0.5.9's max_steps, len(train) * samples //
+    train_batch * epochs (79 for MedQA, where it runs, as we do, the 76 of full rollout batches); else all steps'."""
     if args.steps == 0:
         return n_train * args.samples_per_prompt // args.train_batch * args.ppo_epochs
-    return steps * args.ppo_epochs * args.rollout_batch * args.samples_per_prompt // args.train_batch
+    return steps * updates_per_step(args)
 
 
 def lr_factor(args, step, update, total) -> float:
@@ -389,8 +389,8 @@ def lr_factor(args, step, update, total) -> float:
     (--lr-schedule). cosine counts optimizer steps, as OpenRLHF 0.5.9's scheduler, over `total` of them."""
     if args.lr_schedule == "constant":
         return common.lr_at(step, 1.0, args.warmup)
-    per_step = args.ppo_epochs * args.rollout_batch * args.samples_per_prompt // args.train_batch
-    return common.cosine_lr(step * per_step + update, total, math.ceil(total * args.warmup_ratio), args.min_lr_ratio)
+    return common.cosine_lr(step * updates_per_step(args) + update, total, math.ceil(total * args.warmup_ratio),
+                            args.min_lr_ratio)
 
 
 def learn(actor, critic, actor_opt, critic_opt, exp: Experience, step, total, args, world, skipped_in_a_row):
