@@ -222,6 +222,16 @@ def demo_questions(split: str, n: int | None = None, family: str = "weight") -> 
     return make_dose_questions(n or DEMO_SIZES[split], DEMO_SEEDS[split], family)
 
 
+def demo_held_out() -> dict[str, list[Example]]:
+    """The demo's held-out sets as train.py and sft.py log them: eval_* in distribution, ood_* the other family."""
+    return {"eval": demo_questions("eval"), "ood": demo_questions("eval", family="tablets")}
+
+
+def demo_base_path(seed: int = 0) -> Path:
+    """Where the demo base of --base-seed `seed` is built and cached (sft.build_demo_base)."""
+    return Path(f"runs/demo-base-seed{seed}")
+
+
 def make_dose_questions(n: int, seed: int, family: str = "weight") -> list[Example]:
     """n questions of one family ("weight": in distribution; "tablets": out of distribution)."""
     template, category, (lo, hi) = FAMILIES[family]

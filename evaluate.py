@@ -32,7 +32,6 @@ import data
 import model as M
 import reward
 import rollout
-import sft
 from reward import LABELS, classify
 
 DIRECT_PROMPT = "Question: {question}\n{options}\nAnswer:"
@@ -91,12 +90,14 @@ def verdict(example, text, style) -> tuple[bool, str | None, bool]:
     return ok, letter, ok and letter == example.answer
 
 
-def evaluate_one(policy, tok, examples, args, rank=0, world=1) -> dict:
-    greedy = run_model(policy, tok, examples, args.prompt, 0.0, args.max_new_tokens, args.batch, rank=rank,
-                       world=world)
+def evaluate_one(policy, tok, examples, *, prompt="rlvr", samples=0, max_new_tokens, batch, rank=0,
+                 world=1) -> dict:
+    """One model on one set: greedy accuracy, format rate, response length, letters and per-category accuracy;
+    with `samples` = K also the accuracy, format rate and behaviour mix of K responses per question at T = 1."""
+    greedy = run_model(policy, tok, examples, prompt, 0.0, max_new_tokens, batch, rank=rank, world=world)
     right, valid, letters, per_cat = 0, 0, Counter(), defaultdict(list)
     for ex, (ids, text) in zip(examples, greedy):
-        ok, letter, hit = verdict(ex, text, args.prompt)
+        ok, letter, hit = verdict(ex, text, prompt)
         right, valid = right + hit, valid + ok
         letters[letter or "none"] += 1
         per_cat[ex.category].append(hit)
@@ -105,22 +106,41 @@ def evaluate_one(policy, tok, examples, args, rank=0, world=1) -> dict:
               "response_length": sum(len(ids) for ids, _ in greedy) / n,
               "letters": dict(sorted(letters.items())),
               "per_category": {c: sum(v) / len(v) for c, v in sorted(per_cat.items())}}
-    if args.samples:      # K responses per question at temperature 1: less of a knife edge than the greedy one
+    if samples:           # K responses per question at temperature 1: less of a knife edge than the greedy one
         hits = valid = 0
         behaviour = Counter()
-        for k in range(args.samples):
-            sampled = run_model(policy, tok, examples, args.prompt, 1.0, args.max_new_tokens, args.batch, seed=k,
-                                rank=rank, world=world)
+        for k in range(samples):       # sample k of every question from seed k: the same draws at every step
+            sampled = run_model(policy, tok, examples, prompt, 1.0, max_new_tokens, batch, seed=k, rank=rank,
+                                world=world)
             for ex, (_, text) in zip(examples, sampled):
-                ok, _, hit = verdict(ex, text, args.prompt)
+                ok, _, hit = verdict(ex, text, prompt)
                 hits, valid = hits + hit, valid + ok
-                if args.prompt == "rlvr":
+                if prompt == "rlvr":
                     behaviour[classify(data.PROMPT_PREFILL + text, ex.options)] += 1
-        total = n * args.samples
+        total = n * samples
         result.update(sampled_accuracy=hits / total, sampled_format_rate=valid / total)
         if behaviour:
             result["behaviour"] = {label: behaviour[label] / total for label in LABELS}
     return result
+
+
+def held_out_row(policy, tok, held: dict, *, samples, max_new_tokens, batch, rank=0, world=1) -> dict:
+    """The held-out columns of train.py's and sft.py's metrics rows, for each set name in `held` ("eval", "ood"):
+    name_accuracy and name_format (greedy), and with `samples` name_sampled_accuracy and name_sampled_format."""
+    row = {}
+    for name, examples in held.items():
+        r = evaluate_one(policy, tok, examples, samples=samples, max_new_tokens=max_new_tokens, batch=batch,
+                         rank=rank, world=world)
+        row[f"{name}_accuracy"], row[f"{name}_format"] = r["accuracy"], r["format_rate"]
+        if samples:
+            row[f"{name}_sampled_accuracy"], row[f"{name}_sampled_format"] = r["sampled_accuracy"], \
+                r["sampled_format_rate"]
+    return row
+
+
+def decoding(args) -> dict:
+    """evaluate_one's keywords from this script's flags."""
+    return dict(prompt=args.prompt, samples=args.samples, max_new_tokens=args.max_new_tokens, batch=args.batch)
 
 
 def markdown(results: dict) -> str:
@@ -204,13 +224,15 @@ def plot_dynamics(table: list[dict], path) -> None:
     plt.close(fig)
 
 
-def show_dynamics(samples: Path, every: int = 1):
-    """Print the behaviour mix per training step of a run's samples.jsonl; a PNG beside it with matplotlib."""
-    table = dynamics_table(read_samples(samples), every)
+def show_dynamics(paths, every: int = 1):
+    """Print the behaviour mix per training step of a run's samples.jsonl, or of several runs' pooled (seeds: each
+    step has as many responses in every run, so the pooled share is the mean share); a PNG beside the first."""
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    table = dynamics_table([r for p in paths for r in read_samples(p)], every)
     print(format_table(table))
     try:
-        plot_dynamics(table, samples.with_name("dynamics.png"))
-        print(f"plot: {samples.with_name('dynamics.png')}")
+        plot_dynamics(table, paths[0].with_name("dynamics.png"))
+        print(f"plot: {paths[0].with_name('dynamics.png')}")
     except ImportError as e:
         print(f"(no plot: {e})")
     return table
@@ -339,6 +361,59 @@ def show_comparison(paths):
 
 
 # -----------------------------------------------------------------------------
+# RLVR against SFT at several budgets: held-out accuracy over training, read from the runs' own metrics.jsonl
+
+BUDGET_KEYS = {"eval_accuracy": "in: greedy", "eval_sampled_accuracy": "in: sampled", "ood_accuracy": "out: greedy",
+               "ood_sampled_accuracy": "out: sampled"}
+
+
+def budget_points(paths) -> dict:
+    """train.py runs (their eval rows, every --eval-every steps) and sft.py runs (a row per epoch), each a folder
+    with args.json and metrics.jsonl, or a folder of such folders -> {(kind, x): {"questions": [per run],
+    "response_tokens": [...], and each BUDGET_KEYS key present: [...]}}, kind "rlvr" at step x or "sft" at epoch x.
+    Questions seen: RLVR's prompts (--rollout-batch a step), SFT's examples; response tokens: those sampled by
+    RLVR (each is trained on --ppo-epochs times) or read by SFT (its gold answers)."""
+    runs = []
+    for path in [Path(p) for p in paths]:
+        runs += [path] if (path / "metrics.jsonl").is_file() else sorted(p.parent for p in path.glob("*/metrics.jsonl"))
+    if not runs:
+        raise FileNotFoundError(f"--budgets {' '.join(map(str, paths))}: no run folder (*/metrics.jsonl) in it")
+    points = {}
+    for run in runs:
+        if not (run / "args.json").is_file():
+            raise FileNotFoundError(f"{run}: no args.json (written by train.py and sft.py at the start of a run)")
+        args, rows = json.loads((run / "args.json").read_text()), read_samples(run / "metrics.jsonl")
+        kind = "rlvr" if "advantage" in args else "sft"
+        tokens = 0.0
+        for r in rows:
+            if "reward" in r:                                # a PPO step: its responses' tokens
+                tokens += r["response_length"] * args["rollout_batch"] * args.get("samples_per_prompt", 1)
+            if "eval_accuracy" not in r:
+                continue
+            x = r["step"] if kind == "rlvr" else r["epoch"]
+            seen = dict(questions=x * args["rollout_batch"], response_tokens=tokens) if kind == "rlvr" else \
+                dict(questions=r["questions"], response_tokens=r["response_tokens"])
+            p = points.setdefault((kind, x), {})
+            for k, v in {**seen, **{k: r[k] for k in BUDGET_KEYS if k in r}}.items():
+                p.setdefault(k, []).append(v)
+    return dict(sorted(points.items(), key=lambda kv: (kv[0][0] == "sft", kv[0][1])))
+
+
+def budget_table(points: dict) -> str:
+    """Markdown: one row per RLVR step and SFT epoch; what each has seen (mean over runs) and its held-out accuracy,
+    mean ± sample std over the runs (in %)."""
+    keys = [k for k in BUDGET_KEYS if any(k in p for p in points.values())]
+    lines = ["| model | after | runs | questions seen | response tokens | " + " | ".join(BUDGET_KEYS[k] for k in keys)
+             + " |", "|---" * (5 + len(keys)) + "|"]
+    for (kind, x), p in points.items():
+        after = ("step 0 (the base)" if x == 0 else f"{x} steps") if kind == "rlvr" else f"{x} epoch{'s' * (x > 1)}"
+        cells = ["%.1f ± %.1f" % tuple(100 * v for v in _mean_std(p[k])) if k in p else "" for k in keys]
+        lines.append(f"| {kind} | {after} | {len(p['questions'])} | {_mean_std(p['questions'])[0]:,.0f} | "
+                     f"{_mean_std(p['response_tokens'])[0]:,.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
 # the CPU demo's study: base, SFT and RLVR, in and out of distribution (python evaluate.py, no flags)
 
 STUDY_METRICS = ("accuracy", "format_rate", "response_length", "sampled_accuracy", "sampled_format_rate")
@@ -349,7 +424,7 @@ def demo_study(args) -> dict:
     distribution) and of the other family (out of distribution), greedy and sampled (--samples, 8 by default here:
     accuracy, format rate and the behaviour mix); write <rlvr>/results.json and
     results.md, with the behaviour mix per training step of <rlvr>/samples.jsonl (and dynamics.png)."""
-    models = {"base": Path(args.base or sft.demo_base_path(args.base_seed)), "sft": Path(args.sft),
+    models = {"base": Path(args.base or data.demo_base_path(args.base_seed)), "sft": Path(args.sft),
               "rlvr": Path(args.rlvr) / "final"}
     for name, path in models.items():                            # all checked before the first is evaluated
         if not (path / "config.json").is_file():
@@ -362,7 +437,7 @@ def demo_study(args) -> dict:
     results = {}
     for name, path in models.items():
         tok, policy = data.load_tokenizer(path), M.load_model(path)
-        results[name] = {split: {k: v for k, v in evaluate_one(policy, tok, exs, args).items()
+        results[name] = {split: {k: v for k, v in evaluate_one(policy, tok, exs, **decoding(args)).items()
                                  if k in STUDY_METRICS + ("behaviour",)} for split, exs in splits.items()}
         print(f"{name}: " + ", ".join(f"{s} {r['accuracy']:.1%}" for s, r in results[name].items()))
     out = Path(args.rlvr)
@@ -433,7 +508,8 @@ def make_parser():
     parser.add_argument("--max-new-tokens", type=c.positive_int, default=1024, help="response budget in tokens")
     parser.add_argument("--batch", type=c.positive_int, default=64, help="prompts per decoding batch")
     parser.add_argument("--out", default="results.json", help="results as JSON; a markdown table beside it (.md)")
-    parser.add_argument("--dynamics", help="samples.jsonl of a training run: print the behaviour mix per step")
+    parser.add_argument("--dynamics", nargs="+", help="samples.jsonl of a training run (of several: pooled): print "
+                                                      "the behaviour mix per step")
     parser.add_argument("--every", type=c.positive_int, default=1, help="with --dynamics: steps per table row")
     parser.add_argument("--base", help="without --model: the demo's base model (default: runs/demo-base-seed<N> "
                                        "of --base-seed)")
@@ -443,6 +519,9 @@ def make_parser():
                                                             "(final/, samples.jsonl); results are written there")
     parser.add_argument("--spread", nargs="+", help="RLVR run folders of several seeds, each with its results.json: "
                                                     "mean ± std")
+    parser.add_argument("--budgets", nargs="+", help="train.py and sft.py runs (or folders of runs) evaluated along "
+                                                     "the way: held-out accuracy per RLVR step and SFT epoch, with what "
+                                                     "each has seen, mean ± std over the runs")
     parser.add_argument("--compare", nargs="+", help="train.py runs, or folders of runs, grouped by the flags in which "
                                                      "they differ: accuracy over steps, direct-answer rate, wall time "
                                                      "and peak memory side by side")
@@ -452,13 +531,17 @@ def make_parser():
 def main(argv=None):
     parser = make_parser()
     known = parser.parse_known_args(argv)[0]
-    if not (known.model or known.dynamics or known.compare or known.spread):
+    if not (known.model or known.dynamics or known.compare or known.spread or known.budgets):
         parser.set_defaults(max_new_tokens=40, batch=128, samples=8)   # the demo study: train.py's demo budget
     args = parser.parse_args(argv)
     if args.dynamics:
-        return show_dynamics(Path(args.dynamics), args.every)
+        return show_dynamics(args.dynamics, args.every)
     if args.compare:
         return show_comparison(args.compare)
+    if args.budgets:
+        table = budget_table(budget_points(args.budgets))
+        print(table)
+        return table
     if args.spread:
         table = spread(args.spread)
         print(table)
@@ -488,7 +571,8 @@ def main(argv=None):
     results = {}
     for label, path in models.items():
         tok, policy = data.load_tokenizer(path), M.load_model(path, device=device)
-        results[label] = {name: evaluate_one(policy, tok, exs, args, rank, world) for name, exs in datasets.items()}
+        results[label] = {name: evaluate_one(policy, tok, exs, **decoding(args), rank=rank,
+                                                    world=world) for name, exs in datasets.items()}
         if rank == 0:
             print(f"{label}: " + ", ".join(f"{d} {r['accuracy']:.1%}" for d, r in results[label].items()))
     if rank == 0:

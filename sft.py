@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import common
 import data
+import evaluate
 import model as M
 
 # ------------------------------------------------------------------------------------------------ flags
@@ -59,6 +60,15 @@ def make_parser():
                    help="recompute each block's activations in backward")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help=common.PRECISION_HELP)
     p.add_argument("--base-seed", type=int, default=0, help="the demo: which base build (runs/demo-base-seed<N>)")
+    p.add_argument("--eval-data", help="held-out questions evaluated after every epoch (<out>/metrics.jsonl): a file "
+                                       "or a hub id (split test unless named); the demo: its own two held-out sets")
+    p.add_argument("--ood-data", help="out-of-distribution questions evaluated with them (TIGER-Lab/MMLU-Pro)")
+    p.add_argument("--ood-category", default="health", help="--ood-data in MMLU-Pro's schema: the category kept")
+    p.add_argument("--eval-limit", type=common.nonneg_int, default=256, help="first N of each held-out set (0: all)")
+    p.add_argument("--eval-samples", type=common.nonneg_int, default=0,
+                   help="also K responses per held-out question at temperature 1 (eval_sampled_accuracy, ...)")
+    p.add_argument("--eval-batch", type=common.positive_int, default=64, help="prompts per decoding batch")
+    p.add_argument("--max-new-tokens", type=common.positive_int, default=1024, help="held-out response budget")
     return p
 
 
@@ -82,10 +92,8 @@ DEMO_OOD_SHARE = 0.25
 DEMO_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0, torch_dtype="float32")
 DEMO_SFT = dict(n_questions=30000, epochs=1, batch=32, lr=2e-3, warmup=20)
-def demo_base_path(seed: int = 0) -> Path:
-    """Where the demo base of --base-seed `seed` is built and cached."""
-    return Path(f"runs/demo-base-seed{seed}")
-DEMO_BASELINE = dict(epochs=2, batch=64, micro_batch=64, lr=1e-3, warmup=5, grad_checkpoint=False)  # the SFT baseline
+DEMO_BASELINE = dict(epochs=2, batch=64, micro_batch=64, lr=1e-3, warmup=5, grad_checkpoint=False,  # the SFT baseline
+                     max_new_tokens=40)                                                  # train.py's demo budget
 
 
 def demo_recipe(seed: int = 0) -> dict:
@@ -133,9 +141,11 @@ def response_loss_sum(model, input_ids, loss_mask):
 
 
 def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=0.0, grad_clip=1.0, seed=0,
-          rank=0, world=1, device="cpu", log=print):
+          rank=0, world=1, device="cpu", log=print, after_epoch=None):
     """AdamW over `epochs` passes of the (prompt ids, response ids) pairs, `batch` pairs per optimizer step
-    (split over the ranks, then into micro-batches). Returns the mean loss of each step."""
+    (split over the ranks, then into micro-batches); after_epoch(epoch) is called on every rank after each pass.
+    The learning rate after warmup is constant and pass e's order depends on seed + e alone, so the model after
+    pass e of a longer run is the model of an --epochs e run. Returns the mean loss of each step."""
     if batch % world:
         raise ValueError(f"--batch {batch} must be divisible by the world size {world}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
@@ -166,6 +176,8 @@ def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=
         losses.append(common.all_sum(total, world))
         if rank == 0 and (step % 10 == 0 or step == epochs * steps_per_epoch - 1):
             log(f"sft step {step + 1}/{epochs * steps_per_epoch}  loss {losses[-1]:.4f}")
+        if after_epoch and i == steps_per_epoch - 1:
+            after_epoch(epoch + 1)
     return losses
 
 
@@ -224,10 +236,16 @@ def main(argv=None):
     out = Path(args.out)
     if (out / "config.json").exists() and not args.overwrite:
         raise ValueError(f"--out {out} already holds a model; pass --overwrite to replace it")
+    held = data.demo_held_out() if args.model is None and args.eval_data is None else {}   # evaluated every epoch
+    if args.eval_data:                                           # a hub id becomes its files in the HF cache
+        held["eval"] = data.load_medqa(common.from_hub(args.eval_data, "data", "test", world))
+    if args.ood_data:
+        held["ood"] = data.load_mmlu_pro(common.from_hub(args.ood_data, "data", "test", world), args.ood_category)
+    held = {k: v[:args.eval_limit or None] for k, v in held.items()}
     if args.model is None:                                       # the demo: its base (built once) and questions
-        args.model = str(build_demo_base(demo_base_path(args.base_seed), rank, world, device, seed=args.base_seed))
+        args.model = str(build_demo_base(data.demo_base_path(args.base_seed), rank, world, device, seed=args.base_seed))
         examples = data.demo_questions("train")                  # train.py's training questions
-    else:                                                        # a hub id becomes its files in the HF cache
+    else:
         args.model = common.from_hub(args.model, "model", world=world)
         common.check_checkpoint(args.model)                      # before any work
         examples = data.load_medqa(common.from_hub(args.train, "data", "train", world))
@@ -240,9 +258,26 @@ def main(argv=None):
     policy = M.load_model(args.model, device=device, dtype=torch.float32)   # fp32 master weights (common.shard)
     policy.model.gradient_checkpointing = args.grad_checkpoint
     policy = common.shard(policy.train(), world, common.compute_dtype(args.precision, device))
+    metrics = out / "metrics.jsonl"
+    if rank == 0:                                                # the run's flags and machine, for its metrics' readers
+        out.mkdir(parents=True, exist_ok=True)
+        metrics.unlink(missing_ok=True)
+        (out / "args.json").write_text(json.dumps({**vars(args), "world": world, "machine": common.machine()},
+                                                  indent=1))
+
+    def held_out(epoch):        # one row per epoch: what it has trained on, then eval_accuracy, eval_format, ood_...
+        with common.full_weights(policy) as plain:
+            row = evaluate.held_out_row(plain, tokenizer, held, samples=args.eval_samples, batch=args.eval_batch,
+                                        max_new_tokens=args.max_new_tokens, rank=rank, world=world)
+        if rank == 0:
+            with open(metrics, "a") as f:
+                f.write(json.dumps({"epoch": epoch, "questions": epoch * len(pairs),
+                                    "response_tokens": epoch * sum(len(r) for _, r in pairs), **row}) + "\n")
+            print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+
     train(policy, pairs, epochs=args.epochs, batch=args.batch, micro_batch=args.micro_batch, lr=args.lr,
           warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
-          rank=rank, world=world, device=device)
+          rank=rank, world=world, device=device, after_epoch=held_out if held else None)
     common.export(policy, tokenizer, out, rank, world)
     if rank == 0:
         print(f"saved {args.out}")

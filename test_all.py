@@ -1844,15 +1844,19 @@ def test_train_logs_out_of_distribution_accuracy(tmp_path, monkeypatch):
     rows = [json.dumps({**MMLU_ROW, "question_id": i, "question": f"Q{i}?", "category": "health" if i % 3 else "law"})
             for i in range(9)]
     write_lines(tmp_path / "mmlu.jsonl", rows)
-    seen, real = [], train.eval_accuracy
-    monkeypatch.setattr(train, "eval_accuracy", lambda policy, tok, exs, *a: seen.append([e.question for e in exs])
-                        or real(policy, tok, exs, *a))
+    seen, real = [], evaluate.evaluate_one
+    monkeypatch.setattr(evaluate, "evaluate_one", lambda policy, tok, exs, **k: seen.append([e.question for e in exs])
+                        or real(policy, tok, exs, **k))
     train.main(_ppo_argv(tmp_path / "base", tmp_path / "run", 1, "--ood-data", str(tmp_path / "mmlu.jsonl"),
-                         "--max-new-tokens", "8"))
+                         "--max-new-tokens", "8", "--eval-samples", "2"))
     evals = [r for r in _metrics(tmp_path / "run") if "eval_accuracy" in r]
     assert [r["step"] for r in evals] == [0, 1] and all({"ood_accuracy", "ood_format"} <= set(r) for r in evals)
     health = [f"Q{i}?" for i in range(9) if i % 3]
     assert [len(s) for s in seen] == [8, 6, 8, 6] and seen[1] == seen[3] == health
+    # --eval-samples: the last row's greedy and sampled numbers are those of the exported policy
+    final, tok = model.load_model(tmp_path / "run" / "final"), data.load_tokenizer(tmp_path / "run" / "final")
+    held = {"eval": data.demo_held_out()["eval"][:8], "ood": data.load_mmlu_pro(tmp_path / "mmlu.jsonl", "health")}
+    assert evals[1] == {"step": 1, **evaluate.held_out_row(final, tok, held, samples=2, max_new_tokens=8, batch=64)}
     ran = json.loads((tmp_path / "run" / "args.json").read_text())["machine"]     # what ran it, recorded once
     assert ran["torch"] == torch.__version__ and ran["cpu"] and ran["cores"] == len(os.sched_getaffinity(0))
 
@@ -2265,13 +2269,37 @@ def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path):
                        warmup=1, log=lambda msg: None)
     assert sum(losses[-2:]) < 0.5 * sum(losses[:2]), losses
     sft.main(["--model", str(tmp_path / "base"), "--train", str(tmp_path / "train.jsonl"), "--out",
-              str(tmp_path / "sft"), "--epochs", "1", "--batch", "8", "--lr", "1e-3"])
+              str(tmp_path / "sft"), "--epochs", "1", "--batch", "8", "--lr", "1e-3", "--eval-data",
+              str(tmp_path / "train.jsonl"), "--eval-limit", "5", "--eval-samples", "2", "--max-new-tokens", "6"])
     ours = model.load_model(tmp_path / "sft")
+    # the epoch's row survived the export beside the model, and its numbers are those of the exported model
+    [row] = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    held = {"eval": data.load_medqa(tmp_path / "train.jsonl")[:5]}
+    assert row == {"epoch": 1, "questions": 16, "response_tokens": sum(len(tok.encode(r).ids) for _, r in texts),
+                   **evaluate.held_out_row(ours, tok, held, samples=2, max_new_tokens=6, batch=64)}
+    assert {"eval_sampled_accuracy", "eval_sampled_format"} <= set(row)
+    assert json.loads((tmp_path / "sft" / "args.json").read_text())["epochs"] == 1
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sft").eval()
     x = torch.tensor([tok.encode(texts[0][0]).ids])
     with torch.no_grad():
         assert (theirs(x).logits - ours(x)).abs().max() <= 1e-4
     assert data.load_tokenizer(tmp_path / "sft").get_vocab_size() == tok.get_vocab_size()
+
+
+def test_sft_after_epoch_e_is_the_model_of_an_e_epoch_run(tmp_path):
+    """sft.py's per-epoch rows stand for shorter runs: after pass 1 of 2 the weights equal a 1-epoch run's, bitwise
+    (constant lr after warmup, pass e shuffled by seed + e alone)."""
+    tok = make_demo_like_checkpoint(tmp_path / "base")
+    pairs = sft.tokenize_pairs(tok, [sft.medqa_pair(q) for q in data.make_dose_questions(24, seed=4)], 512)
+    kw = dict(batch=8, micro_batch=4, lr=1e-2, warmup=2, log=lambda msg: None)
+    long, seen = model.load_model(tmp_path / "base").train(), {}
+    sft.train(long, pairs, epochs=2, **kw, after_epoch=lambda e: seen.setdefault(e, {k: v.clone() for k, v in
+                                                                                     long.state_dict().items()}))
+    short = model.load_model(tmp_path / "base").train()
+    sft.train(short, pairs, epochs=1, **kw)
+    assert list(seen) == [1, 2]
+    assert all(torch.equal(seen[1][k], v) for k, v in short.state_dict().items())
+    assert not all(torch.equal(seen[2][k], v) for k, v in short.state_dict().items())
 
 
 def test_evaluate_under_torchrun_equals_one_process(tmp_path):
@@ -2286,6 +2314,31 @@ def test_evaluate_under_torchrun_equals_one_process(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "two.json").read_text()) == json.loads(json.dumps(one))
     assert one[str(tmp_path / "m")]["Dose (demo)"]["n"] == 12
+
+
+def test_evaluate_budgets_by_hand(tmp_path):
+    """Two RLVR seeds and one SFT run, metrics written by hand: one row per evaluated step and epoch, questions and
+    response tokens seen, accuracies as mean ± sample std over the runs."""
+    def run(name, args, rows):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "args.json").write_text(json.dumps(args))
+        write_lines(tmp_path / name / "metrics.jsonl", [json.dumps(r) for r in rows])
+    for seed, (a0, a2) in enumerate([(0.1, 0.3), (0.1, 0.5)]):
+        run(f"rl{seed}", {"advantage": "gae", "rollout_batch": 4, "samples_per_prompt": 2, "seed": seed},
+            [{"step": 0, "eval_accuracy": a0, "eval_sampled_accuracy": a0 / 2},
+             {"step": 1, "reward": 0, "response_length": 10.0}, {"step": 2, "reward": 0, "response_length": 20.0},
+             {"step": 2, "eval_accuracy": a2, "eval_sampled_accuracy": a2 / 2}])
+    run("sft", {"epochs": 1}, [{"epoch": 1, "questions": 16, "response_tokens": 64, "eval_accuracy": 0.25}])
+    points = evaluate.budget_points([tmp_path])
+    assert list(points) == [("rlvr", 0), ("rlvr", 2), ("sft", 1)]
+    assert points[("rlvr", 2)] == {"questions": [8, 8], "response_tokens": [240.0, 240.0], "eval_accuracy": [0.3, 0.5],
+                                   "eval_sampled_accuracy": [0.15, 0.25]}
+    lines = evaluate.budget_table(points).splitlines()
+    assert lines[2] == "| rlvr | step 0 (the base) | 2 | 0 | 0 | 10.0 ± 0.0 | 5.0 ± 0.0 |"
+    assert lines[3] == f"| rlvr | 2 steps | 2 | 8 | 240 | 40.0 ± {100 * 0.02 ** 0.5:.1f} | 20.0 ± 7.1 |"
+    assert lines[4] == "| sft | 1 epoch | 1 | 16 | 64 | 25.0 ± 0.0 |  |"
+    with pytest.raises(FileNotFoundError, match="no run folder"):
+        evaluate.budget_points([tmp_path / "rl0" / "args.json"])
 
 
 def test_evaluate_compare_runs_by_hand(tmp_path):
@@ -2332,8 +2385,7 @@ def test_evaluate_scores_with_the_reward_rules(tmp_path, monkeypatch):
     scripted = [f" x </think><answer>{examples[0].answer}</answer>", f" x </think><answer>{wrong}</answer>",
                 " no closing tag", f" x </think><answer>({examples[3].answer})</answer><|endoftext|>"]
     monkeypatch.setattr(evaluate, "run_model", lambda *a, **k: [([1] * (i + 1), s) for i, s in enumerate(scripted)])
-    args = SimpleNamespace(prompt="rlvr", max_new_tokens=8, batch=4, samples=0)
-    got = evaluate.evaluate_one(None, None, examples, args)
+    got = evaluate.evaluate_one(None, None, examples, max_new_tokens=8, batch=4)
     assert got["accuracy"] == 2 / 4 and got["format_rate"] == 3 / 4 and got["response_length"] == 2.5
     assert got["letters"] == dict(sorted(Counter([examples[0].answer, wrong, "none", examples[3].answer]).items()))
     assert got["per_category"] == {"dose": 0.5}

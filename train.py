@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 import common
 import data
+import evaluate
 import model as M
 import ppo
 import reward
@@ -89,7 +90,8 @@ def make_parser():
     p.add_argument("--train-data", help="MedQA train split: a file (data.SCHEMAS) or a hub id, org/name[:split] "
                                         "(GBaker/MedQA-USMLE-4-options); default: synthetic dose questions")
     p.add_argument("--eval-data", help="held-out questions for eval_accuracy: a file or a hub id (split test unless "
-                                       "named); default: 256 dose questions of another seed")
+                                       "named); default: 256 dose questions of another seed, and 256 of the other "
+                                       "family as ood_*")
     p.add_argument("--out", default="runs/demo", help="run folder: metrics.jsonl, samples.jsonl, checkpoint/, final/")
     p.add_argument("--steps", type=c.nonneg_int, default=60, help="PPO steps; 0 = one pass over the train data")
     p.add_argument("--rollout-batch", type=c.positive_int, default=64,
@@ -150,6 +152,8 @@ def make_parser():
     p.add_argument("--ood-category", default="health", help="--ood-data in MMLU-Pro's schema: the category kept")
     p.add_argument("--eval-limit", type=c.nonneg_int, default=256, help="first N of each held-out set (0: all)")
     p.add_argument("--eval-batch", type=c.positive_int, default=64, help="prompts per greedy-decoding batch")
+    p.add_argument("--eval-samples", type=c.nonneg_int, default=0, help="also K responses per held-out question at "
+                   "temperature 1: eval_sampled_accuracy / _format (each K one more decode of every held-out set)")
     p.add_argument("--eval-every", type=c.nonneg_int, default=0,
                    help="also evaluate every N steps (0: only before the first step and after the last)")
     p.add_argument("--save-every", type=c.nonneg_int, default=20,
@@ -426,22 +430,6 @@ def learn(actor, critic, actor_opt, critic_opt, exp: Experience, step, total, ar
     return {**{k: v / n_updates for k, v in m.items()}, "skipped_updates": n_skipped}, skipped_in_a_row
 
 
-@torch.no_grad()
-def eval_accuracy(policy, tok, examples, prompts, max_new_tokens, batch, rank, world):
-    """Greedy accuracy and valid-format rate on held-out examples (each rank decodes its share)."""
-    n_right = n_valid = 0
-    mine = list(range(rank, len(examples), world))
-    with common.full_weights(policy) as plain:
-        for k in range(0, len(mine), batch):
-            idx = mine[k:k + batch]
-            out = rollout.generate(plain, [prompts[i] for i in idx], max_new_tokens, temperature=0,
-                                   eos_token_id=data.eos_token_id(tok))
-            _, scores = score_texts(tok, out.responses, [examples[i] for i in idx], 0.0)
-            n_right += sum(s == 1.0 for s in scores)
-            n_valid += sum(s > -1.0 for s in scores)
-    return common.all_sum(n_right, world) / len(examples), common.all_sum(n_valid, world) / len(examples)
-
-
 # ------------------------------------------------------------------------------------------------ checkpoints
 # The flags that decide a run's trajectory: a resumed run must use the checkpoint's values, or it would not continue
 # the same run (the data position, the seeds, the optimiser, the reward all derive from them).
@@ -520,7 +508,7 @@ def load_examples(args):
     """-> (train examples, held-out sets: {"eval": ..., and with --ood-data "ood": ...}), read and checked before
     any model is loaded."""
     train_set = data.demo_questions("train") if args.train_data is None else data.load_medqa(args.train_data)
-    held = {"eval": data.demo_questions("eval") if args.eval_data is None else data.load_medqa(args.eval_data)}
+    held = data.demo_held_out() if args.eval_data is None else {"eval": data.load_medqa(args.eval_data)}
     if args.ood_data is not None:                # MMLU-Pro: its --ood-category rows (other schemas have none)
         held["ood"] = data.load_mmlu_pro(args.ood_data, category=args.ood_category)
     held = {k: v[:args.eval_limit or None] for k, v in held.items()}
@@ -595,7 +583,7 @@ def main(argv=None):
     lock = common.claim_out(Path(args.out), args.resume, args.overwrite, start, rank, world)
     try:
         if prompts is None:                      # the CPU demo: its base model and tokenizer, built on first use
-            args.model = str(sft.build_demo_base(sft.demo_base_path(args.base_seed), rank, world, device, log,
+            args.model = str(sft.build_demo_base(data.demo_base_path(args.base_seed), rank, world, device, log,
                                                  args.base_seed).resolve())
             prompts = encode_all(args, train_set, held)
         run(args, ckpt, start, train_set, held, *prompts, out, rank, world, device, log)
@@ -605,15 +593,14 @@ def main(argv=None):
 
 
 def encode_all(args, train_set, held):
-    """-> (tokenizer, train prompt ids, {held-out set: prompt ids}); a prompt longer than --max-prompt-len is an
-    error."""
+    """-> (tokenizer, train prompt ids); a prompt longer than --max-prompt-len, held out or not, is an error."""
     tok = data.load_tokenizer(args.model)
-    return (tok, encode_prompts(train_set, tok, args.max_prompt_len, args.train_data or "train questions"),
-            {k: encode_prompts(v, tok, args.max_prompt_len, getattr(args, f"{k}_data") or f"{k} questions")
-             for k, v in held.items()})
+    for k, v in held.items():
+        encode_prompts(v, tok, args.max_prompt_len, getattr(args, f"{k}_data") or f"{k} questions")
+    return tok, encode_prompts(train_set, tok, args.max_prompt_len, args.train_data or "train questions")
 
 
-def run(args, ckpt, start, train_set, held, tok, train_prompts, held_prompts, out, rank, world, device, log):
+def run(args, ckpt, start, train_set, held, tok, train_prompts, out, rank, world, device, log):
     steps = args.steps or len(train_set) // args.rollout_batch
     total = schedule_length(args, len(train_set), steps)            # optimizer steps, for --lr-schedule cosine
     if device.type == "cuda":
@@ -641,11 +628,11 @@ def run(args, ckpt, start, train_set, held, tok, train_prompts, held_prompts, ou
                 f.write(json.dumps(row) + "\n")
             track(name, row)
 
-    def evaluate(step):                                          # eval_accuracy, eval_format (and ood_...)
-        row = {"step": step}
-        for k, exs in held.items():
-            row[f"{k}_accuracy"], row[f"{k}_format"] = eval_accuracy(actor, tok, exs, held_prompts[k],
-                                                                     args.max_new_tokens, args.eval_batch, rank, world)
+    def held_out(step):                      # eval_accuracy, eval_format, ood_... (and eval_sampled_accuracy, ...)
+        with common.full_weights(actor) as plain:
+            row = {"step": step, **evaluate.held_out_row(plain, tok, held, samples=args.eval_samples, batch=
+                                                         args.eval_batch, max_new_tokens=args.max_new_tokens,
+                                                         rank=rank, world=world)}
         write("metrics.jsonl", row)
         log(f"step {step}: " + ", ".join(f"{k} accuracy {row[f'{k}_accuracy']:.3f}, valid format "
                                          f"{row[f'{k}_format']:.3f}" for k in held))
@@ -654,7 +641,7 @@ def run(args, ckpt, start, train_set, held, tok, train_prompts, held_prompts, ou
         common.save_checkpoint(out, trained, {"step": step, "world": world, "args": vars(args)}, tok, rank, world)
 
     if start == 0:
-        evaluate(0)
+        held_out(0)
     perms, skipped_in_a_row, stop = {}, 0, common.StopSignal()
     try:
         bar = tqdm(range(start, steps), initial=start, total=steps, disable=rank != 0, desc="ppo")
@@ -690,7 +677,7 @@ def run(args, ckpt, start, train_set, held, tok, train_prompts, held_prompts, ou
                                             "options": train_set[i].options, "answer": train_set[i].answer,
                                             "response": t, "score": s})
             if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps:
-                evaluate(step + 1)
+                held_out(step + 1)
             saved = args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == steps)
             if saved:
                 checkpoint(step + 1)
@@ -707,7 +694,7 @@ def run(args, ckpt, start, train_set, held, tok, train_prompts, held_prompts, ou
     finally:
         stop.restore()
 
-    evaluate(steps)
+    held_out(steps)
     common.export(actor, tok, out / "final", rank, world, args.export_dtype)
     track(None, None)
     log(f"final policy: {out / 'final'}")
