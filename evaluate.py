@@ -424,6 +424,9 @@ def demo_study(args) -> dict:
     distribution) and of the other family (out of distribution), greedy and sampled (--samples, 8 by default here:
     accuracy, format rate and the behaviour mix); write <rlvr>/results.json and
     results.md, with the behaviour mix per training step of <rlvr>/samples.jsonl (and dynamics.png)."""
+    if args.base_seed and (args.sft == "runs/demo-sft" or args.rlvr == "runs/demo"):
+        raise ValueError(f"--base-seed {args.base_seed}: give --sft and --rlvr runs made from that base (the defaults "
+                         "are base 0's)")
     models = {"base": Path(args.base or data.demo_base_path(args.base_seed)), "sft": Path(args.sft),
               "rlvr": Path(args.rlvr) / "final"}
     for name, path in models.items():                            # all checked before the first is evaluated

@@ -1936,6 +1936,7 @@ def test_train_bad_inputs_give_clear_errors(tmp_path):
     (train, ["--kl-estimator", "k4"], "--kl-estimator"), (train, ["--actor-lr", "nan"], "--actor-lr"),
     (evaluate, ["--limit", "-1"], "--limit"), (evaluate, ["--batch", "0"], "--batch"),
     (evaluate, ["--dose", "-5"], "--dose"), (sft, ["--batch", "0"], "--batch"), (bench, ["--new", "x"], "--new"),
+    (train, ["--eval-samples", "-1"], "--eval-samples"), (sft, ["--eval-samples", "x"], "--eval-samples"),
 ], ids=lambda x: x.__name__ if hasattr(x, "__name__") else None)
 def test_train_sft_evaluate_bench_bad_flags_one_line(script, argv, flag, capsys):
     """A bad flag value stops the script at once with one line that names the flag (no traceback, no usage)."""
@@ -1954,6 +1955,12 @@ def _mistake(fn, match, out=None):
     assert "\n" not in str(e.value)
     if out is not None:
         assert not Path(out).exists(), f"{out} was written before the mistake was found"
+
+
+def test_evaluate_demo_study_of_another_base_needs_its_runs(tmp_path, monkeypatch):
+    """--base-seed 1 with the default --sft / --rlvr (base 0's runs) would compare models of two bases: refused."""
+    monkeypatch.chdir(tmp_path)
+    _mistake(lambda: evaluate.main(["--base-seed", "1", "--sft", "runs/x"]), r"--base-seed 1: give --sft and --rlvr")
 
 
 def test_train_bad_inputs_found_before_any_work(tmp_path):
@@ -2187,7 +2194,7 @@ def test_train_ppo_raises_the_reward_of_a_tiny_model(tmp_path, taught_base):
     """The demo, fast: the taught base, then PPO. The reward must rise, from the reward alone."""
     train.main(["--model", str(taught_base), "--out", str(tmp_path / "ppo"), "--steps", "40",
                 "--rollout-batch", "32", "--train-batch", "16", "--micro-batch", "16", "--max-new-tokens", "24",
-                "--eval-limit", "64", "--save-every", "0", "--actor-lr", "5e-4", "--critic-lr", "1e-3"])
+                "--eval-limit", "8", "--save-every", "0", "--actor-lr", "5e-4", "--critic-lr", "1e-3"])
     rows = [json.loads(l) for l in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward"] for r in rows if "reward" in r]
     first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
@@ -2235,7 +2242,7 @@ def test_demo_study_three_commands_end_to_end(tmp_path, taught_base, monkeypatch
     Path("runs/demo-base-seed0/recipe.json").write_text(json.dumps(sft.demo_recipe(seed=1)))   # another recipe:
     _mistake(lambda: sft.main(["--epochs", "1"]), "another version of the demo's recipe")          # refused
     Path("runs/demo-base-seed0/recipe.json").write_text(json.dumps(sft.demo_recipe()))   # stands in for the real one
-    sft.main(["--epochs", "1", "--batch", "256", "--micro-batch", "256"])   # runs/demo-sft, shortened
+    sft.main(["--epochs", "1", "--batch", "256", "--micro-batch", "256", "--eval-limit", "8"])   # runs/demo-sft
     train.main(["--steps", "2", "--rollout-batch", "8", "--train-batch", "8", "--eval-limit", "8",
                 "--max-new-tokens", "24", "--sample-every", "1"])            # runs/demo
     results = evaluate.main(["--dose", "8", "--samples", "3"])
@@ -2254,6 +2261,10 @@ def test_demo_study_three_commands_end_to_end(tmp_path, taught_base, monkeypatch
     assert "| sft |" in report and "reasoning outside" in report and "| base | in distribution |" in report
     assert len(read_samples("runs/demo/samples.jsonl")) == 16                # every response of both steps
     assert "| rlvr | in distribution |" in evaluate.spread(["runs/demo", "runs/demo"])
+    # both trainers logged both held-out families along the way: RLVR's steps and SFT's epoch side by side
+    points = evaluate.budget_points(["runs/demo", "runs/demo-sft"])
+    assert list(points) == [("rlvr", 0), ("rlvr", 2), ("sft", 1)]
+    assert all({"eval_accuracy", "ood_accuracy"} <= set(p) for p in points.values())
 
 
 def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path):
