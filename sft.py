@@ -11,6 +11,10 @@ It has two jobs, one mechanism:
      DEMO_RIGHT_SHARE multiply (right) and the rest add (wrong), in two question families. It learns the format
      and the arithmetic, but its habits are a base model's: the starting point RL has to fix.
 
+After every epoch the baseline is evaluated on held-out questions (--eval-data / --ood-data; the demo: its two
+held-out families), greedy and with --eval-samples K sampled, one row per epoch in <out>/metrics.jsonl, as train.py
+logs its steps: `python evaluate.py --budgets` sets the two side by side.
+
     torchrun --standalone --nproc_per_node=2 sft.py                                        # the demo's baseline
     torchrun --standalone --nproc_per_node=8 sft.py --model Qwen2.5-3B --train medqa/train.jsonl --out runs/sft
 
