@@ -6,6 +6,7 @@ Evaluation: the paper's comparisons as one command, and the training-dynamics pi
         --medqa medqa/test.jsonl --mmlu-pro mmlu_pro/health_test.jsonl --out results.json
     python evaluate.py --dynamics runs/demo/samples.jsonl                      # behaviour mix per training step
     python evaluate.py --compare runs/estimators                               # train.py runs side by side
+    python evaluate.py --budgets runs/study                  # RLVR's steps against SFT's epochs, from their metrics
 
 For every model and dataset: greedy accuracy (and, with --samples K - 8 in the demo study - the accuracy, format
 rate and behaviour mix of K samples per question at temperature 1), the valid-format rate, the mean response
@@ -367,10 +368,15 @@ BUDGET_KEYS = {"eval_accuracy": "in: greedy", "eval_sampled_accuracy": "in: samp
                "ood_sampled_accuracy": "out: sampled"}
 
 
+# flags that do not change what a point measures: repeats (seeds, base builds), run length, bookkeeping
+BUDGET_IGNORED = IGNORED_FLAGS | {"base_seed", "steps", "epochs"}
+
+
 def budget_points(paths) -> dict:
     """train.py runs (their eval rows, every --eval-every steps) and sft.py runs (a row per epoch), each a folder
-    with args.json and metrics.jsonl, or a folder of such folders -> {(kind, x): {"questions": [per run],
-    "response_tokens": [...], and each BUDGET_KEYS key present: [...]}}, kind "rlvr" at step x or "sft" at epoch x.
+    with args.json and metrics.jsonl, or a folder of such folders -> {(label, x): {"questions": [per run],
+    "response_tokens": [...], and each BUDGET_KEYS key present: [...]}} at RLVR step x or SFT epoch x. The label
+    is "rlvr" or "sft", with the flags in which runs of that kind differ (seeds and base builds are repeats).
     Questions seen: RLVR's prompts (--rollout-batch a step), SFT's examples; response tokens: those sampled by
     RLVR (each is trained on --ppo-epochs times) or read by SFT (its gold answers)."""
     runs = []
@@ -378,37 +384,47 @@ def budget_points(paths) -> dict:
         runs += [path] if (path / "metrics.jsonl").is_file() else sorted(p.parent for p in path.glob("*/metrics.jsonl"))
     if not runs:
         raise FileNotFoundError(f"--budgets {' '.join(map(str, paths))}: no run folder (*/metrics.jsonl) in it")
-    points = {}
+    flags = {}
     for run in runs:
         if not (run / "args.json").is_file():
             raise FileNotFoundError(f"{run}: no args.json (written by train.py and sft.py at the start of a run)")
-        args, rows = json.loads((run / "args.json").read_text()), read_samples(run / "metrics.jsonl")
-        kind = "rlvr" if "advantage" in args else "sft"
+        flags[run] = json.loads((run / "args.json").read_text())
+    kind = {run: "rlvr" if "advantage" in a else "sft" for run, a in flags.items()}
+    points = {}
+    for run in runs:
+        args, rows = flags[run], read_samples(run / "metrics.jsonl")
+        same_kind = [flags[r] for r in runs if kind[r] == kind[run]]
+        builds = {"model"} if len({a.get("base_seed") for a in same_kind}) > 1 else set()   # the demo's bases
+        differ = sorted(k for k in {k for a in same_kind for k in a} - BUDGET_IGNORED - builds
+                        if len({json.dumps(a.get(k)) for a in same_kind}) > 1)
+        label = kind[run] + (f" ({', '.join(f'{k}={args.get(k)}' for k in differ)})" if differ else "")
         tokens = 0.0
         for r in rows:
             if "reward" in r:                                # a PPO step: its responses' tokens
                 tokens += r["response_length"] * args["rollout_batch"] * args.get("samples_per_prompt", 1)
-            if "eval_accuracy" not in r:
+            if not any(k in r for k in BUDGET_KEYS):         # not an evaluation row
                 continue
-            x = r["step"] if kind == "rlvr" else r["epoch"]
-            seen = dict(questions=x * args["rollout_batch"], response_tokens=tokens) if kind == "rlvr" else \
+            x = r["step"] if kind[run] == "rlvr" else r["epoch"]
+            seen = dict(questions=x * args["rollout_batch"], response_tokens=tokens) if kind[run] == "rlvr" else \
                 dict(questions=r["questions"], response_tokens=r["response_tokens"])
-            p = points.setdefault((kind, x), {})
+            p = points.setdefault((label, x), {})
             for k, v in {**seen, **{k: r[k] for k in BUDGET_KEYS if k in r}}.items():
                 p.setdefault(k, []).append(v)
-    return dict(sorted(points.items(), key=lambda kv: (kv[0][0] == "sft", kv[0][1])))
+    return dict(sorted(points.items(), key=lambda kv: (kv[0][0].startswith("sft"), kv[0][0], kv[0][1])))
 
 
 def budget_table(points: dict) -> str:
-    """Markdown: one row per RLVR step and SFT epoch; what each has seen (mean over runs) and its held-out accuracy,
-    mean ± sample std over the runs (in %)."""
+    """Markdown: one row per RLVR step and SFT epoch; what each has seen (mean over runs) and its held-out accuracy
+    in %, mean ± sample std over the runs (the mean alone for one run)."""
     keys = [k for k in BUDGET_KEYS if any(k in p for p in points.values())]
     lines = ["| model | after | runs | questions seen | response tokens | " + " | ".join(BUDGET_KEYS[k] for k in keys)
              + " |", "|---" * (5 + len(keys)) + "|"]
-    for (kind, x), p in points.items():
-        after = ("step 0 (the base)" if x == 0 else f"{x} steps") if kind == "rlvr" else f"{x} epoch{'s' * (x > 1)}"
-        cells = ["%.1f ± %.1f" % tuple(100 * v for v in _mean_std(p[k])) if k in p else "" for k in keys]
-        lines.append(f"| {kind} | {after} | {len(p['questions'])} | {_mean_std(p['questions'])[0]:,.0f} | "
+    for (label, x), p in points.items():
+        unit = "step" if label.startswith("rlvr") else "epoch"
+        after = "step 0 (the base)" if x == 0 else f"{x} {unit}{'s' * (x > 1)}"
+        cells = [("" if k not in p else "%.1f ± %.1f" % tuple(100 * v for v in _mean_std(p[k])) if len(p[k]) > 1
+                  else f"{100 * p[k][0]:.1f}") for k in keys]
+        lines.append(f"| {label} | {after} | {len(p['questions'])} | {_mean_std(p['questions'])[0]:,.0f} | "
                      f"{_mean_std(p['response_tokens'])[0]:,.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -424,9 +440,11 @@ def demo_study(args) -> dict:
     distribution) and of the other family (out of distribution), greedy and sampled (--samples, 8 by default here:
     accuracy, format rate and the behaviour mix); write <rlvr>/results.json and
     results.md, with the behaviour mix per training step of <rlvr>/samples.jsonl (and dynamics.png)."""
-    if args.base_seed and (args.sft == "runs/demo-sft" or args.rlvr == "runs/demo"):
-        raise ValueError(f"--base-seed {args.base_seed}: give --sft and --rlvr runs made from that base (the defaults "
-                         "are base 0's)")
+    for name, run in (("sft", Path(args.sft)), ("rlvr", Path(args.rlvr))):     # made from another base build?
+        made = json.loads((run / "args.json").read_text()) if (run / "args.json").is_file() else {}
+        if made.get("base_seed", args.base_seed) != args.base_seed:
+            raise ValueError(f"--{name} {run} was trained from base build {made['base_seed']}, not --base-seed "
+                             f"{args.base_seed}: give --{name} a run made from it")
     models = {"base": Path(args.base or data.demo_base_path(args.base_seed)), "sft": Path(args.sft),
               "rlvr": Path(args.rlvr) / "final"}
     for name, path in models.items():                            # all checked before the first is evaluated
@@ -523,8 +541,8 @@ def make_parser():
     parser.add_argument("--spread", nargs="+", help="RLVR run folders of several seeds, each with its results.json: "
                                                     "mean ± std")
     parser.add_argument("--budgets", nargs="+", help="train.py and sft.py runs (or folders of runs) evaluated along "
-                                                     "the way: held-out accuracy per RLVR step and SFT epoch, with what "
-                                                     "each has seen, mean ± std over the runs")
+                                                     "the way: held-out accuracy per RLVR step and SFT epoch, with "
+                                                     "what each has seen, mean ± std over the runs")
     parser.add_argument("--compare", nargs="+", help="train.py runs, or folders of runs, grouped by the flags in which "
                                                      "they differ: accuracy over steps, direct-answer rate, wall time "
                                                      "and peak memory side by side")
@@ -574,8 +592,8 @@ def main(argv=None):
     results = {}
     for label, path in models.items():
         tok, policy = data.load_tokenizer(path), M.load_model(path, device=device)
-        results[label] = {name: evaluate_one(policy, tok, exs, **decoding(args), rank=rank,
-                                                    world=world) for name, exs in datasets.items()}
+        results[label] = {name: evaluate_one(policy, tok, exs, **decoding(args), rank=rank, world=world)
+                          for name, exs in datasets.items()}
         if rank == 0:
             print(f"{label}: " + ", ".join(f"{d} {r['accuracy']:.1%}" for d, r in results[label].items()))
     if rank == 0:

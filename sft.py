@@ -25,6 +25,7 @@ FSDP averages gradients over ranks. So N processes make exactly the update one p
 import argparse
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -147,21 +148,25 @@ def response_loss_sum(model, input_ids, loss_mask):
 def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=0.0, grad_clip=1.0, seed=0,
           rank=0, world=1, device="cpu", log=print, after_epoch=None):
     """AdamW over `epochs` passes of the (prompt ids, response ids) pairs, `batch` pairs per optimizer step
-    (split over the ranks, then into micro-batches); after_epoch(epoch) is called on every rank after each pass.
-    The learning rate after warmup is constant and pass e's order depends on seed + e alone, so the model after
-    pass e of a longer run is the model of an --epochs e run. Returns the mean loss of each step."""
+    (split over the ranks, then into micro-batches; a last partial batch of a pass is left out).
+    after_epoch(epoch, examples, response_tokens) is called on every rank after each pass, with the examples and
+    response tokens trained on so far. The learning rate after warmup is constant and pass e's order depends on
+    seed + e alone, so the model after pass e of a longer run is the model of an --epochs e run. Returns the mean
+    loss of each step."""
     if batch % world:
         raise ValueError(f"--batch {batch} must be divisible by the world size {world}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     steps_per_epoch = len(pairs) // batch
     if steps_per_epoch == 0:
         raise ValueError(f"{len(pairs)} training examples, fewer than --batch {batch}: not one optimizer step")
-    losses, skipped_in_a_row = [], 0
+    losses, skipped_in_a_row, seen = [], 0, [0, 0]                    # seen: examples, response tokens
     for step in range(epochs * steps_per_epoch):
         epoch, i = divmod(step, steps_per_epoch)
         order = list(range(len(pairs)))
         random.Random(seed + epoch).shuffle(order)                                  # same order on every rank
-        mine = [pairs[j] for j in order[i * batch:(i + 1) * batch]][rank::world]
+        rows = order[i * batch:(i + 1) * batch]
+        seen = [seen[0] + len(rows), seen[1] + sum(len(pairs[j][1]) for j in rows)]
+        mine = [pairs[j] for j in rows][rank::world]
         n_tokens = common.all_sum(sum(len(r) for _, r in mine), world)                     # response tokens, all ranks
         total = 0.0
         for k in range(0, len(mine), micro_batch):
@@ -181,7 +186,7 @@ def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=
         if rank == 0 and (step % 10 == 0 or step == epochs * steps_per_epoch - 1):
             log(f"sft step {step + 1}/{epochs * steps_per_epoch}  loss {losses[-1]:.4f}")
         if after_epoch and i == steps_per_epoch - 1:
-            after_epoch(epoch + 1)
+            after_epoch(epoch + 1, *seen)
     return losses
 
 
@@ -238,8 +243,10 @@ def main(argv=None):
     rank, world, device = common.init_distributed(group=args.precision == "bf16")
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    if (out / "config.json").exists() and not args.overwrite:
-        raise ValueError(f"--out {out} already holds a model; pass --overwrite to replace it")
+    held = [f for f in ("config.json", "metrics.jsonl") if (out / f).exists()]
+    if held and not args.overwrite:
+        raise ValueError(f"--out {out} already holds a model or a run's records ({', '.join(held)}); pass "
+                         "--overwrite to replace it")
     held = data.demo_held_out() if args.model is None and args.eval_data is None else {}   # evaluated every epoch
     if args.eval_data:                                           # a hub id becomes its files in the HF cache
         held["eval"] = data.load_medqa(common.from_hub(args.eval_data, "data", "test", world))
@@ -263,20 +270,20 @@ def main(argv=None):
     policy.model.gradient_checkpointing = args.grad_checkpoint
     policy = common.shard(policy.train(), world, common.compute_dtype(args.precision, device))
     metrics = out / "metrics.jsonl"
-    if rank == 0:                                                # the run's flags and machine, for its metrics' readers
-        out.mkdir(parents=True, exist_ok=True)
-        metrics.unlink(missing_ok=True)
+    if rank == 0:                    # --overwrite: the old model and records go now, as train.py's --overwrite does
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)      # the run's flags and machine, for its metrics' readers
         (out / "args.json").write_text(json.dumps({**vars(args), "world": world, "machine": common.machine()},
                                                   indent=1))
 
-    def held_out(epoch):        # one row per epoch: what it has trained on, then eval_accuracy, eval_format, ood_...
-        with common.full_weights(policy) as plain:
+    def held_out(epoch, questions, response_tokens):      # one row per epoch: what it has trained on, then
+        with common.full_weights(policy) as plain:         # eval_accuracy, eval_format, ood_... (and sampled)
             row = evaluate.held_out_row(plain, tokenizer, held, samples=args.eval_samples, batch=args.eval_batch,
                                         max_new_tokens=args.max_new_tokens, rank=rank, world=world)
         if rank == 0:
             with open(metrics, "a") as f:
-                f.write(json.dumps({"epoch": epoch, "questions": epoch * len(pairs),
-                                    "response_tokens": epoch * sum(len(r) for _, r in pairs), **row}) + "\n")
+                f.write(json.dumps({"epoch": epoch, "questions": questions, "response_tokens": response_tokens,
+                                    **row}) + "\n")
             print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
 
     train(policy, pairs, epochs=args.epochs, batch=args.batch, micro_batch=args.micro_batch, lr=args.lr,

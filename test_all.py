@@ -1640,7 +1640,8 @@ def taught_base(tmp_path_factory):
 ESTIMATOR_ARGV = {"gae": [], "grpo": ["--advantage", "grpo", "--samples-per-prompt", "2", "--cuda-graphs",
                                       "--loss-agg", "fixed"],
                   "rloo": ["--advantage", "rloo", "--samples-per-prompt", "4", "--kl-in", "loss", "--kl-estimator", "k2"],
-                  "reinforce++": ["--advantage", "reinforce++", "--gamma", "0.99", "--rollout-chunk", "3"],
+                  "reinforce++": ["--advantage", "reinforce++", "--gamma", "0.99", "--rollout-chunk", "3",
+                                  "--eval-every", "2"],       # an evaluation at the checkpoint's step, redone
                   # the GPU's precision on a CPU: bf16 compute, fp32 masters, bf16 reference, the chunked head in bf16;
                   # and the one-GPU recipe's offload (masters, gradients and AdamW in host memory, a CPU step)
                   "gae-bf16-offload": ["--precision", "bf16", "--offload"]}
@@ -1669,7 +1670,8 @@ def test_train_resume_equals_uninterrupted_run(tmp_path, world, advantage, taugh
         rows = [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if k not in train.TIMING_KEYS} for r in rows]
     straight, resumed = metrics("straight"), metrics("resumed")
-    assert [r["step"] for r in straight] == [0, 1, 2, 3, 4, 4]        # eval rows at 0 and 4, one row per step
+    evals = [0, 2, 4] if "--eval-every" in extra else [0, 4]            # eval rows, and one row per step
+    assert [r["step"] for r in straight] == sorted([1, 2, 3, 4] + evals)
     assert all(v is not None for r in straight + resumed for v in r.values())    # a NaN would be written as null
     if "bf16" in advantage:                   # bf16 decoding really ran: its log-probs are off the training forward's
         assert straight[1]["sampler_logprob_err"] > 1e-5
@@ -1957,9 +1959,17 @@ def _mistake(fn, match, out=None):
 
 
 def test_evaluate_demo_study_of_another_base_needs_its_runs(tmp_path, monkeypatch):
-    """--base-seed 1 with the default --sft / --rlvr (base 0's runs) would compare models of two bases: refused."""
+    """--base-seed 1 with runs trained from base 0 (the default --sft / --rlvr) would compare models of two bases:
+    refused, from the base build each run's args.json records."""
     monkeypatch.chdir(tmp_path)
-    _mistake(lambda: evaluate.main(["--base-seed", "1", "--sft", "runs/x"]), r"--base-seed 1: give --sft and --rlvr")
+    for run, seed in (("runs/demo-sft", 0), ("runs/demo", 0), ("runs/b1-sft", 1), ("runs/b1", 1)):
+        Path(run).mkdir(parents=True)
+        Path(run, "args.json").write_text(json.dumps({"base_seed": seed}))
+    _mistake(lambda: evaluate.main(["--base-seed", "1", "--rlvr", "runs/b1"]),
+             "--sft runs/demo-sft was trained from base build 0, not --base-seed 1")
+    _mistake(lambda: evaluate.main(["--base-seed", "1", "--sft", "runs/b1-sft"]), "--rlvr runs/demo was trained from")
+    _mistake(lambda: evaluate.main(["--base-seed", "1", "--sft", "runs/b1-sft", "--rlvr", "runs/b1"]),
+             "runs/demo-base-seed1: no base model")                   # past the check, to the missing base
 
 
 def test_train_bad_inputs_found_before_any_work(tmp_path):
@@ -2264,6 +2274,7 @@ def test_demo_study_three_commands_end_to_end(tmp_path, taught_base, monkeypatch
     points = evaluate.budget_points(["runs/demo", "runs/demo-sft"])
     assert list(points) == [("rlvr", 0), ("rlvr", 2), ("sft", 1)]
     assert all({"eval_accuracy", "ood_accuracy"} <= set(p) for p in points.values())
+    assert [p["questions"] for p in points.values()] == [[0], [16], [4096]]     # 2 steps of 8; 16 batches of 256
 
 
 def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path):
@@ -2300,14 +2311,21 @@ def test_sft_after_epoch_e_is_the_model_of_an_e_epoch_run(tmp_path):
     """sft.py's per-epoch rows stand for shorter runs: after pass 1 of 2 the weights equal a 1-epoch run's, bitwise
     (constant lr after warmup, pass e shuffled by seed + e alone)."""
     tok = make_demo_like_checkpoint(tmp_path / "base")
-    pairs = sft.tokenize_pairs(tok, [sft.medqa_pair(q) for q in data.make_dose_questions(24, seed=4)], 512)
+    pairs = sft.tokenize_pairs(tok, [sft.medqa_pair(q) for q in data.make_dose_questions(27, seed=4)], 512)
     kw = dict(batch=8, micro_batch=4, lr=1e-2, warmup=2, log=lambda msg: None)
-    long, seen = model.load_model(tmp_path / "base").train(), {}
-    sft.train(long, pairs, epochs=2, **kw, after_epoch=lambda e: seen.setdefault(e, {k: v.clone() for k, v in
-                                                                                     long.state_dict().items()}))
+    long, seen, counts = model.load_model(tmp_path / "base").train(), {}, []
+    sft.train(long, pairs, epochs=2, **kw, after_epoch=lambda e, *n: counts.append(n) or seen.setdefault(
+        e, {k: v.clone() for k, v in long.state_dict().items()}))
     short = model.load_model(tmp_path / "base").train()
     sft.train(short, pairs, epochs=1, **kw)
     assert list(seen) == [1, 2]
+    # what each pass trained on: 3 batches of 8 of the 27 (the last 3 of its shuffle are left out), counted by hand
+    tokens = []
+    for e in (0, 1):
+        order = list(range(27))
+        random.Random(e).shuffle(order)
+        tokens.append(sum(len(pairs[j][1]) for j in order[:24]))
+    assert counts == [(24, tokens[0]), (48, tokens[0] + tokens[1])]
     assert all(torch.equal(seen[1][k], v) for k, v in short.state_dict().items())
     assert not all(torch.equal(seen[2][k], v) for k, v in short.state_dict().items())
 
@@ -2340,13 +2358,16 @@ def test_evaluate_budgets_by_hand(tmp_path):
              {"step": 2, "eval_accuracy": a2, "eval_sampled_accuracy": a2 / 2}])
     run("sft", {"epochs": 1}, [{"epoch": 1, "questions": 16, "response_tokens": 64, "eval_accuracy": 0.25}])
     points = evaluate.budget_points([tmp_path])
-    assert list(points) == [("rlvr", 0), ("rlvr", 2), ("sft", 1)]
+    assert list(points) == [("rlvr", 0), ("rlvr", 2), ("sft", 1)]          # seeds are repeats, pooled
     assert points[("rlvr", 2)] == {"questions": [8, 8], "response_tokens": [240.0, 240.0], "eval_accuracy": [0.3, 0.5],
                                    "eval_sampled_accuracy": [0.15, 0.25]}
     lines = evaluate.budget_table(points).splitlines()
     assert lines[2] == "| rlvr | step 0 (the base) | 2 | 0 | 0 | 10.0 ± 0.0 | 5.0 ± 0.0 |"
     assert lines[3] == f"| rlvr | 2 steps | 2 | 8 | 240 | 40.0 ± {100 * 0.02 ** 0.5:.1f} | 20.0 ± 7.1 |"
-    assert lines[4] == "| sft | 1 epoch | 1 | 16 | 64 | 25.0 ± 0.0 |  |"
+    assert lines[4] == "| sft | 1 epoch | 1 | 16 | 64 | 25.0 |  |"                  # one run: no spread
+    run("sft-lr", {"epochs": 2, "lr": 0.1}, [{"epoch": 1, "questions": 8, "response_tokens": 32, "ood_accuracy": 0.5}])
+    (tmp_path / "sft" / "args.json").write_text(json.dumps({"epochs": 1, "lr": 0.2}))   # differ: not pooled
+    assert list(evaluate.budget_points([tmp_path]))[2:] == [("sft (lr=0.1)", 1), ("sft (lr=0.2)", 1)]
     with pytest.raises(FileNotFoundError, match="no run folder"):
         evaluate.budget_points([tmp_path / "rl0" / "args.json"])
 

@@ -151,7 +151,7 @@ def make_parser():
                                       "ood_accuracy / ood_format: a file or a hub id (TIGER-Lab/MMLU-Pro)")
     p.add_argument("--ood-category", default="health", help="--ood-data in MMLU-Pro's schema: the category kept")
     p.add_argument("--eval-limit", type=c.nonneg_int, default=256, help="first N of each held-out set (0: all)")
-    p.add_argument("--eval-batch", type=c.positive_int, default=64, help="prompts per greedy-decoding batch")
+    p.add_argument("--eval-batch", type=c.positive_int, default=64, help="prompts per held-out decoding batch")
     p.add_argument("--eval-samples", type=c.nonneg_int, default=0, help="also K responses per held-out question at "
                    "temperature 1: eval_sampled_accuracy / _format (each K one more decode of every held-out set)")
     p.add_argument("--eval-every", type=c.nonneg_int, default=0,
@@ -505,8 +505,8 @@ def check_flags(args, world):
 
 
 def load_examples(args):
-    """-> (train examples, held-out sets: {"eval": ..., and with --ood-data "ood": ...}), read and checked before
-    any model is loaded."""
+    """-> (train examples, held-out sets: {"eval": ..., "ood": ...; "ood" with --ood-data or the demo's other
+    family}), read and checked before any model is loaded."""
     train_set = data.demo_questions("train") if args.train_data is None else data.load_medqa(args.train_data)
     held = data.demo_held_out() if args.eval_data is None else {"eval": data.load_medqa(args.eval_data)}
     if args.ood_data is not None:                # MMLU-Pro: its --ood-category rows (other schemas have none)
@@ -640,8 +640,8 @@ def run(args, ckpt, start, train_set, held, tok, train_prompts, out, rank, world
     def checkpoint(step):                                        # the data position and all seeds derive from step
         common.save_checkpoint(out, trained, {"step": step, "world": world, "args": vars(args)}, tok, rank, world)
 
-    if start == 0:
-        held_out(0)
+    if start == 0 or (args.eval_every and start % args.eval_every == 0 and start < steps):
+        held_out(start)                      # resuming: again the row truncate_jsonl dropped, from the same weights
     perms, skipped_in_a_row, stop = {}, 0, common.StopSignal()
     try:
         bar = tqdm(range(start, steps), initial=start, total=steps, disable=rank != 0, desc="ppo")
