@@ -246,23 +246,34 @@ IGNORED_FLAGS = {"seed", "out", "resume", "overwrite", "eval_every", "save_every
                  "micro_batch", "eval_batch", "grad_checkpoint"}
 
 
+def read_runs(paths, flag: str) -> dict:
+    """Run folders (each with args.json and metrics.jsonl), or folders of such folders -> {run folder: its
+    args.json}; none found, or a run without args.json, is a one-line error (`flag` names the option given)."""
+    runs = []
+    for path in [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]:
+        runs += [path] if (path / "metrics.jsonl").is_file() else sorted(p.parent for p in path.glob("*/metrics.jsonl"))
+    if not runs:
+        raise FileNotFoundError(f"{flag} {' '.join(map(str, [paths] if isinstance(paths, (str, Path)) else paths))}: "
+                                "no run folder (*/metrics.jsonl) in it")
+    for run in runs:
+        if not (run / "args.json").is_file():
+            raise FileNotFoundError(f"{run}: no args.json (written by train.py and sft.py at the start of a run)")
+    return {run: json.loads((run / "args.json").read_text()) for run in runs}
+
+
+def differing(flags, ignored) -> list[str]:
+    """The flags, other than `ignored`, whose values differ between the runs' args.json dicts."""
+    flags = list(flags)
+    return sorted(k for k in {k for a in flags for k in a} - ignored if len({json.dumps(a.get(k)) for a in flags}) > 1)
+
+
 def compare_runs(paths) -> dict:
     """train.py runs (folders with args.json and metrics.jsonl; or folders of such folders), grouped by the flags
     in which they differ (seeds are repeats): {label: {"responses_per_step", "seeds", "eval": {step: [accuracy
     per seed]}, "train": {step: [(accuracy, direct-answer rate) per seed]}, "wall_s", "peak_mem_mb"}}. Wall time
     is the sum of the steps' times (evaluations excluded)."""
-    runs = []
-    for path in [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]:
-        runs += [path] if (path / "metrics.jsonl").is_file() else sorted(p.parent for p in path.glob("*/metrics.jsonl"))
-    if not runs:
-        raise FileNotFoundError(f"--compare {paths}: no run folder (*/metrics.jsonl) in it")
-    flags = {}
-    for run in runs:
-        if not (run / "args.json").is_file():
-            raise FileNotFoundError(f"{run}: no args.json (written by train.py at the start of a run)")
-        flags[run] = json.loads((run / "args.json").read_text())
-    keys = {k for a in flags.values() for k in a} - IGNORED_FLAGS
-    differ = sorted(k for k in keys if len({json.dumps(a.get(k)) for a in flags.values()}) > 1)
+    flags = read_runs(paths, "--compare")
+    runs, differ = list(flags), differing(flags.values(), IGNORED_FLAGS)
     groups = {}
     for run in runs:
         args, rows = flags[run], read_samples(run / "metrics.jsonl")
@@ -379,24 +390,14 @@ def budget_points(paths) -> dict:
     is "rlvr" or "sft", with the flags in which runs of that kind differ (seeds and base builds are repeats).
     Questions seen: RLVR's prompts (--rollout-batch a step), SFT's examples; response tokens: those sampled by
     RLVR (each is trained on --ppo-epochs times) or read by SFT (its gold answers)."""
-    runs = []
-    for path in [Path(p) for p in paths]:
-        runs += [path] if (path / "metrics.jsonl").is_file() else sorted(p.parent for p in path.glob("*/metrics.jsonl"))
-    if not runs:
-        raise FileNotFoundError(f"--budgets {' '.join(map(str, paths))}: no run folder (*/metrics.jsonl) in it")
-    flags = {}
-    for run in runs:
-        if not (run / "args.json").is_file():
-            raise FileNotFoundError(f"{run}: no args.json (written by train.py and sft.py at the start of a run)")
-        flags[run] = json.loads((run / "args.json").read_text())
+    flags = read_runs(paths, "--budgets")
     kind = {run: "rlvr" if "advantage" in a else "sft" for run, a in flags.items()}
     points = {}
-    for run in runs:
+    for run in flags:
         args, rows = flags[run], read_samples(run / "metrics.jsonl")
-        same_kind = [flags[r] for r in runs if kind[r] == kind[run]]
+        same_kind = [flags[r] for r in flags if kind[r] == kind[run]]
         builds = {"model"} if len({a.get("base_seed") for a in same_kind}) > 1 else set()   # the demo's bases
-        differ = sorted(k for k in {k for a in same_kind for k in a} - BUDGET_IGNORED - builds
-                        if len({json.dumps(a.get(k)) for a in same_kind}) > 1)
+        differ = differing(same_kind, BUDGET_IGNORED | builds)
         label = kind[run] + (f" ({', '.join(f'{k}={args.get(k)}' for k in differ)})" if differ else "")
         tokens = 0.0
         for r in rows:
