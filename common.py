@@ -318,9 +318,11 @@ def from_hub(arg: str | None, kind: str, split: str | None = None, world: int = 
     """A path as it is; a Hugging Face id (not an existing path, and `org/name`, or `org/name:split` for data) -> the
     local path of its files in the HF cache: kind "model" a checkpoint folder (config, safetensors, tokenizer only),
     kind "config" the folder with config.json alone, kind "data" the one file of its split (`split` unless the id
-    names one: the file whose name holds it). Fetched once, by local rank 0 of each node under a file lock while the
-    other ranks wait; then every rank reads the cache.
-    HF_HOME and HF_HUB_OFFLINE work as everywhere; an id that is neither cached nor reachable is one error line."""
+    names one: the file whose name holds it). The cache comes first: an id whose files are cached is used as it is,
+    without asking the network (a machine with none does not wait for it; delete the cached copy to fetch a newer
+    one). Otherwise it is fetched once, by local rank 0 of each node under a file lock while the other ranks wait;
+    then every rank reads the cache. HF_HOME and HF_HUB_OFFLINE work as everywhere; an id that is neither cached
+    nor reachable is one error line."""
     if arg is None or Path(arg).exists() or not HUB_ID.fullmatch(arg) or FILE_SUFFIX.search(arg) or \
             Path(arg.split("/")[0]).is_dir():    # runs/sft: a local path (reported, by name, where it is read)
         return arg
@@ -338,8 +340,17 @@ def from_hub(arg: str | None, kind: str, split: str | None = None, world: int = 
 
     def get(cached_only):
         return hub.snapshot_download(repo, repo_type=repo_type, allow_patterns=patterns, local_files_only=cached_only)
+
+    def cached() -> bool:                                   # every file pattern this kind needs, in the cache
+        try:
+            names = {f.name for f in Path(get(cached_only=True)).rglob("*") if f.is_file()}
+        except Exception:
+            return False
+        need = [p for p in patterns if p != "model.safetensors.index.json"] if kind != "data" else [patterns]
+        return all(any(fnmatch.fnmatch(n, p) for n in names for p in ([q] if isinstance(q, str) else q))
+                   for q in need)
     fetch_error = None
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not cached():
         import fcntl
         Path(constants.HF_HUB_CACHE).mkdir(parents=True, exist_ok=True)
         with open(Path(constants.HF_HUB_CACHE) / ".med-rlvr.lock", "a") as lock_file:
@@ -363,7 +374,9 @@ def from_hub(arg: str | None, kind: str, split: str | None = None, world: int = 
                    and any(fnmatch.fnmatch(f.name, p) for p in patterns))
     if len(files) != 1:
         raise ValueError(f"{arg}: {'no' if not files else len(files)} files for split {split!r} in {repo} "
-                         f"({', '.join(files) or 'none'}); name the split (org/name:split) or give a local path")
+                         f"({', '.join(files) or 'none'}" + (f"; cached, not fetched: {fetch_error}" if fetch_error
+                                                             else "") + "); name the split (org/name:split) or give a "
+                         "local path")
     return str(folder / files[0])
 
 

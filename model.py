@@ -84,7 +84,7 @@ class Qwen2Config:
                              "only Qwen2ForCausalLM (model_type 'qwen2') is supported")
         if raw.get("use_sliding_window"):
             raise ValueError(f"{file}: use_sliding_window=true is not supported (Qwen2.5 ships with it off)")
-        if "head_dim" in raw and raw["head_dim"] != raw["hidden_size"] // raw["num_attention_heads"]:
+        if raw.get("head_dim") not in (None, raw["hidden_size"] // raw["num_attention_heads"]):   # older: null
             raise ValueError(f"{file}: head_dim != hidden_size / num_attention_heads is not supported")
         # transformers >= 5 writes rope_parameters={"rope_theta": ..., "rope_type": "default"} and "dtype";
         # the released Qwen2.5 checkpoints write "rope_theta" and "torch_dtype".
@@ -317,9 +317,9 @@ def mm_fp32(a, b):
     returned in fp32 (out_dtype) rather than rounded to bf16 (which would move a logit of 30 by up to 0.125)."""
     if a.dtype == torch.float32:
         return a @ b
-    if a.is_cuda:
+    if a.is_cuda and _mm_out_dtype_works(a.device):
         return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()                  # a CPU has no bf16 -> fp32 product: compute it in fp32
+    return a.float() @ b.float()         # a CPU (or a torch before out_dtype) has no bf16 -> fp32 product: in fp32
 
 
 def addmm_fp32_(acc, a, b):
@@ -329,15 +329,28 @@ def addmm_fp32_(acc, a, b):
         return acc.add_(mm_fp32(a, b))
     if _addmm_in_place_works(a.device):
         return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    return acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    return acc.add_(mm_fp32(a, b))
 
 
-_ADDMM_IN_PLACE = {}
+_MM_OUT_DTYPE, _ADDMM_IN_PLACE = {}, {}
+
+
+def _mm_out_dtype_works(device) -> bool:
+    """Whether this torch has torch.mm(bf16, bf16, out_dtype=fp32) (older builds raise TypeError: then fp32 operands)."""
+    if device not in _MM_OUT_DTYPE:
+        ones = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+        try:
+            _MM_OUT_DTYPE[device] = torch.mm(ones, ones, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError):
+            _MM_OUT_DTYPE[device] = False
+    return _MM_OUT_DTYPE[device]
 
 
 def _addmm_in_place_works(device) -> bool:
     """Whether torch.addmm(fp32 acc, bf16, bf16, out_dtype=fp32, out=acc) runs and adds correctly here: older builds
     refuse an fp32 `acc` with bf16 factors. Probed once per device on 2 x 2 tensors."""
+    if device not in _ADDMM_IN_PLACE and not _mm_out_dtype_works(device):
+        _ADDMM_IN_PLACE[device] = False
     if device not in _ADDMM_IN_PLACE:
         acc, ones = torch.ones(2, 2, device=device), torch.ones(2, 2, device=device, dtype=torch.bfloat16)
         try:

@@ -141,6 +141,14 @@ def capture(step):
 
 
 @torch.no_grad()
+def draw_uniforms(max_new_tokens: int, batch: int, generator, device):
+    """The random numbers of every decode step, drawn up front in one call -> [N, B, 1] (fp64): the default and the
+    static path read the same stream, so they sample the same tokens up to the order of their sums (drawn step by
+    step, CUDA's Philox generator would give other numbers)."""
+    return torch.rand(max_new_tokens, batch, 1, generator=generator, device=device, dtype=torch.float64)
+
+
+@torch.no_grad()          # sampling needs no gradients (with them, oneDNN's packed LM head takes a path ~500x slower)
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_p: float = 1.0, eos_token_id: int | list[int], generator: torch.Generator | None = None,
              static: bool = False, cuda_graph: bool = False) -> Rollout:
@@ -165,10 +173,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         key_mask = mask.bool()[:, None, None, :].clone()                          # [B, 1, 1, S]
         positions = mask.sum(-1, keepdim=True)                                     # [B, 1]: prompt lengths
         token_in = torch.zeros(B, 1, dtype=torch.long, device=device)
-    # The random numbers of every step, drawn up front in one call: both paths read the same stream, so they sample
-    # the same tokens on every device (drawn step by step, CUDA's Philox generator would give other numbers).
-    uniforms = None if temperature == 0 else torch.rand(max_new_tokens, B, 1, generator=generator, device=device,
-                                                        dtype=torch.float64)      # [N, B, 1]
+    uniforms = None if temperature == 0 else draw_uniforms(max_new_tokens, B, generator, device)   # [N, B, 1]
 
     tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)      # [B, N]
     logprobs = torch.zeros(B, max_new_tokens, device=device)                       # [B, N]
