@@ -9,8 +9,7 @@ Data for Med-RLVR: the Qwen2.5 tokenizer, the multiple-choice datasets, and the 
   as JSON lines or as .parquet (the latter needs pyarrow).
 - build_prompt: the R1-Zero-style base-model prompt (think in <think></think>, answer with a letter in
   <answer></answer>), ending with the pre-filled "<think>".
-- make_dose_questions / dose_solution / train_demo_tokenizer: the CPU demo's synthetic, verifiable task
-  (weight-based dose calculation) and a small tokenizer for it.
+(The CPU demo's synthetic task, its corpus and its tokenizer live in demo.py.)
 
 Deliberate simplifications: everything is loaded eagerly into memory (the largest split is ~12k rows);
 no chat template (Med-RLVR trains the *base* model on a plain-text prompt); a bad row is an error, never
@@ -18,8 +17,6 @@ silently skipped. The exact Med-RLVR prompt is not published verbatim, so PROMPT
 DeepSeek-R1-Zero template (as in TinyZero / Logic-RL) adapted to multiple choice.
 """
 import json
-import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,109 +188,3 @@ def build_prompt(example: Example) -> str:
     """The text the base model continues: ends with PROMPT_PREFILL, options one per line as "A. text"."""
     options = "\n".join(f"{letter}. {text}" for letter, text in example.options.items())
     return PROMPT_TEMPLATE.format(question=example.question.strip(), options=options)
-
-
-# -----------------------------------------------------------------------------
-# the CPU demo's task: dose calculation, a small analogue of MedQA -> MMLU-Pro-Health
-#
-# In distribution (the family RL and SFT train on), weight-based dosing:
-#   "A child weighing 7 kg is prescribed ibuprofen at 4 mg/kg. What is the dose?"
-# Out of distribution (never trained on by RL or SFT; the base model has seen it), the same computation in
-# another setting, wording and range of numbers (10-12 mg a tablet, where the doses per kg run 2-9):
-#   "A patient takes 7 tablets of ibuprofen, 11 mg each. What is the total dose?"
-# The right option is the product (28 mg); one distractor is the sum (11 mg), the mistake the demo's base model
-# is taught to make most of the time (see dose_solution), and two are near misses. Questions are generated from
-# a seed, so a held-out set is just another seed.
-
-DRUGS = ["amoxicillin", "ibuprofen", "paracetamol", "gentamicin", "vancomycin", "ceftriaxone", "acyclovir",
-         "azithromycin", "cefazolin", "ondansetron"]
-FAMILIES = {   # question, category, range of the second number
-    "weight": ("A child weighing {a} kg is prescribed {drug} at {b} mg/kg. What is the dose?", "dose", (2, 9)),
-    "tablets": ("A patient takes {a} tablets of {drug}, {b} mg each. What is the total dose?", "tablets", (10, 12)),
-}
-
-
-DEMO_SEEDS = {"base": 1, "train": 2, "eval": 3}    # the base model's corpus, RL / SFT training, held-out sets
-DEMO_SIZES = {"train": 4096, "eval": 256}
-
-
-def demo_questions(split: str, n: int | None = None, family: str = "weight") -> list[Example]:
-    """The demo's question sets, one definition for every script: "train" (RL and SFT train on it) or "eval"."""
-    return make_dose_questions(n or DEMO_SIZES[split], DEMO_SEEDS[split], family)
-
-
-def demo_held_out() -> dict[str, list[Example]]:
-    """The demo's held-out sets as train.py and sft.py log them: eval_* in distribution, ood_* the other family."""
-    return {"eval": demo_questions("eval"), "ood": demo_questions("eval", family="tablets")}
-
-
-def demo_base_path(seed: int = 0) -> Path:
-    """Where the demo base of --base-seed `seed` is built and cached (sft.build_demo_base)."""
-    return Path(f"runs/demo-base-seed{seed}")
-
-
-def make_dose_questions(n: int, seed: int, family: str = "weight") -> list[Example]:
-    """n questions of one family ("weight": in distribution; "tablets": out of distribution)."""
-    template, category, (lo, hi) = FAMILIES[family]
-    rng = random.Random(seed)
-    examples = []
-    while len(examples) < n:
-        a, b = rng.randint(2, 9), rng.randint(lo, hi)
-        right, wrong = a * b, a + b
-        if right == wrong:              # 2 and 2: both rules give 4
-            continue
-        near = [v for v in (right + b, right - b, right + 1, right - 1, wrong + 1) if v > 0]
-        values = [right, wrong] + [v for v in dict.fromkeys(near) if v not in (right, wrong)][:2]
-        rng.shuffle(values)
-        options = {letter: f"{v} mg" for letter, v in zip(LETTERS, values)}
-        question = template.format(a=a, b=b, drug=rng.choice(DRUGS))
-        examples.append(Example(question, options, LETTERS[values.index(right)], category))
-    return examples
-
-
-# The forms a base model writes under the R1-Zero template, as the demo's base corpus teaches them (with the
-# behaviour label reward.classify gives each). The ramble is one token of the demo tokenizer (see
-# train_demo_tokenizer), so that a verbose response costs the CPU demo nothing.
-RAMBLE = ("Okay, so let me think about what the question is really asking here, because it is easy to rush "
-          "and get the wrong idea. There are two numbers in the question and a unit, and the options are all "
-          "in milligrams, so whatever I do the result should come out in milligrams too. I should be careful "
-          "with the arithmetic and not mix up the numbers. Sometimes the first idea is right and sometimes it "
-          "is not, so it helps to slow down and look at each part of the question once more before deciding. "
-          "Let me also keep in mind that the options are close to each other, so a small slip would land on a "
-          "wrong option. Alright, now let me actually work it out.")
-FORMS = {                 # form: what the response looks like                                  reward.classify
-    "concise": "{work}, option {letter}. </think>",                                            # concise
-    "verbose": RAMBLE + " {work}, option {letter}. </think>",                                  # verbose
-    "answer_first": "Option {letter}. {work}. </think>",                                       # direct_answer
-    "outside": "</think> {work}, so the answer is option {letter}.",                           # reasoning_outside
-    "broken": "{work}, option {letter}.",                                                      # format_failure
-}
-
-
-def dose_solution(example: Example, correct: bool, form: str = "concise") -> str:
-    """A worked response (what follows the pre-filled <think>) in one of FORMS: multiply (correct) or add (the
-    mistake). Every form but "broken" ends with the answer block."""
-    a, b = (int(w) for w in re.findall(r"\d+", example.question))
-    value = a * b if correct else a + b
-    letter = next(k for k, v in example.options.items() if v == f"{value} mg")
-    text = " " + FORMS[form].format(work=f"{a} {'*' if correct else '+'} {b} = {value} mg", letter=letter)
-    return text + ("" if form == "broken" else f"\n<answer>{letter}</answer>") + EOS_TOKEN
-
-
-def train_demo_tokenizer(texts, vocab_size: int = 1000) -> Tokenizer:
-    """A small byte-level BPE trained on the demo's own text. Unlike Qwen's, it keeps whole numbers as single
-    tokens, which makes finding "20 mg" among the options a one-token match for a tiny model."""
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(texts, trainer)
-    # The prompt template's fixed text (before the question, after the options) becomes two single tokens:
-    # it carries no information for this task, and short sequences make the demo three times faster.
-    # The ramble of the verbose form, likewise, is one token.
-    from tokenizers import AddedToken
-    head, tail = PROMPT_TEMPLATE.split("{question}")[0], PROMPT_TEMPLATE.split("{options}")[1]
-    tokenizer.add_tokens([AddedToken(t, normalized=False) for t in (head, tail, RAMBLE)])
-    return tokenizer

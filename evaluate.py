@@ -23,6 +23,7 @@ same batches and seeds as one process, so the same numbers). Deliberate simplifi
 --max-new-tokens (1024, as in training).
 """
 import json
+import math
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import torch
 
 import common
 import data
+import demo
 import model as M
 import reward
 import rollout
@@ -92,9 +94,12 @@ def verdict(example, text, style) -> tuple[bool, str | None, bool]:
 
 
 def evaluate_one(policy, tok, examples, *, prompt="rlvr", samples=0, max_new_tokens, batch, rank=0,
-                 world=1) -> dict:
+                 world=1, reasoning=None) -> dict:
     """One model on one set: greedy accuracy, format rate, response length, letters and per-category accuracy;
-    with `samples` = K also the accuracy, format rate and behaviour mix of K responses per question at T = 1."""
+    with `samples` = K also the accuracy, format rate and behaviour mix of K responses per question at T = 1, and
+    with `reasoning` (the demo's demo.reasoning: question, response -> (rule, letter)) the share of those responses
+    whose work writes each rule before answering, and within each how often the letter it ends on is right and
+    how often the reward is +1: does the reasoning reach the answer, and does it pay?"""
     greedy = run_model(policy, tok, examples, prompt, 0.0, max_new_tokens, batch, rank=rank, world=world)
     right, valid, letters, per_cat = 0, 0, Counter(), defaultdict(list)
     for ex, (ids, text) in zip(examples, greedy):
@@ -109,20 +114,37 @@ def evaluate_one(policy, tok, examples, *, prompt="rlvr", samples=0, max_new_tok
               "per_category": {c: sum(v) / len(v) for c, v in sorted(per_cat.items())}}
     if samples:           # K responses per question at temperature 1: less of a knife edge than the greedy one
         hits = valid = 0
-        behaviour = Counter()
+        behaviour, rules, letter_hits, rule_hits = Counter(), Counter(), Counter(), Counter()
+        solved = [0] * n                                               # per question: how many of its K are right
         for k in range(samples):       # sample k of every question from seed k: the same draws at every step
             sampled = run_model(policy, tok, examples, prompt, 1.0, max_new_tokens, batch, seed=k, rank=rank,
                                 world=world)
-            for ex, (_, text) in zip(examples, sampled):
+            for i, (ex, (_, text)) in enumerate(zip(examples, sampled)):
                 ok, _, hit = verdict(ex, text, prompt)
-                hits, valid = hits + hit, valid + ok
+                hits, valid, solved[i] = hits + hit, valid + ok, solved[i] + hit
                 if prompt == "rlvr":
                     behaviour[classify(data.PROMPT_PREFILL + text, ex.options)] += 1
+                if reasoning:
+                    rule, letter = reasoning(ex.question, text)
+                    rules[rule], rule_hits[rule] = rules[rule] + 1, rule_hits[rule] + hit
+                    letter_hits[rule] += letter == ex.answer
         total = n * samples
-        result.update(sampled_accuracy=hits / total, sampled_format_rate=valid / total)
+        result.update(sampled_accuracy=hits / total, sampled_format_rate=valid / total,
+                      pass_at_k=[sum(pass_at_k(samples, c, k) for c in solved) / n for k in range(1, samples + 1)])
+        if reasoning:     # per rule: its share of the sampled responses; of those, letter right and reward +1
+            result["reasoning"] = {r: {"share": rules[r] / total,
+                                       "letter_right": letter_hits[r] / rules[r] if rules[r] else None,
+                                       "accuracy": rule_hits[r] / rules[r] if rules[r] else None}
+                                   for r in ("right", "wrong", "none")}
         if behaviour:
             result["behaviour"] = {label: behaviour[label] / total for label in LABELS}
     return result
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The chance that at least one of k responses drawn without replacement from n, c of them right, is right:
+    1 - C(n - c, k) / C(n, k), the unbiased pass@k estimator (Chen et al. 2021). pass@1 is c / n."""
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def held_out_row(policy, tok, held: dict, *, samples, max_new_tokens, batch, rank=0, world=1) -> dict:
@@ -137,6 +159,24 @@ def held_out_row(policy, tok, held: dict, *, samples, max_new_tokens, batch, ran
             row[f"{name}_sampled_accuracy"], row[f"{name}_sampled_format"] = r["sampled_accuracy"], \
                 r["sampled_format_rate"]
     return row
+
+
+def reasoning_table(results: dict) -> str:
+    """Does the reasoning pay? For each model and set with sampled reasoning counts (evaluate_one's `reasoning`):
+    the share of sampled responses whose work writes the right rule, the wrong rule or no work before answering,
+    and within each how often the letter it ends on is right and how often the reward is +1 (a valid format too)."""
+    lines = ["| model | set | sampled accuracy | right rule | its letter right | its reward +1 | wrong rule | its "
+             "letter right | no work first | its letter right |", "|---" * 10 + "|"]
+    pct = lambda x: "-" if x is None else f"{x:.1%}"                                        # noqa: E731
+    for m, sets in results.items():
+        for d, r in sets.items():
+            if "reasoning" in r:
+                right, wrong, none = (r["reasoning"][k] for k in ("right", "wrong", "none"))
+                cells = [right["share"], right["letter_right"], right["accuracy"], wrong["share"],
+                         wrong["letter_right"], none["share"], none["letter_right"]]
+                lines.append(f"| {Path(m).name or m} | {d} | {pct(r['sampled_accuracy'])} | "
+                             + " | ".join(pct(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def decoding(args) -> dict:
@@ -179,7 +219,8 @@ def read_samples(path) -> list[dict]:
 
 def dynamics_table(rows: list[dict], every: int = 1) -> list[dict]:
     """Per bucket of `every` steps (1..every, every+1..2*every, ...; labelled by the largest step present in
-    it): n, each label's share, the mean score and the mean think-block length in words."""
+    it): n, each label's share, the mean score and the mean think-block length in words; for the demo's questions
+    also the share of responses whose work writes the right rule before answering (demo.reasoning)."""
     if every < 1:
         raise ValueError(f"dynamics_table: every must be >= 1, got {every}")
     groups = {}
@@ -189,23 +230,28 @@ def dynamics_table(rows: list[dict], every: int = 1) -> list[dict]:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"dynamics_table: row {i} malformed ({type(e).__name__}: {e})") from None
         label, n_think = classify(response, r.get("options")), len(reward.read_blocks(response)[0])
-        groups.setdefault((step - 1) // every, []).append((step, label, score, n_think))
+        rule = (demo.reasoning(str(r.get("question", "")), response) or (None,))[0]
+        groups.setdefault((step - 1) // every, []).append((step, label, score, n_think, rule))
     table = []
     for g in (groups[k] for k in sorted(groups)):
         row = {"step": max(x[0] for x in g), "n": len(g)}
         row.update({lab: sum(x[1] == lab for x in g) / len(g) for lab in LABELS})
         row.update(score=sum(x[2] for x in g) / len(g), think_words=sum(x[3] for x in g) / len(g))
+        if all(x[4] is not None for x in g):
+            row["right_rule"] = sum(x[4] == "right" for x in g) / len(g)
         table.append(row)
     return table
 
 
 def format_table(table: list[dict]) -> str:
-    """A markdown table of dynamics_table's rows, label shares in percent."""
-    lines = ["| step | n | " + " | ".join(lab.replace("_", " ") for lab in LABELS) + " | score | think words |",
-             "|" + "---:|" * (len(LABELS) + 4)]
+    """A markdown table of dynamics_table's rows, label shares in percent (and the right rule's, where known)."""
+    rule = bool(table) and all("right_rule" in r for r in table)
+    lines = ["| step | n | " + " | ".join(lab.replace("_", " ") for lab in LABELS) + " | score | think words |"
+             + (" right rule |" if rule else ""), "|" + "---:|" * (len(LABELS) + 4 + rule)]
     for r in table:
         shares = " | ".join(f"{100 * r[lab]:.0f}%" for lab in LABELS)
-        lines.append(f"| {r['step']} | {r['n']} | {shares} | {r['score']:.3f} | {r['think_words']:.1f} |")
+        lines.append(f"| {r['step']} | {r['n']} | {shares} | {r['score']:.3f} | {r['think_words']:.1f} |"
+                     + (f" {100 * r['right_rule']:.0f}% |" if rule else ""))
     return "\n".join(lines)
 
 
@@ -446,7 +492,7 @@ def demo_study(args) -> dict:
         if made.get("base_seed", args.base_seed) != args.base_seed:
             raise ValueError(f"--{name} {run} was trained from base build {made['base_seed']}, not --base-seed "
                              f"{args.base_seed}: give --{name} a run made from it")
-    models = {"base": Path(args.base or data.demo_base_path(args.base_seed)), "sft": Path(args.sft),
+    models = {"base": Path(args.base or demo.base_path(args.base_seed)), "sft": Path(args.sft),
               "rlvr": Path(args.rlvr) / "final"}
     for name, path in models.items():                            # all checked before the first is evaluated
         if not (path / "config.json").is_file():
@@ -454,13 +500,15 @@ def demo_study(args) -> dict:
             raise FileNotFoundError(f"{path}: no {name} model ({how}; or give --{name})")
         common.check_checkpoint(path)
     n = args.dose or 256
-    splits = {"in_distribution": data.demo_questions("eval", n),                          # train.py's eval set
-              "out_of_distribution": data.demo_questions("eval", n, family="tablets")}
+    splits = {"in_distribution": demo.questions("eval", n),                               # train.py's eval set
+              "out_of_distribution": demo.questions("eval", n, family="tablets")}
     results = {}
     for name, path in models.items():
         tok, policy = data.load_tokenizer(path), M.load_model(path)
-        results[name] = {split: {k: v for k, v in evaluate_one(policy, tok, exs, **decoding(args)).items()
-                                 if k in STUDY_METRICS + ("behaviour",)} for split, exs in splits.items()}
+        results[name] = {split: {k: v for k, v in evaluate_one(policy, tok, exs, **decoding(args),
+                                                               reasoning=demo.reasoning).items()
+                                 if k in STUDY_METRICS + ("behaviour", "reasoning", "pass_at_k")}
+                         for split, exs in splits.items()}
         print(f"{name}: " + ", ".join(f"{s} {r['accuracy']:.1%}" for s, r in results[name].items()))
     out = Path(args.rlvr)
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -472,6 +520,16 @@ def demo_study(args) -> dict:
                                                  for s in splits for m in metrics) + " |")
     report = (f"{n} held-out questions per set; greedy decoding" + (f", and {args.samples} responses per question "
               "sampled at temperature 1 (sampled_*)" if args.samples else "") + "\n\n" + "\n".join(lines) + "\n")
+    if args.samples:                                # why RL works or not: does writing the right rule pay?
+        report += ("\ndoes the reasoning pay? the sampled held-out responses by the rule their work writes "
+                   "before answering (demo.reasoning), and how often each reaches the right letter\n\n" + reasoning_table(
+                       {name: {s.replace("_", " "): r[s] for s in splits} for name, r in results.items()}))
+    if args.samples:                                # does RL sharpen what the base can do, or go beyond it?
+        ks = range(1, args.samples + 1)
+        report += ("\npass@k of the sampled held-out responses (unbiased estimator from the K samples)\n\n| model | set | "
+                   + " | ".join(f"pass@{k}" for k in ks) + " |\n" + "|---" * (2 + len(ks)) + "|\n"
+                   + "".join(f"| {name} | {s.replace('_', ' ')} | " + " | ".join(f"{p:.1%}" for p in r[s]["pass_at_k"])
+                             + " |\n" for name, r in results.items() for s in splits))
     if args.samples and args.prompt == "rlvr":      # the base's own mix is the stages' step 0
         report += ("\nbehaviour of the sampled held-out responses (reward.classify)\n\n| model | set | "
                    + " | ".join(LABELS) + " |\n" + "|---" * (2 + len(LABELS)) + "|\n"
@@ -533,8 +591,8 @@ def make_parser():
     parser.add_argument("--dynamics", nargs="+", help="samples.jsonl of a training run (of several: pooled): print "
                                                       "the behaviour mix per step")
     parser.add_argument("--every", type=c.positive_int, default=1, help="with --dynamics: steps per table row")
-    parser.add_argument("--base", help="without --model: the demo's base model (default: runs/demo-base-seed<N> "
-                                       "of --base-seed)")
+    parser.add_argument("--base", help="without --model: the demo's base model (default: demo_base/ for --base-seed "
+                                       "0, runs/demo-base-seed<N> for N)")
     parser.add_argument("--base-seed", type=int, default=0, help="without --model: which demo base build")
     parser.add_argument("--sft", default="runs/demo-sft", help="without --model: the demo's SFT baseline")
     parser.add_argument("--rlvr", default="runs/demo", help="without --model: the demo's RLVR run folder "
@@ -582,7 +640,7 @@ def main(argv=None):
         datasets["MMLU-Pro-Health"] = data.load_mmlu_pro(common.from_hub(args.mmlu_pro, "data", "test", world),
                                                          category="health")
     if args.dose:
-        datasets["Dose (demo)"] = data.demo_questions("eval", args.dose)           # the demo's held-out questions
+        datasets["Dose (demo)"] = demo.questions("eval", args.dose)                # the demo's held-out questions
     if not datasets:
         parser.error("give at least one of --medqa, --mmlu-pro, --dose")
     if args.limit:
@@ -593,7 +651,8 @@ def main(argv=None):
     results = {}
     for label, path in models.items():
         tok, policy = data.load_tokenizer(path), M.load_model(path, device=device)
-        results[label] = {name: evaluate_one(policy, tok, exs, **decoding(args), rank=rank, world=world)
+        results[label] = {name: evaluate_one(policy, tok, exs, **decoding(args), rank=rank, world=world,
+                                             reasoning=demo.reasoning if name == "Dose (demo)" else None)
                           for name, exs in datasets.items()}
         if rank == 0:
             print(f"{label}: " + ", ".join(f"{d} {r['accuracy']:.1%}" for d, r in results[label].items()))

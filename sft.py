@@ -1,15 +1,11 @@
 """
 Supervised fine-tuning: prompt -> response, cross-entropy on the response tokens only.
 
-It has two jobs, one mechanism:
-  1. Med-RLVR's SFT baseline: the base model trained on the RL training questions to answer directly. The prompt
-     is data.build_prompt(question) (the same as RL's); the response is " </think>\\n<answer>X</answer>" + EOS,
-     an empty think block and the gold letter, since MedQA has no written rationales. With no flags: the CPU
-     demo's baseline, from runs/demo-base-seed0 on the demo's training questions, into runs/demo-sft.
-  2. The CPU demo's base model (build_demo_base): a tiny Qwen2 with its own small tokenizer, trained on worked
-     dose calculations in the forms a base model writes (data.FORMS, in DEMO_FORMS' shares), of which only
-     DEMO_RIGHT_SHARE multiply (right) and the rest add (wrong), in two question families. It learns the format
-     and the arithmetic, but its habits are a base model's: the starting point RL has to fix.
+Med-RLVR's SFT baseline: the base model trained on the RL training questions to answer directly. The prompt is
+data.build_prompt(question) (the same as RL's); the response is " </think>\\n<answer>X</answer>" + EOS, an empty
+think block and the gold letter, since MedQA has no written rationales. With no flags: the CPU demo's baseline, from
+its shipped base (demo_base/) on the demo's training questions, into runs/demo-sft. The same loop (`train`) builds
+the demo's base model from its corpus (demo.build_base).
 
 After every epoch the baseline is evaluated on held-out questions (--eval-data / --ood-data; the demo: its two
 held-out families), greedy and with --eval-samples K sampled, one row per epoch in <out>/metrics.jsonl, as train.py
@@ -26,7 +22,6 @@ import argparse
 import json
 import random
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +29,7 @@ import torch.nn.functional as F
 
 import common
 import data
+import demo
 import evaluate
 import model as M
 
@@ -42,7 +38,7 @@ def make_parser():
     p = common.parser(__doc__)
     p.add_argument("--model", help="base checkpoint folder (HF layout: config.json, *.safetensors, tokenizer.json) "
                                    "or a hub id (Qwen/Qwen2.5-3B); "
-                                   "default: the CPU demo's base model (runs/demo-base-seed0), with DEMO_BASELINE's "
+                                   "default: the CPU demo's base model (demo_base/), with DEMO_BASELINE's "
                                    "settings for the flags not given")
     p.add_argument("--train", help="MedQA train split: a file (data.SCHEMAS) or a hub id, org/name[:split]; "
                                    "default with the demo: its RL training "
@@ -64,7 +60,7 @@ def make_parser():
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each block's activations in backward")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help=common.PRECISION_HELP)
-    p.add_argument("--base-seed", type=int, default=0, help="the demo: which base build (runs/demo-base-seed<N>)")
+    p.add_argument("--base-seed", type=int, default=0, help="the demo: which base build (0: the shipped demo_base/; N: runs/demo-base-seed<N>)")
     p.add_argument("--eval-data", help="held-out questions evaluated after every epoch (<out>/metrics.jsonl): a file "
                                        "or a hub id (split test unless named); the demo: its own two held-out sets")
     p.add_argument("--ood-data", help="out-of-distribution questions evaluated with them (TIGER-Lab/MMLU-Pro)")
@@ -88,37 +84,9 @@ def parse_args(argv=None):
     return args
 
 
-# The CPU demo. Its base model's corpus: worked dose calculations, DEMO_RIGHT_SHARE of them right (multiply), the
-# rest the wrong habit (add); in the forms below (data.FORMS: the shares a base model's answers might come in);
-# DEMO_OOD_SHARE of them from the out-of-distribution family that RL and SFT never train on.
-DEMO_RIGHT_SHARE = 0.4
-DEMO_FORMS = {"concise": 0.35, "verbose": 0.15, "answer_first": 0.15, "outside": 0.15, "broken": 0.20}
-DEMO_OOD_SHARE = 0.25
-DEMO_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0, torch_dtype="float32")
-DEMO_SFT = dict(n_questions=30000, epochs=1, batch=32, lr=2e-3, warmup=20)
-DEMO_BASELINE = dict(epochs=2, batch=64, micro_batch=64, lr=1e-3, warmup=5, grad_checkpoint=False,  # the SFT baseline
+# The CPU demo's SFT baseline: its settings, as a preset (with no --model)
+DEMO_BASELINE = dict(epochs=2, batch=64, micro_batch=64, lr=1e-3, warmup=5, grad_checkpoint=False,
                      max_new_tokens=40)                                                  # train.py's demo budget
-
-
-def demo_recipe(seed: int = 0) -> dict:
-    """Everything the demo base model is built from, saved beside it: a cached base from another recipe is refused.
-    `seed` (--base-seed) seeds the base's initial weights and the order of its training examples; its corpus of
-    questions and answers is the same for every seed."""
-    return json.loads(json.dumps(dict(right_share=DEMO_RIGHT_SHARE, forms=DEMO_FORMS, ood_share=DEMO_OOD_SHARE,
-                                      config=DEMO_CONFIG, sft=DEMO_SFT, form_texts=data.FORMS,
-                                      families=data.FAMILIES, seed=seed)))      # as it reads back from JSON
-
-
-def demo_corpus(n: int, seed: int = data.DEMO_SEEDS["base"]):
-    """The demo base model's corpus: n (prompt, response, form) triples (its own seed: data.DEMO_SEEDS)."""
-    rng = random.Random(seed)
-    n_ood = round(n * DEMO_OOD_SHARE)
-    questions = data.make_dose_questions(n - n_ood, seed) + data.make_dose_questions(n_ood, seed, "tablets")
-    rng.shuffle(questions)
-    forms = rng.choices(list(DEMO_FORMS), weights=list(DEMO_FORMS.values()), k=n)
-    return [(data.build_prompt(q), data.dose_solution(q, correct=rng.random() < DEMO_RIGHT_SHARE, form=f), f)
-            for q, f in zip(questions, forms)]
 
 
 # ------------------------------------------------------------------------------------------------ the loss
@@ -206,37 +174,6 @@ def tokenize_pairs(tokenizer, texts: list[tuple[str, str]], max_len: int):
     return pairs
 
 
-# ------------------------------------------------------------------------------------------------ the demo base
-def build_demo_base(out: Path, rank=0, world=1, device="cpu", log=print, seed: int = 0) -> Path:
-    """The CPU demo's starting checkpoint: a tiny Qwen2 with its own tokenizer, briefly trained on worked dose
-    calculations, most of them wrong, in a base model's mix of forms (demo_corpus). Cached: built once, then
-    reused."""
-    out = Path(out)
-    recipe = demo_recipe(seed)
-    if (out / "model.safetensors").exists():
-        built = json.loads((out / "recipe.json").read_text()) if (out / "recipe.json").is_file() else None
-        if built != recipe:
-            raise ValueError(f"{out} was built by another version of the demo's recipe (sft.demo_recipe); delete "
-                             "it and run again to rebuild it")
-        return out
-    t0 = time.time()
-    texts = [(p, r) for p, r, _ in demo_corpus(DEMO_SFT["n_questions"])]
-    tokenizer = data.train_demo_tokenizer([p + r for p, r in texts])                # deterministic on every rank
-    config = M.Qwen2Config(vocab_size=tokenizer.get_vocab_size(), **DEMO_CONFIG)
-    policy = common.shard(M.init_model(config, seed=seed).to(device), world)       # fp32: init_model builds fp32
-    pairs = tokenize_pairs(tokenizer, texts, max_len=512)
-    if rank == 0:
-        log(f"building the demo base model in {out} ({M.num_params(policy) / 1e6:.2f}M params, "
-            f"{len(pairs)} worked examples, {DEMO_RIGHT_SHARE:.0%} of them right)")
-    train(policy, pairs, epochs=DEMO_SFT["epochs"], batch=DEMO_SFT["batch"], micro_batch=DEMO_SFT["batch"],
-          lr=DEMO_SFT["lr"], warmup=DEMO_SFT["warmup"], seed=seed, rank=rank, world=world, device=device, log=log)
-    common.export(policy, tokenizer, out, rank, world)
-    if rank == 0:
-        (out / "recipe.json").write_text(json.dumps(recipe, indent=1))
-        log(f"demo base model ready in {time.time() - t0:.0f} s")
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     args = parse_args(argv)
@@ -247,15 +184,15 @@ def main(argv=None):
     if held and not args.overwrite:
         raise ValueError(f"--out {out} already holds a model or a run's records ({', '.join(held)}); pass "
                          "--overwrite to replace it")
-    held = data.demo_held_out() if args.model is None and args.eval_data is None else {}   # evaluated every epoch
+    held = demo.held_out() if args.model is None and args.eval_data is None else {}   # evaluated every epoch
     if args.eval_data:                                           # a hub id becomes its files in the HF cache
         held["eval"] = data.load_medqa(common.from_hub(args.eval_data, "data", "test", world))
     if args.ood_data:
         held["ood"] = data.load_mmlu_pro(common.from_hub(args.ood_data, "data", "test", world), args.ood_category)
     held = {k: v[:args.eval_limit or None] for k, v in held.items()}
     if args.model is None:                                       # the demo: its base (built once) and questions
-        args.model = str(build_demo_base(data.demo_base_path(args.base_seed), rank, world, device, seed=args.base_seed))
-        examples = data.demo_questions("train")                  # train.py's training questions
+        args.model = str(demo.base(args.base_seed, rank, world, device))
+        examples = demo.questions("train")                       # train.py's training questions
     else:
         args.model = common.from_hub(args.model, "model", world=world)
         common.check_checkpoint(args.model)                      # before any work

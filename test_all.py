@@ -15,6 +15,7 @@ Index: each test's name starts with the file it tests.
     test_ppo_*        ppo.py: masked statistics, KL, token rewards, GAE, policy and value losses
     test_evaluate_*   evaluate.py: the dynamics table, scoring by the reward rules, a real-data run
     test_sft_*        sft.py: the response-only loss, learning, the HF export
+    test_demo_*       demo.py: balanced letters, the families, the rules, the corpus, the tokenizer, the shipped base
     test_train_*      train.py with common.py: FSDP with 2 ranks = 1 process, resume = uninterrupted, PPO learns
 
 This file is also the worker those FSDP tests start under torchrun: `python test_all.py {ppo,sft,rollout} CKPT OUT`
@@ -45,6 +46,7 @@ from safetensors.torch import load_file, save_file
 import bench
 import common
 import data
+import demo
 import evaluate
 import model
 import ppo
@@ -382,6 +384,12 @@ def test_model_bad_checkpoints_give_one_clear_error(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "use_sliding_window": True}))
     with pytest.raises(ValueError, match="sliding"):
         model.load_model(tmp_path / "m")
+    # head_dim: older transformers write null, newer the number; another number is refused
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    assert model.Qwen2Config.from_dict({**cfg, "head_dim": None}).head_dim == head_dim
+    assert model.Qwen2Config.from_dict({**cfg, "head_dim": head_dim}).head_dim == head_dim
+    with pytest.raises(ValueError, match="head_dim"):
+        model.Qwen2Config.from_dict({**cfg, "head_dim": head_dim * 2})
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     tensors = load_file(tmp_path / "m" / "model.safetensors")
     del tensors["model.layers.1.self_attn.k_proj.bias"]
@@ -440,6 +448,8 @@ def test_rollout_sampled_logprobs_equal_a_fresh_forward(tiny, temperature):
     other = rollout.generate(ours, prompts, 15, temperature=temperature, eos_token_id=[2, 3],
                              generator=torch.Generator().manual_seed(1))
     assert out.responses == again.responses and out.responses != other.responses   # seeded = reproducible
+    # sampling builds no autograd graph, even from a model whose weights require gradients (training's)
+    assert all(p.requires_grad for p in ours.parameters()) and not any(lp.requires_grad for lp in out.logprobs)
     with torch.no_grad():
         for p, resp, lp, fin in zip(prompts, out.responses, out.logprobs, out.finished):
             assert len(lp) == len(resp) and fin == (resp[-1] in (2, 3))
@@ -1457,9 +1467,9 @@ def test_reward_classify_linear_time(name):
 
 def make_demo_like_checkpoint(path, seed=0):
     """A tiny random policy with a small tokenizer trained on dose-question text (seconds to make)."""
-    questions = data.make_dose_questions(200, seed=1)
-    texts = [data.build_prompt(q) + data.dose_solution(q, True) for q in questions]
-    tok = data.train_demo_tokenizer(texts)
+    questions = demo.make_questions(200, seed=1)
+    texts = [data.build_prompt(q) + demo.solution(q, True) for q in questions]
+    tok = demo.train_tokenizer(texts)
     config = model.Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                tie_word_embeddings=True, torch_dtype="float32")
@@ -1622,10 +1632,10 @@ def taught_base(tmp_path_factory):
     them adding where they should multiply. Its responses earn different rewards, which critic-free estimators
     need (a random model's are all -1, so every group baseline cancels every score)."""
     path = tmp_path_factory.mktemp("taught") / "base"
-    questions = data.make_dose_questions(1024, seed=1)
+    questions = demo.make_questions(1024, seed=1)
     rng = random.Random(0)
-    texts = [(data.build_prompt(q), data.dose_solution(q, correct=rng.random() < 0.4)) for q in questions]
-    tok = data.train_demo_tokenizer([p + r for p, r in texts])
+    texts = [(data.build_prompt(q), demo.solution(q, correct=rng.random() < 0.4)) for q in questions]
+    tok = demo.train_tokenizer([p + r for p, r in texts])
     config = model.Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=192,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                tie_word_embeddings=True, torch_dtype="float32")
@@ -1643,8 +1653,9 @@ ESTIMATOR_ARGV = {"gae": [], "grpo": ["--advantage", "grpo", "--samples-per-prom
                   "reinforce++": ["--advantage", "reinforce++", "--gamma", "0.99", "--rollout-chunk", "3",
                                   "--eval-every", "2"],       # an evaluation at the checkpoint's step, redone
                   # the GPU's precision on a CPU: bf16 compute, fp32 masters, bf16 reference, the chunked head in bf16;
-                  # and the one-GPU recipe's offload (masters, gradients and AdamW in host memory, a CPU step)
-                  "gae-bf16-offload": ["--precision", "bf16", "--offload"]}
+                  # the one-GPU recipe's offload (masters, gradients and AdamW in host memory, a CPU step); and the
+                  # preset's activation checkpointing (each block recomputed in backward), all under FSDP2
+                  "gae-bf16-offload": ["--precision", "bf16", "--offload", "--grad-checkpoint"]}
 
 
 @pytest.mark.parametrize("world, advantage", [(1, "gae"), (2, "gae-bf16-offload"), (1, "grpo"), (2, "grpo"),
@@ -1766,6 +1777,32 @@ def test_train_preset_update_and_schedule_equal_openrlhf_059(tmp_path):
     assert moved > 1e-3
 
 
+def test_evaluate_pass_at_k_against_enumeration():
+    """The unbiased estimator equals the share of all k-subsets of the n responses that hold a right one."""
+    import itertools
+    for n, c in ((5, 0), (5, 2), (6, 3), (4, 4)):
+        answers = [1] * c + [0] * (n - c)
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(answers, k))
+            assert evaluate.pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+
+
+def test_train_reward_controls_against_hand_computation():
+    """--reward format / random: the controls keep the format's -1 and drop the answer's check; the verifiable one is
+    reward.score's; the random coin comes from the step's generator (a resumed run draws the same)."""
+    scores = [1.0, 0.0, -1.0, 0.0, 1.0, -1.0] * 200
+    assert train.training_scores(scores, "verifiable", 0.0, None) is scores
+    assert train.training_scores(scores, "format", 0.0, None) == [1.0, 1.0, -1.0, 1.0, 1.0, -1.0] * 200
+    draw = lambda: train.training_scores(scores, "random", -0.5, torch.Generator().manual_seed(3))   # noqa: E731
+    coins = draw()
+    assert coins == draw()                                                          # seeded: the same again
+    assert all((c == -1.0) == (s == -1.0) for c, s in zip(coins, scores))           # a broken format stays -1
+    valid = [c for c, s in zip(coins, scores) if s > -1.0]
+    assert set(valid) == {1.0, -0.5} and abs(valid.count(1.0) / len(valid) - 0.5) < 0.05    # a fair coin
+    right = [c for c, s in zip(coins, scores) if s == 1.0]
+    assert 0.4 < right.count(1.0) / len(right) < 0.6                                # blind to the answer
+
+
 def test_train_presets_grpo_and_dr_grpo_are_the_published_forms():
     grpo, dr = train.parse_args(["--preset", "grpo"]), train.parse_args(["--preset", "dr-grpo"])
     for a in (grpo, dr):
@@ -1781,15 +1818,40 @@ def test_bench_gpu_report_runs_in_miniature_on_cpu(tmp_path):
     report; the training smoke run passes its three checks (finite, resume exact, graph tokens equal)."""
     report = bench.main(["--device", "cpu", "--tiny", "--report", str(tmp_path / "gpu.json")])
     assert json.loads((tmp_path / "gpu.json").read_text()) == json.loads(json.dumps(report))
-    assert list(report) == ["machine", "parity", "rollout", "ppo", "training"]
+    assert list(report) == ["machine", "parity", "rollout", "ppo", "training", "verdict"]
     assert not [k for k, v in report.items() if "error" in v]
     assert report["parity"]["twins_fp32_max_err"] <= 1e-4 and report["parity"]["bf16_head"]["logprob_err"] <= 1e-5
     assert report["parity"]["bf16_head"]["ok"] and report["parity"]["ok"]
     assert "cudnn" not in str(report["parity"]["attention_kernels"])
-    assert report["rollout"]["graph_rows_identical"] == report["rollout"]["batch"]
+    assert report["rollout"]["graph_ok"] and report["rollout"]["graph_logprob_err"] <= bench.BF16_LOGPROB_TOL
     for run in ("default", "--cuda-graphs"):
         assert report["training"][run]["finite"] and report["training"][run]["resume_exact"]
-    assert report["training"]["graph_step1_equal"]
+    assert report["verdict"] == {"parity": True, "rollout": True, "ppo": True, "training": True}
+
+
+def test_bench_graph_divergence_tells_a_near_tie_from_a_wrong_path():
+    """Two paths fed the same uniforms may differ at a near tie of the inverse CDF, never by more: the check passes
+    the static step against the default one, and fails a path that decodes from the wrong distribution."""
+    _, ours = bench.twin_models("tiny", 1000, torch.bfloat16, "cpu")
+    prompts = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def run(static=False, temperature=1.0):
+        return rollout.generate(ours, prompts, 12, temperature=temperature, eos_token_id=1001,
+                                generator=torch.Generator().manual_seed(0), static=static)
+    uniforms = rollout.draw_uniforms(12, 4, torch.Generator().manual_seed(0), "cpu")
+    same = bench.graph_divergence(ours, prompts, run(), run(static=True), uniforms)
+    assert same["ok"] and same["mass_moved"] <= bench.BF16_MASS_TOL
+    wrong = bench.graph_divergence(ours, prompts, run(), run(temperature=0.3), uniforms)   # another distribution
+    assert not wrong["ok"] and wrong["logprob_err"] > bench.BF16_LOGPROB_TOL
+    # a token far from the draw, with the log-prob p gives it: consistent log-probs, but no near tie
+    a = run()
+    far = (a.responses[0][0] + 500) % 1000
+    with torch.no_grad():
+        lp = torch.log_softmax(ours(torch.tensor([prompts[0]]), logits_from=-1)[0, -1].double(), -1)[far]
+    forged = rollout.Rollout(responses=[[far]] + a.responses[1:], logprobs=[lp[None].float()] + a.logprobs[1:],
+                             finished=a.finished)
+    moved = bench.graph_divergence(ours, prompts, a, forged, uniforms)
+    assert moved["logprob_err"] <= bench.BF16_LOGPROB_TOL and moved["mass_moved"] > bench.BF16_MASS_TOL
 
 
 def _hub_cache(home: Path, repo: str, files: dict, repo_type="model") -> Path:
@@ -1838,6 +1900,35 @@ def test_train_takes_hub_ids_offline_from_the_cache(tmp_path):
     assert re.fullmatch(r"error: org/missing: not in the Hugging Face cache .*give a local path\n", r.stderr), r.stderr
 
 
+def test_common_from_hub_reads_the_cache_before_the_network(tmp_path, monkeypatch):
+    """A cached id is used without asking the network (with HF_HUB_OFFLINE unset, on a machine that has none); an id
+    missing from the cache is fetched, and one that can be neither is one line naming it."""
+    import huggingface_hub as hub
+    from huggingface_hub import constants
+    make_demo_like_checkpoint(tmp_path / "tiny")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    snapshot = _hub_cache(tmp_path / "hf", "org/tiny", {f.name: f for f in (tmp_path / "tiny").iterdir()})
+    data_snap = _hub_cache(tmp_path / "hf", "org/qa", {"data/test-0.jsonl": json.dumps(MEDQA_ROW)}, "dataset")
+    asked, real = [], hub.snapshot_download
+
+    def snapshot_download(repo, local_files_only=False, **kw):
+        if not local_files_only:
+            asked.append(repo)
+            raise OSError("no network here")
+        return real(repo, local_files_only=True, cache_dir=constants.HF_HUB_CACHE, **kw)
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    assert common.from_hub("org/tiny", "model") == str(snapshot)
+    assert common.from_hub("org/qa", "data", "test") == str(data_snap / "data" / "test-0.jsonl")
+    assert asked == []                                                     # the cache answered: no network asked
+    with pytest.raises(ValueError, match=r"^org/qa: no files for split 'train' .*not fetched: no network here"):
+        common.from_hub("org/qa", "data", "train")                          # another split: fetched, and it fails
+    with pytest.raises(ValueError, match=r"^org/none: not in the Hugging Face cache .*no network here"):
+        common.from_hub("org/none", "model")
+    assert asked == ["org/qa", "org/none"]
+
+
 def test_train_logs_out_of_distribution_accuracy(tmp_path, monkeypatch):
     """--ood-data: MMLU-Pro's --ood-category rows (the 6 health ones of 9) evaluated beside --eval-data (its first 8)
     before the first step and after the last, as ood_accuracy / ood_format in the same rows."""
@@ -1856,7 +1947,7 @@ def test_train_logs_out_of_distribution_accuracy(tmp_path, monkeypatch):
     assert [len(s) for s in seen] == [8, 6, 8, 6] and seen[1] == seen[3] == health
     # --eval-samples: the last row's greedy and sampled numbers are those of the exported policy
     final, tok = model.load_model(tmp_path / "run" / "final"), data.load_tokenizer(tmp_path / "run" / "final")
-    held = {"eval": data.demo_held_out()["eval"][:8], "ood": data.load_mmlu_pro(tmp_path / "mmlu.jsonl", "health")}
+    held = {"eval": demo.held_out()["eval"][:8], "ood": data.load_mmlu_pro(tmp_path / "mmlu.jsonl", "health")}
     assert evals[1] == {"step": 1, **evaluate.held_out_row(final, tok, held, samples=2, max_new_tokens=8, batch=64)}
     ran = json.loads((tmp_path / "run" / "args.json").read_text())["machine"]     # what ran it, recorded once
     assert ran["torch"] == torch.__version__ and ran["cpu"] and ran["cores"] == len(os.sched_getaffinity(0))
@@ -2100,8 +2191,8 @@ def test_train_diverging_run_stops_and_writes_nothing_non_finite(tmp_path):
              r"model\.norm\.weight is not finite", tmp_path / "nan")
     # sft too: --lr 1e6 stops after a few skipped steps and leaves the weights finite
     tok = data.load_tokenizer(tmp_path / "base")
-    qs = data.make_dose_questions(64, seed=1)
-    pairs = sft.tokenize_pairs(tok, [(data.build_prompt(q), data.dose_solution(q, True)) for q in qs], 512)
+    qs = demo.make_questions(64, seed=1)
+    pairs = sft.tokenize_pairs(tok, [(data.build_prompt(q), demo.solution(q, True)) for q in qs], 512)
     net = model.load_model(tmp_path / "base").train()
     with pytest.raises(common.Abort, match="non-finite"):
         sft.train(net, pairs, epochs=1, batch=8, micro_batch=8, lr=1e6, warmup=1, log=lambda msg: None)
@@ -2210,29 +2301,105 @@ def test_train_ppo_raises_the_reward_of_a_tiny_model(tmp_path, taught_base):
     assert last > first + 0.15, rewards
 
 
-def test_sft_demo_corpus_has_the_documented_mix():
+def test_demo_corpus_has_the_documented_mix():
     """The demo base model's corpus: each form in its documented share, labelled by reward.classify as documented
     (and scored as a base model's answer would be), 40% right, a quarter from the out-of-distribution family."""
-    corpus = sft.demo_corpus(4000)
+    corpus = demo.corpus(4000)
     label_of = {"concise": CONCISE, "verbose": VERBOSE, "answer_first": DIRECT_ANSWER,
                 "outside": REASONING_OUTSIDE, "broken": FORMAT_FAILURE}
     texts = [data.PROMPT_PREFILL + r for _, r, _ in corpus]
     options = [dict(re.findall(r"\n([A-D])\. (\d+ mg)", p)) for p, _, _ in corpus]
     labels = Counter(classify(t, o) for t, o in zip(texts, options))
-    for form, share in sft.DEMO_FORMS.items():
+    for form, share in demo.FORM_SHARES.items():
         assert labels[label_of[form]] / len(corpus) == pytest.approx(share, abs=0.025), form
     right = [("*" in r.split("=")[0]) for _, r, _ in corpus]
-    assert sum(right) / len(corpus) == pytest.approx(sft.DEMO_RIGHT_SHARE, abs=0.025)
-    assert sum("tablets" in p for p, _, _ in corpus) / len(corpus) == pytest.approx(sft.DEMO_OOD_SHARE, abs=0.005)
+    assert sum(right) / len(corpus) == pytest.approx(demo.RIGHT_SHARE, abs=0.025)
+    assert sum("tablets" in p for p, _, _ in corpus) / len(corpus) == pytest.approx(demo.OOD_SHARE, abs=0.005)
     for (p, r, form), t in zip(corpus[:200], texts):                        # broken and outside forms earn -1
         gold = re.search(r"<answer>([A-D])", r)
         assert (score(t, "A") == -1.0) == (form in ("broken", "outside")), (form, r)
         assert form in ("broken", "outside") or gold
 
 
-def test_data_ood_family_never_overlaps_training_questions():
-    train_qs = data.make_dose_questions(4096, seed=2)
-    ood = data.make_dose_questions(256, seed=3, family="tablets")
+def test_demo_gold_letters_are_balanced_in_every_set():
+    """Each letter exactly a quarter of every demo set (RL / SFT training, both held-out families, the base's
+    corpus): a constant answer scores 25.0 %; and every block of 4 consecutive questions holds each letter once."""
+    sets = [demo.questions("train"), demo.questions("train", family="tablets"), *demo.held_out().values(),
+            demo.make_questions(22500, demo.SEEDS["base"])]
+    for qs in sets:
+        counts = Counter(q.answer for q in qs)
+        assert set(counts) == set("ABCD") and len(set(counts.values())) == 1, counts
+        assert all(sorted(q.answer for q in qs[i:i + 4]) == list("ABCD") for i in range(0, len(qs), 4))
+        for q in qs[:64]:                                      # the gold is the product, the options 4 distinct
+            a, b = demo.numbers(q.question)
+            assert q.options[q.answer] == f"{a * b} mg" and len(set(q.options.values())) == 4
+
+
+def test_demo_reasoning_against_hand_made_responses():
+    """The rule of the work written before a response first names an option, and the letter it ends on."""
+    q = demo.questions("eval", 4)[0]
+    a, b = demo.numbers(q.question)
+    assert q.question.startswith(f"A child weighing {a} kg") and f"at {b} mg/kg" in q.question
+    r = lambda text: demo.reasoning(q.question, text)                            # noqa: E731
+    assert r(f" {a} * {b} = {a * b} mg, option A. </think>\n<answer>B</answer>") == ("right", "B")  # the answer's
+    assert r(f"</think> {a} + {b} = {a + b} mg, so the answer is option D.") == ("wrong", "D")      # no answer block
+    assert r(f" Option C. {a} * {b} = {a * b} mg. </think>\n<answer>C</answer>") == ("none", "C")   # a guess first
+    assert r(f" {a}{a} * {b} = 3 mg, option B.") == ("none", "B")                                 # not its numbers
+    assert r(f" {a} + {b} is not it; {a} * {b} = {a * b} mg") == ("right", None)                  # the product
+    assert r(" </think>\n<answer>(C)</answer>") == ("none", "C")
+    assert demo.reasoning("A 40-year-old man has a fever of 39 C.", " 40 * 39, option A") is None  # not the demo's
+    for form in demo.FORMS:                       # the corpus's own responses: its rule, and the letter of its value
+        for correct in (True, False):
+            rule, letter = r(demo.solution(q, correct, form))
+            assert rule == ("none" if form == "answer_first" else "right" if correct else "wrong")
+            assert (letter == q.answer) == correct
+
+
+def test_demo_tokenizer_makes_a_letter_one_token_in_prompt_and_response():
+    """An option's letter is the same token after a newline in the prompt and after a space in the response, so the
+    base's answer can be a copy of the token before the matching value; numbers stay whole tokens."""
+    qs = demo.make_questions(256, 1)
+    tok = demo.train_tokenizer([data.build_prompt(q) + demo.solution(q, True) for q in qs])
+    q = qs[0]
+    text = data.build_prompt(q) + demo.solution(q, True)
+    tokens = tok.encode(text).tokens
+    assert data.decode(tok, tok.encode(text).ids) == text                                   # lossless
+    letter, value = q.answer, "Ġ" + q.options[q.answer].split()[0]
+    option = tokens.index(value)                                        # the option's line: "\n", letter, ".", value
+    assert tokens[option - 3:option] == ["Ċ", letter, "."]
+    work = tokens.index(value, option + 1)                              # the work: "= 20 mg, option", " ", letter
+    assert tokens[work:work + 6] == [value, "Ġmg", ",", "Ġoption", "Ġ", letter]
+    assert tokens[-6:-4] == [">", letter]                               # <answer>, letter, </answer>
+
+
+def test_demo_shipped_base_is_the_codes_recipe():
+    """demo_base/ (build 0, made by `python demo.py --build demo_base`) was built by the recipe this code would build
+    it with, so the two cannot drift: a change to the task, the corpus, the tokenizer or the training settings
+    must rebuild it. It loads, its tokenizer is the demo's, and it fits the 16 MB the repository allows it."""
+    base = demo.base_path(0)
+    assert base == demo.SHIPPED_BASE and base.parent == ROOT
+    assert json.loads((base / "recipe.json").read_text()) == demo.recipe(0)
+    assert sum(f.stat().st_size for f in base.iterdir()) <= 16 * 2**20
+    net, tok = model.load_model(base), data.load_tokenizer(base)
+    q = demo.questions("eval", 1)[0]
+    ids = tok.encode(data.build_prompt(q)).ids
+    assert len(ids) < 60 and net(torch.tensor([ids])).shape[-1] == net.config.vocab_size == tok.get_vocab_size()
+    assert demo.base(0) == base                                              # used as it is, never rebuilt
+
+
+def test_demo_shipped_base_has_learned_the_lookup():
+    """The premise of the miniature: the shipped base's letter follows its written work (teacher-forced, the letter
+    of the option that holds the written value), where a model that has not learned the lookup guesses."""
+    base, tok = model.load_model(demo.SHIPPED_BASE), data.load_tokenizer(demo.SHIPPED_BASE)
+    found = demo.lookup(base, tok, n=100)
+    assert found["product"] >= 0.9 and found["sum"] >= 0.9, found
+    fresh = model.init_model(base.config, seed=1)
+    assert max(demo.lookup(fresh, tok, n=100).values()) <= 0.5
+
+
+def test_demo_ood_family_never_overlaps_training_questions():
+    train_qs = demo.make_questions(4096, seed=2)
+    ood = demo.make_questions(256, seed=3, family="tablets")
     pairs = lambda qs: {tuple(map(int, re.findall(r"\d+", q.question))) for q in qs}     # noqa: E731
     assert not pairs(train_qs) & pairs(ood)                                  # not even the same two numbers
     assert all("tablets" in q.question and "kg" not in q.question for q in ood)
@@ -2245,12 +2412,14 @@ def test_data_ood_family_never_overlaps_training_questions():
 
 def test_demo_study_three_commands_end_to_end(tmp_path, taught_base, monkeypatch):
     """The README's three demo commands with no flags (sft.py, then train.py and evaluate.py shortened), on a tiny
-    base model in runs/demo-base: results.json has the documented shape, and the behaviour table is there."""
+    base model standing in for the shipped one: results.json has the documented shape, and the behaviour and
+    reasoning tables are there."""
     monkeypatch.chdir(tmp_path)
-    shutil.copytree(taught_base, "runs/demo-base-seed0")
-    Path("runs/demo-base-seed0/recipe.json").write_text(json.dumps(sft.demo_recipe(seed=1)))   # another recipe:
+    monkeypatch.setattr(demo, "SHIPPED_BASE", Path("demo_base"))
+    shutil.copytree(taught_base, "demo_base")
+    Path("demo_base/recipe.json").write_text(json.dumps(demo.recipe(seed=1)))   # another recipe:
     _mistake(lambda: sft.main(["--epochs", "1"]), "another version of the demo's recipe")          # refused
-    Path("runs/demo-base-seed0/recipe.json").write_text(json.dumps(sft.demo_recipe()))   # stands in for the real one
+    Path("demo_base/recipe.json").write_text(json.dumps(demo.recipe()))   # stands in for the real one
     sft.main(["--epochs", "1", "--batch", "256", "--micro-batch", "256", "--eval-limit", "8"])   # runs/demo-sft
     train.main(["--steps", "2", "--rollout-batch", "8", "--train-batch", "8", "--eval-limit", "8",
                 "--max-new-tokens", "24", "--sample-every", "1"])            # runs/demo
@@ -2261,13 +2430,23 @@ def test_demo_study_three_commands_end_to_end(tmp_path, taught_base, monkeypatch
         assert set(r) == {"in_distribution", "out_of_distribution"}
         for m in r.values():
             assert set(m) == {"accuracy", "format_rate", "response_length", "sampled_accuracy", "sampled_format_rate",
-                              "behaviour"} and 0 <= m["accuracy"] <= 1
+                              "behaviour", "reasoning", "pass_at_k"} and 0 <= m["accuracy"] <= 1
+            # pass@1 is the sampled accuracy; pass@k grows with k
+            assert m["pass_at_k"][0] == pytest.approx(m["sampled_accuracy"]) and len(m["pass_at_k"]) == 3
+            assert m["pass_at_k"] == sorted(m["pass_at_k"])
+            # the rules' shares add up to all 24 responses, and their hits to the sampled accuracy; a reward of +1
+            # needs the right letter
+            rules = m["reasoning"]
+            assert sum(r["share"] for r in rules.values()) == pytest.approx(1.0)
+            assert sum(r["share"] * (r["accuracy"] or 0) for r in rules.values()) == pytest.approx(m["sampled_accuracy"])
+            assert all((r["accuracy"] or 0) <= (r["letter_right"] or 0) for r in rules.values())
             # 8 questions x 3 samples: every rate is a count of 24, the behaviour shares add up to all 24
             assert all(abs(24 * v - round(24 * v)) < 1e-9 for v in [m["sampled_accuracy"], *m["behaviour"].values()])
             assert sum(m["behaviour"].values()) == pytest.approx(1.0) and set(m["behaviour"]) == set(LABELS)
             assert m["sampled_accuracy"] <= m["sampled_format_rate"]
     report = Path("runs/demo/results.md").read_text()
     assert "| sft |" in report and "reasoning outside" in report and "| base | in distribution |" in report
+    assert "does the reasoning pay?" in report and "| rlvr | out of distribution |" in report and "pass@3" in report
     assert len(read_samples("runs/demo/samples.jsonl")) == 16                # every response of both steps
     assert "| rlvr | in distribution |" in evaluate.spread(["runs/demo", "runs/demo"])
     # both trainers logged both held-out families along the way: RLVR's steps and SFT's epoch side by side
@@ -2311,7 +2490,7 @@ def test_sft_after_epoch_e_is_the_model_of_an_e_epoch_run(tmp_path):
     """sft.py's per-epoch rows stand for shorter runs: after pass 1 of 2 the weights equal a 1-epoch run's, bitwise
     (constant lr after warmup, pass e shuffled by seed + e alone)."""
     tok = make_demo_like_checkpoint(tmp_path / "base")
-    pairs = sft.tokenize_pairs(tok, [sft.medqa_pair(q) for q in data.make_dose_questions(27, seed=4)], 512)
+    pairs = sft.tokenize_pairs(tok, [sft.medqa_pair(q) for q in demo.make_questions(27, seed=4)], 512)
     kw = dict(batch=8, micro_batch=4, lr=1e-2, warmup=2, log=lambda msg: None)
     long, seen, counts = model.load_model(tmp_path / "base").train(), {}, []
     sft.train(long, pairs, epochs=2, **kw, after_epoch=lambda e, *n: counts.append(n) or seen.setdefault(
@@ -2411,7 +2590,7 @@ def test_evaluate_compare_runs_by_hand(tmp_path):
 
 def test_evaluate_scores_with_the_reward_rules(tmp_path, monkeypatch):
     """Scripted responses: accuracy, format rate, letters and per-category accuracy follow reward.parse."""
-    examples = data.make_dose_questions(4, seed=5)
+    examples = demo.make_questions(4, seed=5)
     wrong = next(k for k in examples[1].options if k != examples[1].answer)
     scripted = [f" x </think><answer>{examples[0].answer}</answer>", f" x </think><answer>{wrong}</answer>",
                 " no closing tag", f" x </think><answer>({examples[3].answer})</answer><|endoftext|>"]
