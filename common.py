@@ -660,6 +660,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def renamed(parser: argparse.ArgumentParser, old: str, new: str):
+    """`old`, a flag's former name, refused in one line that names `new` (hidden from --help)."""
+    class Refuse(argparse.Action):
+        def __call__(self, p, namespace, values, option_string=None):
+            p.error(f"{old} is now {new} (the same name in train.py, sft.py and evaluate.py)")
+    parser.add_argument(old, action=Refuse, help=argparse.SUPPRESS)
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     """An ArgumentParser whose --help shows the script docstring's first paragraph and every flag's default, and
     whose errors are one line."""

@@ -8,6 +8,9 @@ order a training step uses them:
   logprobs_from_logits -> kl_penalty -> token_rewards -> compute_gae -> masked_whiten
   -> policy_loss / value_loss  (+ entropy_from_logits as a metric)
 
+(train.py computes the log-probs and entropy through model.head_logprobs, the same numbers a chunk of positions at a
+time, so the [B, T, V] logits are never held; logprobs_from_logits is their reference and the tests' yardstick.)
+
 The critic-free estimators replace compute_gae (and the critic) by a baseline taken from the other
 responses to the same prompt, then the plain discounted return:
 
@@ -37,15 +40,22 @@ def masked_mean(x, mask, dim=None):
     total = torch.where(mask.bool(), x, torch.zeros_like(x)).sum(dim=dim)
     return total / mask.sum(dim=dim).clamp(min=1)  # an empty row gives 0, not NaN
 
-def masked_whiten(x, mask, shift_mean=True):
+def masked_whiten(x, mask, shift_mean=True, all_sum=None):
     """(x - mean) / sqrt(var + 1e-8) over the masked entries of the whole batch; padding -> 0.
     Uses the *biased* variance (divide by N), as OpenRLHF's advantage normalisation does;
     TinyZero/verl's masked_whiten uses the unbiased one (N-1). The difference is negligible
-    for thousands of tokens. Call it on the whole rollout batch, before splitting into minibatches."""
-    xd = x.double()  # fp64 sums: over ~10^5 tokens fp32 rounding alone would whiten equal values into noise
-    mean = masked_mean(xd, mask)
-    var = masked_mean((xd - mean) ** 2, mask)  # two passes: E[x^2] - mean^2 can come out negative
-    whitened = (xd - mean) * torch.rsqrt(var + 1e-8)
+    for thousands of tokens. Call it on the whole rollout batch, before splitting into minibatches.
+    all_sum: a function that sums a tensor over the ranks in place (torch.distributed.all_reduce), to whiten over
+    every rank's tokens together; None: this batch alone."""
+    xd, m = x.double(), mask.double()  # fp64 sums: over ~10^5 tokens fp32 rounding alone would whiten equal values into noise
+    total = torch.stack([(xd * m).sum(), m.sum()])
+    if all_sum:
+        all_sum(total)
+    mean = total[0] / total[1]
+    sq = (((xd - mean) ** 2) * m).sum()[None]  # two passes: E[x^2] - mean^2 can come out negative
+    if all_sum:
+        all_sum(sq)
+    whitened = (xd - mean) * torch.rsqrt(sq[0] / total[1] + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened)).to(x.dtype)

@@ -12,7 +12,7 @@ held-out families), greedy and with --eval-samples K sampled, one row per epoch 
 logs its steps: `python evaluate.py --budgets` sets the two side by side.
 
     torchrun --standalone --nproc_per_node=2 sft.py                                        # the demo's baseline
-    torchrun --standalone --nproc_per_node=8 sft.py --model Qwen2.5-3B --train medqa/train.jsonl --out runs/sft
+    torchrun --standalone --nproc_per_node=8 sft.py --model Qwen2.5-3B --train-data medqa/train.jsonl --out runs/sft
 
 Under torchrun the model is sharded with FSDP2 (common.py). The loss is a token-mean over the *global* batch:
 each rank sums its tokens' losses and divides by the token count of all ranks, times the world size, because
@@ -40,9 +40,10 @@ def make_parser():
                                    "or a hub id (Qwen/Qwen2.5-3B); "
                                    "default: the CPU demo's base model (demo_base/), with DEMO_BASELINE's "
                                    "settings for the flags not given")
-    p.add_argument("--train", help="MedQA train split: a file (data.SCHEMAS) or a hub id, org/name[:split]; "
+    p.add_argument("--train-data", help="MedQA train split: a file (data.SCHEMAS) or a hub id, org/name[:split]; "
                                    "default with the demo: its RL training "
                                    "questions")
+    common.renamed(p, "--train", "--train-data")
     p.add_argument("--out", help="where the fine-tuned model is written (HF layout); default: runs/demo-sft for the "
                                  "demo, runs/sft with --model")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
@@ -78,8 +79,8 @@ def parse_args(argv=None):
     if p.parse_known_args(argv)[0].model is None:                # the demo: its settings, as a preset
         p.set_defaults(**DEMO_BASELINE)
     args = p.parse_args(argv)
-    if (args.model is None) != (args.train is None):
-        p.error("give both --model DIR and --train FILE (MedQA jsonl), or neither (the CPU demo)")
+    if (args.model is None) != (args.train_data is None):
+        p.error("give both --model DIR and --train-data FILE (MedQA jsonl), or neither (the CPU demo)")
     args.out = args.out or ("runs/demo-sft" if args.model is None else "runs/sft")
     return args
 
@@ -196,11 +197,11 @@ def main(argv=None):
     else:
         args.model = common.from_hub(args.model, "model", world=world)
         common.check_checkpoint(args.model)                      # before any work
-        examples = data.load_medqa(common.from_hub(args.train, "data", "train", world))
+        examples = data.load_medqa(common.from_hub(args.train_data, "data", "train", world))
     tokenizer = data.load_tokenizer(args.model)
     texts = [medqa_pair(ex) for ex in examples]
     if len(texts) < args.batch:
-        raise ValueError(f"--train {args.train or 'demo'}: {len(texts)} examples, fewer than --batch {args.batch}: "
+        raise ValueError(f"--train-data {args.train_data or 'demo'}: {len(texts)} examples, fewer than --batch {args.batch}: "
                          "not one optimizer step")
     pairs = tokenize_pairs(tokenizer, texts, args.max_len)
     policy = M.load_model(args.model, device=device, dtype=torch.float32)   # fp32 master weights (common.shard)

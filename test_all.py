@@ -2078,7 +2078,7 @@ def test_train_bad_inputs_found_before_any_work(tmp_path):
         _mistake(lambda: train.main(argv("--advantage", estimator, "--samples-per-prompt", "2", "--gamma", "0.9")),
                  f"--advantage {estimator} with --gamma 0.9", out)
     _mistake(lambda: train.main(argv("--advantage", "grpo")), "--samples-per-prompt 2 or more", out)
-    assert sft.parse_args(["--model", "m", "--train", "t"]).out == "runs/sft" and sft.parse_args([]).out == \
+    assert sft.parse_args(["--model", "m", "--train-data", "t"]).out == "runs/sft" and sft.parse_args([]).out == \
         "runs/demo-sft"
     _mistake(lambda: train.main(_ppo_argv(tmp_path / "nobase", out, 1)), "nobase", out)
     write_lines(tmp_path / "long.jsonl", [json.dumps(r) for r in [{**MEDQA_ROW, "question": "Q" * 400}] * 8])
@@ -2092,9 +2092,18 @@ def test_train_bad_inputs_found_before_any_work(tmp_path):
     _mistake(lambda: evaluate.main(["--model", str(tmp_path / "base"), str(tmp_path / "typo"), "--dose", "4",
                                     "--out", str(tmp_path / "res.json")]), "typo", tmp_path / "res.json")
     # sft: fewer examples than --batch -> no "saved" untouched base
-    _mistake(lambda: sft.main(["--model", str(tmp_path / "base"), "--train", str(tmp_path / "four.jsonl"), "--out",
+    _mistake(lambda: sft.main(["--model", str(tmp_path / "base"), "--train-data", str(tmp_path / "four.jsonl"), "--out",
                                str(tmp_path / "sft"), "--batch", "8"]), "4 examples, fewer than --batch 8",
              tmp_path / "sft")
+
+
+def test_sft_old_flag_name_is_refused_in_one_line(capsys):
+    """sft.py's --train is --train-data, as in train.py: the old name stops with one line naming the new one."""
+    with pytest.raises(SystemExit):
+        sft.parse_args(["--model", "m", "--train", "t"])
+    err = capsys.readouterr().err.strip()
+    assert "--train is now --train-data" in err and "\n" not in err
+    assert "--train " not in sft.make_parser().format_help()                 # hidden from --help
 
 
 def _metrics(run):
@@ -2397,6 +2406,13 @@ def test_demo_shipped_base_has_learned_the_lookup():
     assert max(demo.lookup(fresh, tok, n=100).values()) <= 0.5
 
 
+def test_demo_check_prints_the_lookup_and_the_reasoning_table(taught_base, capsys):
+    demo.main(["--check", str(taught_base), "--limit", "8", "--samples", "2"])
+    out = capsys.readouterr().out
+    assert "teacher-forced lookup: after product work" in out and "| right rule | its letter right |" in out
+    assert "| base | eval |" in out and "| base | ood |" in out
+
+
 def test_demo_ood_family_never_overlaps_training_questions():
     train_qs = demo.make_questions(4096, seed=2)
     ood = demo.make_questions(256, seed=3, family="tablets")
@@ -2468,7 +2484,7 @@ def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path):
     losses = sft.train(net, sft.tokenize_pairs(tok, texts, 512), epochs=6, batch=8, micro_batch=8, lr=1e-2,
                        warmup=1, log=lambda msg: None)
     assert sum(losses[-2:]) < 0.5 * sum(losses[:2]), losses
-    sft.main(["--model", str(tmp_path / "base"), "--train", str(tmp_path / "train.jsonl"), "--out",
+    sft.main(["--model", str(tmp_path / "base"), "--train-data", str(tmp_path / "train.jsonl"), "--out",
               str(tmp_path / "sft"), "--epochs", "1", "--batch", "8", "--lr", "1e-3", "--eval-data",
               str(tmp_path / "train.jsonl"), "--eval-limit", "5", "--eval-samples", "2", "--max-new-tokens", "6"])
     ours = model.load_model(tmp_path / "sft")

@@ -257,16 +257,8 @@ def response_values(critic, input_ids, attn, P):
 
 
 def whiten(x, mask, world):
-    """ppo.masked_whiten over the whole rollout batch, all ranks together: two passes, the mean and then the mean
-    squared deviation from it (E[x^2] - mean^2 cancels catastrophically when the advantages are nearly equal)."""
-    if world == 1:
-        return ppo.masked_whiten(x, mask)
-    total = torch.stack([(x.double() * mask).sum(), mask.double().sum()])
-    dist.all_reduce(total)
-    mean = total[0] / total[1]
-    sq = (((x.double() - mean) ** 2) * mask).sum()
-    dist.all_reduce(sq)
-    return ((x.double() - mean) * torch.rsqrt(sq / total[1] + 1e-8) * mask).float()
+    """ppo.masked_whiten over the whole rollout batch, all ranks together."""
+    return ppo.masked_whiten(x, mask, all_sum=dist.all_reduce if world > 1 else None)
 
 
 def score_texts(tok, responses, examples, incorrect_reward):
