@@ -35,7 +35,9 @@ way, this recipe's base names the written value's option after 25.0 % of product
 demo_base`). The gold letters are balanced,
 so no constant letter pays more than chance. The tokenizer splits the space off a lone capital letter, so an
 option's letter is one token in the prompt and the response (the lookup is a plain copy); the probe above found
-no speed-up from it (one seed each), so the training length is what made the difference.
+no speed-up from it (one seed each), so the training length is what made the difference. The jump's timing varies
+with the seed: build 1 (--base-seed 1) had not made it after the same four epochs (33 % / 50.5 %), and RL on it stays
+at chance (docs/study.md); check a new build with `python demo.py --check DIR` before trusting it.
 
     torchrun --standalone --nproc_per_node=2 demo.py --build demo_base    # rebuild the shipped base (19 min, 2 cores)
     python demo.py --check demo_base     # its lookup (teacher-forced), and does its reasoning pay (sampled)?
