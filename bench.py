@@ -290,7 +290,8 @@ def report_rollout(device, tiny, spec):
     def of_floor(kind, t):
         return ", ".join(f"{floors[kind][b] / t:.0%} of the {b} floor" for b in bw)
     a, b = run_ours(new), run_ours(new, graphs=True)
-    divergence = graph_divergence(ours, ids, a, b, R.draw_uniforms(new, batch, torch.Generator(device).manual_seed(0), device))
+    uniforms = R.draw_uniforms(new, batch, torch.Generator(device).manual_seed(0), device)   # the ones both drew
+    divergence = graph_divergence(ours, ids, a, b, uniforms)
     say(f"2. rollout, {shape} shape, bf16, batch {batch}, prompt {prompt}, {new} new tokens, sampling: ours "
         f"{batch * new / t_ours:.0f} tok/s, transformers {batch * new / t_hf:.0f} tok/s ({t_hf / t_ours:.2f}x)")
     say(f"   decode step {step * 1e3:.2f} ms ({of_floor('default', step)}); CUDA graph"
@@ -462,6 +463,13 @@ class TimeBoxExceeded(BaseException):
     is seen between Python bytecodes, so a section stuck inside one CUDA call ends when that call does."""
 
 
+def write_report(report: dict, out: Path):
+    """The report as it stands, replacing the file whole (a run cut short keeps the last complete one)."""
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, out)
+
+
 def gpu_report(args):
     """The four sections, each time-boxed; every number also goes to one JSON file (--report), rewritten after
     each section, so a run cut short still leaves what it measured. A section that fails is reported and skipped."""
@@ -506,17 +514,13 @@ def gpu_report(args):
             report[key]["seconds"] = time.perf_counter() - t0
             if device.type == "cuda" and "peak_gb" not in report[key]:    # (train.py runs report their own)
                 report[key]["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(json.dumps(report, indent=1))
-            os.replace(tmp, out)
+            write_report(report, out)
     finally:
         signal.signal(signal.SIGALRM, previous)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     report["verdict"] = verdict(report)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out)
+    write_report(report, out)
     say(f"report: {out}")
     return report
 

@@ -346,9 +346,9 @@ def from_hub(arg: str | None, kind: str, split: str | None = None, world: int = 
             names = {f.name for f in Path(get(cached_only=True)).rglob("*") if f.is_file()}
         except Exception:
             return False
-        need = [p for p in patterns if p != "model.safetensors.index.json"] if kind != "data" else [patterns]
-        return all(any(fnmatch.fnmatch(n, p) for n in names for p in ([q] if isinstance(q, str) else q))
-                   for q in need)
+        # a model needs each of its files (a sharded one's index aside); a data split any one of its patterns
+        groups = [patterns] if kind == "data" else [[p] for p in patterns if p != "model.safetensors.index.json"]
+        return all(any(fnmatch.fnmatch(n, p) for n in names for p in group) for group in groups)
     fetch_error = None
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not cached():
         import fcntl
@@ -664,7 +664,7 @@ def renamed(parser: argparse.ArgumentParser, old: str, new: str):
     """`old`, a flag's former name, refused in one line that names `new` (hidden from --help)."""
     class Refuse(argparse.Action):
         def __call__(self, p, namespace, values, option_string=None):
-            p.error(f"{old} is now {new} (the same name in train.py, sft.py and evaluate.py)")
+            p.error(f"{old} is now {new} (as in train.py)")
     parser.add_argument(old, action=Refuse, help=argparse.SUPPRESS)
 
 
