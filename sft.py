@@ -119,7 +119,7 @@ def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=
     """AdamW over `epochs` passes of the (prompt ids, response ids) pairs, `batch` pairs per optimizer step
     (split over the ranks, then into micro-batches; a last partial batch of a pass is left out).
     after_epoch(epoch, examples, response_tokens) is called on every rank after each pass, with the examples and
-    response tokens trained on so far. The learning rate after warmup is constant and pass e's order depends on
+    response tokens trained on so far; when it returns True, training stops there. The learning rate after warmup is constant and pass e's order depends on
     seed + e alone, so the model after pass e of a longer run is the model of an --epochs e run. Returns the mean
     loss of each step."""
     if batch % world:
@@ -154,8 +154,8 @@ def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=
         losses.append(common.all_sum(total, world))
         if rank == 0 and (step % 10 == 0 or step == epochs * steps_per_epoch - 1):
             log(f"sft step {step + 1}/{epochs * steps_per_epoch}  loss {losses[-1]:.4f}")
-        if after_epoch and i == steps_per_epoch - 1:
-            after_epoch(epoch + 1, *seen)
+        if after_epoch and i == steps_per_epoch - 1 and after_epoch(epoch + 1, *seen):
+            break
     return losses
 
 
