@@ -419,7 +419,8 @@ def memory_plan(config, args, world: int, offload: bool) -> tuple[dict, float]:
     evaluation (the actor's full weights + the KV cache of the sequences decoded together, --rollout-chunk or
     --eval-batch, + one block's temporaries over their prompts in the prefill) and the update (one micro-batch's
     activations: with --grad-checkpoint each block's input, else ~17 hidden-sized values a token per block; plus two
-    gathered blocks, the LM head's chunks and its fp32 weight gradient and temporary)."""
+    gathered blocks, the LM head's chunks and its fp32 weight gradient and temporary) and the optimizer step (AdamW's
+    fp32 temporary; in host memory with --offload). The allocator's fragmentation is the 10% check_fits leaves."""
     L, H, I, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
     kv = config.num_key_value_heads * (H // config.num_attention_heads)
     block = 2 * H + H * H + 2 * H * kv + H * H + 3 * H * I + H + 2 * kv     # norms, q, k+v, o, mlp, biases
@@ -427,8 +428,8 @@ def memory_plan(config, args, world: int, offload: bool) -> tuple[dict, float]:
     gb, seq, b = 1e9, args.max_prompt_len + args.max_new_tokens, 4 if args.precision == "fp32" else 2
     per_rank = args.rollout_batch * args.samples_per_prompt // world
     trained = {"actor (fp32 weights, grads, AdamW)": 16 * n / world / gb}
+    n_critic = n - (0 if config.tie_word_embeddings else V * H) + H           # no LM head; a value head
     if args.advantage == "gae":
-        n_critic = n - (0 if config.tie_word_embeddings else V * H) + H       # no LM head; a value head
         trained["critic (fp32 weights, grads, AdamW)"] = 16 * n_critic / world / gb
     plan = {} if offload else dict(trained)
     plan["reference"] = b * n / world / gb
@@ -437,10 +438,17 @@ def memory_plan(config, args, world: int, offload: bool) -> tuple[dict, float]:
     rollout = b * n + L * 2 * kv * b * decoding * seq + prefill                 # full weights + K and V + prefill
     tokens = args.micro_batch * seq
     acts = tokens * H * b * L if args.grad_checkpoint else tokens * 17 * b * H * L
-    update = acts + tokens * (2 * H + 3 * I) * b + 2 * block * b + 3 * 2**28 + 2 * 4 * V * H  # a block's, the head's
-    plan["rollout (full weights, KV cache)" if rollout > update else "update (activations)"] = \
-        max(rollout, update) / gb
-    host = sum(trained.values()) * min(world, 8) if offload else 0.0          # the shards of a node's (<= 8) ranks
+    head = 3 * min(M.HEAD_CHUNK_BYTES, tokens * V * 4) + 2 * 4 * V * H        # a chunk's fp32 logits; weight grads
+    update = acts + tokens * (2 * H + 3 * I) * b + 2 * block * b + head        # + one block's temporaries, two blocks
+    # AdamW's step (foreach, as torch runs it on a GPU) makes one fp32 temporary the size of the model's shard,
+    # sqrt(v), for the actor's step, then for the critic's: on the GPU, or with --offload in host memory
+    step = 4 * max(n, n_critic if args.advantage == "gae" else 0) / world
+    phases = {"rollout (full weights, KV cache)": rollout, "update (activations)": update}
+    if not offload:
+        phases["optimizer step (AdamW's temporary)"] = step
+    name = max(phases, key=phases.get)
+    plan[name] = phases[name] / gb
+    host = (sum(trained.values()) + step / gb) * min(world, 8) if offload else 0.0  # a node's (<= 8) ranks' shards
     return plan, host
 
 
@@ -478,7 +486,11 @@ def plan_table(args) -> str:
         raise ValueError("--plan needs --model (a checkpoint folder or a hub id; only its config.json is read)")
     config = M.Qwen2Config.from_json(from_hub(args.model, "config"))
     sizes = (24, 48, 80, 141)
-    lines = [f"memory plan of {args.model} under these flags (GB; per GPU, and host memory a node)", "",
+    lines = [f"memory plan of {args.model} under these flags (GB; per GPU, and host memory a node)",
+             "assumes: fp32 master weights, gradients and AdamW moments (16 B a parameter, sharded), a bf16 reference, "
+             "and the largest of the rollout (full weights, KV cache), the update (activations, LM head chunks) "
+             "and AdamW's step (an fp32 temporary of a shard); a plan fits in 90% of a GPU (10% for fragmentation)",
+             "",
              "| GPUs | --offload | per GPU | host | " + " | ".join(f"{s} GB" for s in sizes) + " |",
              "|---|---|---|---|" + "---|" * len(sizes)]
     for world in (1, 2, 4, 8):

@@ -244,13 +244,22 @@ def attention_kernels(device):
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding, whose random fill is skipped on the meta device: load_model builds the model there and the
+    checkpoint replaces every weight, while normal_ on a meta tensor imports torch._dynamo (~2 s per process)."""
+
+    def reset_parameters(self):
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class Qwen2Model(nn.Module):
     """The backbone: embeddings, decoder blocks, final norm. Returns hidden states [B, T, hidden]."""
 
     def __init__(self, config: Qwen2Config):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False     # recompute each block in backward: activations of 1 block, not L
