@@ -27,14 +27,11 @@ message that names the flag, before any work starts.
 import argparse
 import datetime
 import fnmatch
-import json
 import math
 import os
 import re
 import shutil
-import signal
 import sys
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -126,32 +123,7 @@ def agree(message: str | None, world: int) -> None:
         raise ValueError(message)
 
 
-class StopSignal:
-    """SIGTERM / SIGINT (a scheduler's preemption notice, Ctrl-C) set a flag instead of killing the process; the
-    trainer checks `requested(world)` between steps, and all ranks stop when any rank got a signal. A second
-    signal stops at once, the usual way."""
-
-    def __init__(self):
-        self.got = 0
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, sig, frame):
-        self.got = sig
-        signal.signal(sig, signal.SIG_DFL)          # the second one is not caught
-        # os.write, not print: the handler may run in the middle of a print to stderr (tqdm's), which would raise
-        os.write(2, f"\n{signal.Signals(sig).name}: finishing this step, then writing a checkpoint "
-                    "(send it again to stop at once)\n".encode())
-
-    def requested(self, world: int) -> int:
-        """The signal number any rank got (0: none)."""
-        return int(all_max(self.got, world))
-
-
-# ------------------------------------------------------------------------------------------------ run folders
+# ------------------------------------------------------------------------------------------------ inputs and outputs
 def non_finite(state: dict) -> str | None:
     """The name of the first tensor of a state dict (nested dicts and lists too) holding a NaN or inf, or None."""
     def walk(x, name):
@@ -181,131 +153,6 @@ def check_checkpoint(path):
     if config.vocab_size < n_tokens:
         raise ValueError(f"{path}: tokenizer.json has {n_tokens} tokens but the model's vocabulary has "
                          f"{config.vocab_size}")
-
-
-def truncate_jsonl(path: Path, last_step: int, log=print):
-    """Keep the rows up to the checkpoint's step: the resumed run redoes the later ones, identically. (An
-    evaluation row at that step was the end of the interrupted run, not a part of the whole one.) A torn last
-    line (a kill mid-write) is dropped; a bad line elsewhere is an error naming it."""
-    if not path.exists():
-        return
-    lines, rows = path.read_text().splitlines(), []
-    for i, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                log(f"{path} line {i + 1}: torn by the interruption, dropped")
-                continue
-            raise ValueError(f"{path} line {i + 1}: not JSON; repair or delete the line, then resume") from None
-        if row["step"] < last_step or (row["step"] == last_step and "eval_accuracy" not in row):
-            rows.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    os.replace(tmp, path)                                        # never a half-written metrics file
-
-
-def claim_out(out: Path, resume: bool, overwrite: bool, start: int, rank: int, world: int):
-    """Before anything is written: refuse an --out that holds another run (unless --resume continues it or
-    --overwrite deletes it), and lock it against a second run. -> the lock file (rank 0) or None."""
-    message, held_lock = None, None
-    if rank == 0:
-        held = [f for f in ("metrics.jsonl", "checkpoint", "checkpoint.old", "final") if (out / f).exists()]
-        if held and not overwrite and not resume:
-            message = (f"--out {out} holds a run ({', '.join(held)}): add --resume to continue it, --overwrite to "
-                       "delete it and start over, or choose another --out")
-        elif held and not overwrite and start == 0:
-            message = (f"--resume: {out} holds a run ({', '.join(held)}) but no checkpoint to continue from; "
-                       "add --overwrite to delete it and start over")
-        else:
-            try:
-                held_lock = lock(out)
-            except (ValueError, OSError) as e:                   # in use; or not writable
-                message = str(e)
-    agree(message, world)
-    return held_lock
-
-
-def lock(out: Path):
-    """Hold an exclusive lock on <out>/.lock for the rest of the run, or raise naming the process that holds it.
-    The kernel releases the lock when its process ends, however it ends (a crash, a SIGKILL): no stale locks.
-    -> the open lock file; unlock() releases it."""
-    import fcntl
-    out.mkdir(parents=True, exist_ok=True)
-    f = open(out / ".lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise ValueError(f"--out {out} is in use by another run ({holder}); wait for it or stop it") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
-    f.flush()
-    return f
-
-
-def unlock(f):
-    if f is not None:
-        f.close()                                # closing the file releases the lock; the file itself stays
-
-
-# ------------------------------------------------------------------------------------------------ trackers
-def check_trackers(wandb_project: str | None, tensorboard_dir: str | None):
-    """--wandb / --tensorboard: their package is there, and W&B can log in or runs offline (checked before any
-    work; each package imported only when asked)."""
-    import importlib.util
-    for flag, package, asked in (("--wandb", "wandb", wandb_project), ("--tensorboard", "tensorboard", tensorboard_dir)):
-        if asked and importlib.util.find_spec(package) is None:
-            raise ImportError(f"{flag} needs the {package} package: pip install {package}")
-    netrc = Path.home() / ".netrc"
-    if wandb_project and os.environ.get("WANDB_MODE") not in ("offline", "disabled", "dryrun") and \
-            not os.environ.get("WANDB_API_KEY") and not (netrc.is_file() and "api.wandb.ai" in netrc.read_text()):
-        raise ValueError("--wandb: no W&B API key (run `wandb login` or set WANDB_API_KEY), or set WANDB_MODE=offline "
-                         "to log locally")
-
-
-def trackers(wandb_project: str | None, tensorboard_dir: str | None, config: dict, rank: int):
-    """-> track(file, row): what train.py writes to metrics.jsonl (every number, at its step) and, for wandb, to
-    samples.jsonl (a table of a sampled step's responses) sent on to Weights & Biases and / or TensorBoard, from rank
-    0; track(None, None) closes them. Optional: training needs neither, so neither is a dependency."""
-    if rank != 0 or not (wandb_project or tensorboard_dir):
-        return lambda file, row: None
-    board = run = None
-    if tensorboard_dir:
-        from torch.utils.tensorboard import SummaryWriter
-        board = SummaryWriter(tensorboard_dir)
-    if wandb_project:
-        import wandb
-        try:
-            run = wandb.init(project=wandb_project, config=config)
-        except Exception as e:                                   # (its errors are not all ValueErrors)
-            raise ValueError(f"--wandb {wandb_project}: {e}") from None
-    samples = []
-
-    def track(file, row):
-        if samples and file != "samples.jsonl":            # a sampled step's responses are all in: one table
-            data = [[json.dumps(v) if isinstance(v, dict) else v for v in r.values()] for r in samples]
-            run.log({"samples": wandb.Table(columns=list(samples[0]), data=data)}, step=samples[0]["step"])
-            samples.clear()
-        if file == "samples.jsonl" and run:
-            samples.append(row)
-        elif file == "metrics.jsonl":
-            numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}   # not null
-            if board:
-                for k, v in numbers.items():
-                    board.add_scalar(k, v, row["step"])
-                board.flush()                                    # on disk now: a kill loses no row
-            if run:
-                run.log(numbers, step=row["step"])
-        elif file is None:
-            if board:
-                board.close()
-            if run:
-                run.finish()
-    return track
 
 
 # ------------------------------------------------------------------------------------------------ hub ids
@@ -410,98 +257,6 @@ def shard(model, world: int, dtype: torch.dtype | None = None, offload: bool = F
     return model
 
 
-# ------------------------------------------------------------------------------------------------ memory plan
-def memory_plan(config, args, world: int, offload: bool) -> tuple[dict, float]:
-    """Estimated GB per GPU, by part, and GB of host memory per node (a plan, not a measurement) for train.py's flags
-    `args`: fp32 master weights, compute in bf16 (or fp32 with --precision fp32: b bytes a value). Sharded over the
-    ranks: actor (and, for gae, critic) weights + gradients + AdamW's two moments in fp32, 16 bytes a parameter, on
-    the GPU or, with --offload, in host memory; the reference, b. Then the larger of the two phases: the rollout or an
-    evaluation (the actor's full weights + the KV cache of the sequences decoded together, --rollout-chunk or
-    --eval-batch, + one block's temporaries over their prompts in the prefill) and the update (one micro-batch's
-    activations: with --grad-checkpoint each block's input, else ~17 hidden-sized values a token per block; plus two
-    gathered blocks, the LM head's chunks and its fp32 weight gradient and temporary) and the optimizer step (AdamW's
-    fp32 temporary; in host memory with --offload). The allocator's fragmentation is the 10% check_fits leaves."""
-    L, H, I, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
-    kv = config.num_key_value_heads * (H // config.num_attention_heads)
-    block = 2 * H + H * H + 2 * H * kv + H * H + 3 * H * I + H + 2 * kv     # norms, q, k+v, o, mlp, biases
-    n = L * block + V * H * (1 if config.tie_word_embeddings else 2) + H
-    gb, seq, b = 1e9, args.max_prompt_len + args.max_new_tokens, 4 if args.precision == "fp32" else 2
-    per_rank = args.rollout_batch * args.samples_per_prompt // world
-    trained = {"actor (fp32 weights, grads, AdamW)": 16 * n / world / gb}
-    n_critic = n - (0 if config.tie_word_embeddings else V * H) + H           # no LM head; a value head
-    if args.advantage == "gae":
-        trained["critic (fp32 weights, grads, AdamW)"] = 16 * n_critic / world / gb
-    plan = {} if offload else dict(trained)
-    plan["reference"] = b * n / world / gb
-    decoding = max(min(per_rank, args.rollout_chunk or per_rank), args.eval_batch)   # sequences decoded together
-    prefill = decoding * args.max_prompt_len * (3 * I + 4 * H) * b              # one block's temporaries over prompts
-    rollout = b * n + L * 2 * kv * b * decoding * seq + prefill                 # full weights + K and V + prefill
-    tokens = args.micro_batch * seq
-    acts = tokens * H * b * L if args.grad_checkpoint else tokens * 17 * b * H * L
-    head = 3 * min(M.HEAD_CHUNK_BYTES, tokens * V * 4) + 2 * 4 * V * H        # a chunk's fp32 logits; weight grads
-    update = acts + tokens * (2 * H + 3 * I) * b + 2 * block * b + head        # + one block's temporaries, two blocks
-    # AdamW's step (foreach, as torch runs it on a GPU) makes one fp32 temporary the size of the model's shard,
-    # sqrt(v), for the actor's step, then for the critic's: on the GPU, or with --offload in host memory
-    step = 4 * max(n, n_critic if args.advantage == "gae" else 0) / world
-    phases = {"rollout (full weights, KV cache)": rollout, "update (activations)": update}
-    if not offload:
-        phases["optimizer step (AdamW's temporary)"] = step
-    name = max(phases, key=phases.get)
-    plan[name] = phases[name] / gb
-    host = (sum(trained.values()) + step / gb) * min(world, 8) if offload else 0.0  # a node's (<= 8) ranks' shards
-    return plan, host
-
-
-def check_fits(config, args, world: int, capacity_gb: float, host_gb: float | None = None):
-    """Refuse, with the numbers, a configuration whose plan exceeds 90% of the GPU's memory (or, offloading, of the
-    host's), saying what would fit: --offload, more GPUs, or smaller batches."""
-    def fits(w, offload):
-        plan, host = memory_plan(config, args, w, offload)
-        return sum(plan.values()) <= 0.9 * capacity_gb, plan, host
-    host_gb = host_gb or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9     # this machine's RAM
-    ok, plan, host = fits(world, args.offload)
-    if host > 0.9 * host_gb:
-        raise ValueError(f"--offload needs about {host:.0f} GB of host memory a node, this one has {host_gb:.0f} GB: "
-                         "use more nodes or GPUs' memory instead")
-    if ok:
-        return
-    fixes = []
-    offload_ok, _, offload_host = fits(world, True)
-    if not args.offload and offload_ok:
-        fixes.append(f"--offload (then ~{offload_host:.0f} GB of host memory a node)")
-    more = next((w for w in (2, 4, 8, 16, 32, 64) if w > world and fits(w, args.offload)[0]), None)
-    if more:
-        fixes.append(f"{more} GPUs (now {world})")
-    fixes.append("--grad-checkpoint, a smaller --micro-batch or --rollout-chunk, or shorter --max-new-tokens")
-    parts = ", ".join(f"{k} {v:.1f}" for k, v in plan.items())
-    raise ValueError(f"this configuration needs about {sum(plan.values()):.0f} GB per GPU ({parts}) but a GPU "
-                     f"has {capacity_gb:.0f} GB: use " + "; or ".join(fixes))
-
-
-def plan_table(args) -> str:
-    """train.py --plan: per-GPU and host memory of --model (its config.json alone, also from a hub id) for 1, 2, 4
-    and 8 GPUs, with and without --offload, against GPUs of 24 / 48 / 80 / 141 GB (a plan fits in 90% of a GPU), as
-    a markdown table."""
-    if args.model is None:
-        raise ValueError("--plan needs --model (a checkpoint folder or a hub id; only its config.json is read)")
-    config = M.Qwen2Config.from_json(from_hub(args.model, "config"))
-    sizes = (24, 48, 80, 141)
-    lines = [f"memory plan of {args.model} under these flags (GB; per GPU, and host memory a node)",
-             "assumes: fp32 master weights, gradients and AdamW moments (16 B a parameter, sharded), a bf16 reference, "
-             "and the largest of the rollout (full weights, KV cache), the update (activations, LM head chunks) "
-             "and AdamW's step (an fp32 temporary of a shard); a plan fits in 90% of a GPU (10% for fragmentation)",
-             "",
-             "| GPUs | --offload | per GPU | host | " + " | ".join(f"{s} GB" for s in sizes) + " |",
-             "|---|---|---|---|" + "---|" * len(sizes)]
-    for world in (1, 2, 4, 8):
-        for offload in (False, True):
-            plan, host = memory_plan(config, args, world, offload)
-            gpu = sum(plan.values())
-            lines.append(f"| {world} | {'yes' if offload else 'no'} | {gpu:.1f} | {host:.0f} | "
-                         + " | ".join("fits" if gpu <= 0.9 * s else "-" for s in sizes) + " |")
-    return "\n".join(lines)
-
-
 def is_sharded(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)
@@ -577,72 +332,6 @@ def clip_and_step(nets_and_opts, grad_clip: float) -> bool:
             opt.step()
         opt.zero_grad(set_to_none=True)
     return ok
-
-
-def save_checkpoint(out: Path, models: dict, state: dict, tokenizer, rank: int, world: int):
-    """<out>/checkpoint: weights/ (every model's weights and optimizer state, torch.distributed.checkpoint: each
-    rank writes its own shard, nothing is gathered), rng_rank*.pt (each rank's RNG), state.json (`state`),
-    tokenizer.json. models: name -> (model, optimizer). Written to checkpoint.tmp, checked to be finite, then
-    swapped in by two renames, so a kill at any moment leaves the previous checkpoint (or, between the renames,
-    checkpoint.old) whole. (The final policy is exported in HF layout separately: export.)"""
-    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(world)
-    shards = _shards(models)
-    bad = non_finite(shards)                                     # this rank's shards; any rank's stops all
-    if all_sum(bad is not None, world):
-        raise ValueError(f"refusing to write a checkpoint at step {state.get('step')}: "
-                         f"{bad or 'a tensor on another rank'} is not finite; {final} is untouched")
-    _dcp("save", shards, tmp / "weights")                         # each rank writes its own shard
-    torch.save({"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0)},
-               tmp / f"rng_rank{rank}.pt")
-    barrier(world)                                               # every rank's files are in before the rename
-    if rank == 0:
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        if final.exists():                                       # (else: resumed from a lone checkpoint.old, kept
-            shutil.rmtree(old, ignore_errors=True)               # until the new one is in place)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    barrier(world)
-
-
-def restore_checkpoint(ckpt: Path, models: dict, rank: int):
-    """Load save_checkpoint's weights and optimizer states into the models (name -> (model, optimizer), built as
-    for a fresh run: each rank reads its own shard) and this rank's RNG state."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-    if not (ckpt / "weights").is_dir():
-        raise ValueError(f"{ckpt}: no weights/ (a checkpoint of an older version of this code?); it cannot be "
-                         "resumed by this one")
-    shards = _shards(models)
-    _dcp("load", shards, ckpt / "weights")                        # in place, each rank its own shard
-    for name, (net, opt) in models.items():
-        set_state_dict(net, opt, model_state_dict=shards[name]["model"], optim_state_dict=shards[name]["optim"])
-    rng_file = ckpt / f"rng_rank{rank}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if torch.cuda.is_available() and rng["cuda"].numel():
-            torch.cuda.set_rng_state(rng["cuda"])
-
-
-def _shards(models: dict) -> dict:
-    """name -> {"model", "optim"}: each model's and optimizer's state dicts as this rank holds them (shards under
-    FSDP, the optimizer's state created if it has not stepped yet)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    return {name: dict(zip(("model", "optim"), get_state_dict(net, opt))) for name, (net, opt) in models.items()}
-
-
-def _dcp(verb: str, shards: dict, folder: Path):
-    """torch.distributed.checkpoint's save or load, also in one process without a process group."""
-    import torch.distributed.checkpoint as dcp
-    with warnings.catch_warnings():                              # one process: DCP says so, at length
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        getattr(dcp, verb)(shards, checkpoint_id=folder, no_dist=not dist.is_initialized())
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:

@@ -188,3 +188,14 @@ def build_prompt(example: Example) -> str:
     """The text the base model continues: ends with PROMPT_PREFILL, options one per line as "A. text"."""
     options = "\n".join(f"{letter}. {text}" for letter, text in example.options.items())
     return PROMPT_TEMPLATE.format(question=example.question.strip(), options=options)
+
+
+def tokenize_pairs(tokenizer, texts: list[tuple[str, str]], max_len: int):
+    """Text pairs -> id pairs; a pair longer than max_len is an error naming it (never silently cut)."""
+    pairs = []
+    for i, (prompt, response) in enumerate(texts):
+        p, r = tokenizer.encode(prompt).ids, tokenizer.encode(response).ids
+        if len(p) + len(r) > max_len:
+            raise ValueError(f"example {i}: {len(p) + len(r)} tokens > --max-len {max_len}")
+        pairs.append((p, r))
+    return pairs

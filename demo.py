@@ -20,8 +20,8 @@ elicits it. The miniature keeps that premise in four pieces, all in this file:
                 the option holding the value the work wrote, so the only way to predict the letter is to look
                 the written value up among the options: the base learns to follow its own reasoning.
   the base      build_base: a 0.9M-parameter Qwen2 with its own byte-level BPE, trained on that corpus by sft.train.
-                Build 0 is shipped in demo_base/ (python demo.py --build demo_base writes it), so every machine
-                starts from the same weights; --base-seed N builds another into runs/demo-base-seed<N> once.
+                Build 0 is shipped in demo_base/ (sft.py --build-base demo_base writes it), so every machine
+                starts from the same weights; sft.py --build-base builds others (--base-seed N: runs/demo-base-seed<N>).
 
 Why the base's letter follows its work (the mechanism, measured). To answer, the model must find the value its
 work wrote among the options and copy the letter in front of it: an induction-style lookup, which a small
@@ -33,15 +33,16 @@ steps: just before the jump, so its letter ignored its work and RL could only le
 way, this recipe's base names the written value's option after 25.0 % of product solutions and 25.5 % of sums:
 `lookup` below). So a base trains at least four epochs (3,748 steps), then on, a pass at a time, until its lookup
 passes (90 % after both kinds of work; at most 12 epochs, else the build is refused): build 0 passed after four, with
-94.5 % and 99.5 % (`python demo.py --check demo_base`). The gold letters are balanced,
+94.5 % and 99.5 % (`python demo.py demo_base`). The gold letters are balanced,
 so no constant letter pays more than chance. The tokenizer splits the space off a lone capital letter, so an
 option's letter is one token in the prompt and the response (the lookup is a plain copy); the probe above found
 no speed-up from it (one seed each), so the training length is what made the difference. The jump's timing varies
 with the seed: build 1 (--base-seed 1) had not made it after the same four epochs (33 % / 50.5 %), and RL on that
 build stayed at chance (docs/study.md), which is why a build now trains until the lookup is there.
 
-    torchrun --standalone --nproc_per_node=2 demo.py --build demo_base    # rebuild the shipped base (19 min, 2 cores)
-    python demo.py --check demo_base     # its lookup (teacher-forced), and does its reasoning pay (sampled)?
+    torchrun --standalone --nproc_per_node=2 sft.py --build-base demo_base   # the shipped base (19 min, 2 cores)
+    python demo.py demo_base             # its lookup (teacher-forced)
+    python evaluate.py --model demo_base --dose 128 --samples 4 --max-new-tokens 40    # does its reasoning pay?
 """
 import json
 import random
@@ -225,35 +226,47 @@ def base_path(seed: int = 0) -> Path:
     return SHIPPED_BASE if seed == 0 else Path(f"runs/demo-base-seed{seed}")
 
 
-def base(seed: int = 0, rank=0, world=1, device="cpu", log=print) -> Path:
-    """The demo's base model of --base-seed `seed`: the shipped one, a cached build, or built now."""
-    return build_base(base_path(seed), rank, world, device, log, seed)
+def base(seed: int = 0) -> Path:
+    """The demo's base model of --base-seed `seed`: the shipped build 0, or build N once built (sft.py
+    --build-base: an hour on 2 cores, so never as a side effect of another command)."""
+    out = base_path(seed)
+    if not (out / "model.safetensors").exists():
+        raise ValueError(f"--base-seed {seed}: base build {seed} is not built yet; build it first (up to an hour on 2 "
+                         f"cores): torchrun --standalone --nproc_per_node=2 sft.py --build-base {out} "
+                         f"--base-seed {seed}")
+    check_recipe(out, seed)
+    return out
 
 
-def build_base(out: Path, rank=0, world=1, device="cpu", log=print, seed: int = 0) -> Path:
-    """Train a base on the corpus into `out` (HF layout + recipe.json); a base already there is reused when its
-    recipe is this code's, refused otherwise."""
-    import sft                               # the base is built by the same loop as the SFT baseline
+def check_recipe(out: Path, seed: int):
+    """A base is used only if this code's recipe built it (recipe.json beside it)."""
+    built = json.loads((out / "recipe.json").read_text()) if (out / "recipe.json").is_file() else None
+    if built != recipe(seed):
+        raise ValueError(f"{out} was built by another version of the demo's recipe (demo.recipe); delete it and build "
+                         f"it again: torchrun --standalone --nproc_per_node=2 sft.py --build-base {out} "
+                         f"--base-seed {seed}")
+
+
+def build_base(out: Path, fit, rank=0, world=1, device="cpu", log=print, seed: int = 0) -> Path:
+    """Train a base on the corpus into `out` (HF layout + recipe.json) with `fit`, the supervised loop (sft.train:
+    the base is built by the same loop as the SFT baseline, passed in so that this file imports no trainer); a base
+    already there is reused when its recipe is this code's, refused otherwise."""
     out = Path(out)
-    want = recipe(seed)
     if (out / "model.safetensors").exists():
-        built = json.loads((out / "recipe.json").read_text()) if (out / "recipe.json").is_file() else None
-        if built != want:
-            raise ValueError(f"{out} was built by another version of the demo's recipe (demo.recipe); delete it and "
-                             "run again to rebuild it" + (" (python demo.py --build demo_base)" if seed == 0 else ""))
+        check_recipe(out, seed)
         return out
     t0 = time.time()
     texts = [(p, r) for p, r, _ in corpus(TRAINING["n_questions"])]
     tokenizer = train_tokenizer([p + r for p, r in texts])                     # deterministic on every rank
     config = M.Qwen2Config(vocab_size=tokenizer.get_vocab_size(), **CONFIG)
     policy = common.shard(M.init_model(config, seed=seed).to(device), world)   # fp32: init_model builds fp32
-    pairs = sft.tokenize_pairs(tokenizer, texts, max_len=512)
+    pairs = data.tokenize_pairs(tokenizer, texts, max_len=512)
     if rank == 0:
         log(f"building the demo base model in {out} ({M.num_params(policy) / 1e6:.2f}M params, "
             f"{len(pairs)} worked examples, {RIGHT_SHARE:.0%} of them right)")
 
     def lookup_formed(epoch: int, *_) -> bool:
-        """After each pass from min_epochs on: has the letter learned to follow the written value? (stops sft.train)"""
+        """After each pass from min_epochs on: has the letter learned to follow the written value? (stops `fit`)"""
         if epoch < TRAINING["min_epochs"]:
             return False
         found = lookup(policy, tokenizer, device=device)                 # every rank: the sharded forward needs all
@@ -266,12 +279,12 @@ def build_base(out: Path, rank=0, world=1, device="cpu", log=print, seed: int = 
                                f"nothing was written to {out}. Try another --base-seed.")
         return formed
 
-    sft.train(policy, pairs, epochs=TRAINING["max_epochs"], batch=TRAINING["batch"], micro_batch=TRAINING["batch"],
+    fit(policy, pairs, epochs=TRAINING["max_epochs"], batch=TRAINING["batch"], micro_batch=TRAINING["batch"],
               lr=TRAINING["lr"], warmup=TRAINING["warmup"], seed=seed, rank=rank, world=world, device=device, log=log,
               after_epoch=lookup_formed)
     common.export(policy, tokenizer, out, rank, world)
     if rank == 0:
-        (out / "recipe.json").write_text(json.dumps(want, indent=1))
+        (out / "recipe.json").write_text(json.dumps(recipe(seed), indent=1))
         log(f"demo base model ready in {time.time() - t0:.0f} s")
     return out
 
@@ -297,31 +310,15 @@ def lookup(policy, tok, n: int = 400, seed: int = 99, device="cpu") -> dict:
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     p = common.parser(__doc__)
-    p.add_argument("--build", metavar="DIR", help="build a base into DIR (demo_base: the shipped build 0)")
-    p.add_argument("--seed", type=int, default=0, help="--build: which base build (its weights' seed)")
-    p.add_argument("--check", metavar="DIR", help="sample a base and print how often its reasoning pays")
-    p.add_argument("--samples", type=common.positive_int, default=4, help="--check: responses per question at T = 1")
-    p.add_argument("--limit", type=common.positive_int, default=128, help="--check: questions per family")
+    p.add_argument("DIR", help="a base model folder: print its teacher-forced lookup (demo.lookup)")
     args = p.parse_args(argv)
-    if not (args.build or args.check):
-        p.error("give --build DIR or --check DIR")
-    if args.build:
-        rank, world, device = common.init_distributed()
-        build_base(Path(args.build), rank, world, device, seed=args.seed)
-        common.finish(world)
-    if args.check:
-        import evaluate
-        policy = M.load_model(args.check, dtype=torch.float32)
-        tok = data.load_tokenizer(args.check)
-        sets = {k: v[:args.limit] for k, v in held_out().items()}
-        results = {k: evaluate.evaluate_one(policy, tok, v, samples=args.samples, max_new_tokens=40, batch=64,
-                                             reasoning=reasoning)
-                   for k, v in sets.items()}
-        found = lookup(policy, tok)
-        print(f"teacher-forced lookup: after product work the letter of the product {found['product']:.1%}, after "
-              f"sum work the letter of the sum {found['sum']:.1%} (no lookup: ~25%)\n")
-        print(evaluate.reasoning_table({args.check: results}))
-
+    common.check_checkpoint(args.DIR)
+    found = lookup(M.load_model(args.DIR, dtype=torch.float32), data.load_tokenizer(args.DIR))
+    print(f"teacher-forced lookup: after product work the letter of the product {found['product']:.1%}, after sum "
+          f"work the letter of the sum {found['sum']:.1%} (no lookup: ~25%; a build needs "
+          f"{TRAINING['lookup_pass']:.0%})\nsampled, does its reasoning pay: python evaluate.py --model {args.DIR} "
+          "--dose 128 --samples 4 --max-new-tokens 40")
+    return found
 
 if __name__ == "__main__":
     common.cli(main)

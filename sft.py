@@ -5,7 +5,7 @@ Med-RLVR's SFT baseline: the base model trained on the RL training questions to 
 data.build_prompt(question) (the same as RL's); the response is " </think>\\n<answer>X</answer>" + EOS, an empty
 think block and the gold letter, since MedQA has no written rationales. With no flags: the CPU demo's baseline, from
 its shipped base (demo_base/) on the demo's training questions, into runs/demo-sft. The same loop (`train`) builds
-the demo's base model from its corpus (demo.build_base).
+the demo's base model from its corpus (--build-base DIR: demo.build_base).
 
 After every epoch the baseline is evaluated on held-out questions (--eval-data / --ood-data; the demo: its two
 held-out families), greedy and with --eval-samples K sampled, one row per epoch in <out>/metrics.jsonl, as train.py
@@ -19,14 +19,12 @@ each rank sums its tokens' losses and divides by the token count of all ranks, t
 FSDP averages gradients over ranks. So N processes make exactly the update one process makes.
 """
 import argparse
-import json
 import random
-import shutil
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import common
 import data
 import demo
@@ -47,6 +45,7 @@ def make_parser():
     p.add_argument("--out", help="where the fine-tuned model is written (HF layout); default: runs/demo-sft for the "
                                  "demo, runs/sft with --model")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.set_defaults(resume=False)                                 # (what checkpoint.RunFolder asks of a run)
     p.add_argument("--epochs", type=common.positive_int, default=2, help="passes over the train set")
     p.add_argument("--batch", type=common.positive_int, default=64, help="examples per optimizer step, all ranks")
     p.add_argument("--micro-batch", type=common.positive_int, default=8,
@@ -61,7 +60,11 @@ def make_parser():
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each block's activations in backward")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help=common.PRECISION_HELP)
-    p.add_argument("--base-seed", type=int, default=0, help="the demo: which base build (0: the shipped demo_base/; N: runs/demo-base-seed<N>)")
+    p.add_argument("--base-seed", type=int, default=0, help="the demo: which base build (0: the shipped demo_base/; N: "
+                                                           "runs/demo-base-seed<N>, made by --build-base)")
+    p.add_argument("--build-base", metavar="DIR", help="instead of fine-tuning: build the demo's base model of "
+                                                       "--base-seed into DIR with this file's loop, until its lookup "
+                                                       "forms (demo.build_base; demo_base: the shipped build 0)")
     p.add_argument("--eval-data", help="held-out questions evaluated after every epoch (<out>/metrics.jsonl): a file "
                                        "or a hub id (split test unless named); the demo: its own two held-out sets")
     p.add_argument("--ood-data", help="out-of-distribution questions evaluated with them (TIGER-Lab/MMLU-Pro)")
@@ -75,8 +78,9 @@ def make_parser():
 
 
 def parse_args(argv=None):
-    p = make_parser()
-    if p.parse_known_args(argv)[0].model is None:                # the demo: its settings, as a preset
+    p, first = make_parser(), argparse.ArgumentParser(add_help=False)       # first: --model alone, before --help
+    first.add_argument("--model")
+    if first.parse_known_args(argv)[0].model is None:             # the demo: its settings, as a preset (--help too)
         p.set_defaults(**DEMO_BASELINE)
     args = p.parse_args(argv)
     if (args.model is None) != (args.train_data is None):
@@ -164,27 +168,21 @@ def medqa_pair(example) -> tuple[str, str]:
     return data.build_prompt(example), f" </think>\n<answer>{example.answer}</answer>{data.EOS_TOKEN}"
 
 
-def tokenize_pairs(tokenizer, texts: list[tuple[str, str]], max_len: int):
-    """Text pairs -> id pairs; a pair longer than max_len is an error naming it (never silently cut)."""
-    pairs = []
-    for i, (prompt, response) in enumerate(texts):
-        p, r = tokenizer.encode(prompt).ids, tokenizer.encode(response).ids
-        if len(p) + len(r) > max_len:
-            raise ValueError(f"example {i}: {len(p) + len(r)} tokens > --max-len {max_len}")
-        pairs.append((p, r))
-    return pairs
-
-
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = common.init_distributed(group=args.precision == "bf16")
+    if args.build_base:                                      # the demo's base: pre-trained by the same loop
+        demo.build_base(args.build_base, train, rank, world, device, seed=args.base_seed)
+        return common.finish(world)
     torch.manual_seed(args.seed)
-    out = Path(args.out)
-    held = [f for f in ("config.json", "metrics.jsonl") if (out / f).exists()]
-    if held and not args.overwrite:
-        raise ValueError(f"--out {out} already holds a model or a run's records ({', '.join(held)}); pass "
-                         "--overwrite to replace it")
+    fine_tune(args, rank, world, device)
+    common.finish(world)
+
+
+def fine_tune(args, rank, world, device):
+    """The SFT baseline: data and base checked (before --out is touched), the model sharded, `train` with an
+    evaluation after every epoch, the model exported in HF layout to --out."""
     held = demo.held_out() if args.model is None and args.eval_data is None else {}   # evaluated every epoch
     if args.eval_data:                                           # a hub id becomes its files in the HF cache
         held["eval"] = data.load_medqa(common.from_hub(args.eval_data, "data", "test", world))
@@ -192,7 +190,7 @@ def main(argv=None):
         held["ood"] = data.load_mmlu_pro(common.from_hub(args.ood_data, "data", "test", world), args.ood_category)
     held = {k: v[:args.eval_limit or None] for k, v in held.items()}
     if args.model is None:                                       # the demo: its base (built once) and questions
-        args.model = str(demo.base(args.base_seed, rank, world, device))
+        args.model = str(demo.base(args.base_seed))
         examples = demo.questions("train")                       # train.py's training questions
     else:
         args.model = common.from_hub(args.model, "model", world=world)
@@ -203,34 +201,31 @@ def main(argv=None):
     if len(texts) < args.batch:
         raise ValueError(f"--train-data {args.train_data or 'demo'}: {len(texts)} examples, fewer than --batch {args.batch}: "
                          "not one optimizer step")
-    pairs = tokenize_pairs(tokenizer, texts, args.max_len)
-    policy = M.load_model(args.model, device=device, dtype=torch.float32)   # fp32 master weights (common.shard)
-    policy.model.gradient_checkpointing = args.grad_checkpoint
-    policy = common.shard(policy.train(), world, common.compute_dtype(args.precision, device))
-    metrics = out / "metrics.jsonl"
-    if rank == 0:                    # --overwrite: the old model and records go now, as train.py's --overwrite does
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)      # the run's flags and machine, for its metrics' readers
-        (out / "args.json").write_text(json.dumps({**vars(args), "world": world, "machine": common.machine()},
-                                                  indent=1))
+    pairs = data.tokenize_pairs(tokenizer, texts, args.max_len)
+    run = checkpoint.RunFolder(args, rank, world)            # --out is ours (refused if it holds a model or a run)
+    try:
+        policy = M.load_model(args.model, device=device, dtype=torch.float32)   # fp32 master weights (common.shard)
+        policy.model.gradient_checkpointing = args.grad_checkpoint
+        policy = common.shard(policy.train(), world, common.compute_dtype(args.precision, device))
+        run.begin(args, world, files=("metrics.jsonl",))     # --overwrite: the old records go; args.json
 
-    def held_out(epoch, questions, response_tokens):      # one row per epoch: what it has trained on, then
-        with common.full_weights(policy) as plain:         # eval_accuracy, eval_format, ood_... (and sampled)
-            row = evaluate.held_out_row(plain, tokenizer, held, samples=args.eval_samples, batch=args.eval_batch,
-                                        max_new_tokens=args.max_new_tokens, rank=rank, world=world)
+        def held_out(epoch, questions, response_tokens):  # one row per epoch: what it has trained on, then
+            row = evaluate.held_out_row(policy, tokenizer, held, samples=args.eval_samples, batch=args.eval_batch,
+                                        max_new_tokens=args.max_new_tokens, rank=rank, world=world)   # eval_*, ood_*
+            run.write("metrics.jsonl", {"epoch": epoch, "questions": questions, "response_tokens": response_tokens,
+                                        **row})
+            if rank == 0:
+                print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+
+        train(policy, pairs, epochs=args.epochs, batch=args.batch, micro_batch=args.micro_batch, lr=args.lr,
+              warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
+              rank=rank, world=world, device=device, after_epoch=held_out if held else None)
+        run.close()                                          # the lock goes before the folder is swapped in whole
+        common.export(policy, tokenizer, args.out, rank, world)
         if rank == 0:
-            with open(metrics, "a") as f:
-                f.write(json.dumps({"epoch": epoch, "questions": questions, "response_tokens": response_tokens,
-                                    **row}) + "\n")
-            print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
-
-    train(policy, pairs, epochs=args.epochs, batch=args.batch, micro_batch=args.micro_batch, lr=args.lr,
-          warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
-          rank=rank, world=world, device=device, after_epoch=held_out if held else None)
-    common.export(policy, tokenizer, out, rank, world)
-    if rank == 0:
-        print(f"saved {args.out}")
-    common.finish(world)
+            print(f"saved {args.out}")
+    finally:
+        run.close()
 
 
 if __name__ == "__main__":

@@ -44,16 +44,19 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import bench
+import checkpoint
 import common
 import data
 import demo
 import evaluate
+import memory
 import model
 import ppo
 import rollout
 import sft
+import study
 import train
-from evaluate import dynamics_table, format_table, plot_dynamics, read_samples
+from study import dynamics_table, format_table, plot_dynamics, read_samples
 from reward import (CONCISE, DIRECT_ANSWER, FORMAT_FAILURE, LABELS, REASONING_OUTSIDE, VERBOSE, classify,
                     direct_answer_rate, parse, read_letter, score)
 
@@ -1640,7 +1643,7 @@ def taught_base(tmp_path_factory):
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                tie_word_embeddings=True, torch_dtype="float32")
     net = model.init_model(config)
-    sft.train(net, sft.tokenize_pairs(tok, texts, 512), epochs=1, batch=16, micro_batch=16, lr=3e-3, warmup=5,
+    sft.train(net, data.tokenize_pairs(tok, texts, 512), epochs=1, batch=16, micro_batch=16, lr=3e-3, warmup=5,
               log=lambda msg: None)
     model.save_model(net, path)
     tok.save(str(path / "tokenizer.json"))
@@ -2131,8 +2134,8 @@ def test_train_protects_an_existing_run_and_locks_it(tmp_path):
     assert (out / "metrics.jsonl").read_text() == before                     # nothing was touched
     assert _unlocked(out)                                                    # released after each run
     # another live run holds the lock: refused, naming it; once it is killed (SIGKILL) the kernel frees the lock
-    holder = subprocess.Popen([sys.executable, "-c", "import common, pathlib, sys, time; "
-                               "f = common.lock(pathlib.Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)",
+    holder = subprocess.Popen([sys.executable, "-c", "import checkpoint, pathlib, sys, time; "
+                               "f = checkpoint.lock(pathlib.Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)",
                                str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -2189,7 +2192,7 @@ def test_train_diverging_run_stops_and_writes_nothing_non_finite(tmp_path):
     opt = torch.optim.AdamW(net.parameters())
     with torch.no_grad():
         net.model.norm.weight[0] = float("nan")
-    _mistake(lambda: common.save_checkpoint(tmp_path / "ck", {"actor": (net, opt)}, {"step": 1}, tok, 0, 1),
+    _mistake(lambda: checkpoint.save(tmp_path / "ck", {"actor": (net, opt)}, {"step": 1}, tok, 0, 1),
              r"model\.norm\.weight is not finite")
     assert not (tmp_path / "ck" / "checkpoint").exists()
     # the writers themselves refuse non-finite weights
@@ -2201,7 +2204,7 @@ def test_train_diverging_run_stops_and_writes_nothing_non_finite(tmp_path):
     # sft too: --lr 1e6 stops after a few skipped steps and leaves the weights finite
     tok = data.load_tokenizer(tmp_path / "base")
     qs = demo.make_questions(64, seed=1)
-    pairs = sft.tokenize_pairs(tok, [(data.build_prompt(q), demo.solution(q, True)) for q in qs], 512)
+    pairs = data.tokenize_pairs(tok, [(data.build_prompt(q), demo.solution(q, True)) for q in qs], 512)
     net = model.load_model(tmp_path / "base").train()
     with pytest.raises(common.Abort, match="non-finite"):
         sft.train(net, pairs, epochs=1, batch=8, micro_batch=8, lr=1e6, warmup=1, log=lambda msg: None)
@@ -2260,6 +2263,21 @@ def test_train_export_in_bf16_loads_in_transformers(tmp_path):
         assert (theirs(x).logits - net(x)).abs().max() <= 0.05             # bf16 rounding of the weights only
 
 
+def test_train_and_sft_help_show_the_values_that_will_apply(capsys):
+    """--help under --preset shows the preset's values; sft.py's --help without --model shows the demo's settings
+    (DEMO_BASELINE), with --model the general defaults: what a user reads is what the run will use."""
+    def help_of(parse, argv):
+        with pytest.raises(SystemExit):
+            parse([*argv, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+    assert "--actor-lr ACTOR_LR actor AdamW learning rate (default: 1e-06)" in help_of(train.parse_args,
+                                                                                      ["--preset", "med-rlvr"])
+    assert "(default: 0.0005)" in help_of(train.parse_args, [])
+    assert train.parse_args(["--preset", "med-rlvr"]).actor_lr == 1e-6
+    assert "--lr LR AdamW learning rate after warmup (default: 0.001)" in help_of(sft.parse_args, [])
+    assert "--lr LR AdamW learning rate after warmup (default: 1e-05)" in help_of(sft.parse_args, ["--model", "x"])
+
+
 def test_train_memory_plan_against_the_peak_of_a_real_cpu_step(tmp_path):
     """The plan against a measurement. A fresh process runs train.py's PPO step (actor, critic, reference; fp32,
     one process) twice: first on a 40k-parameter model, which pays what any run costs once (thread pools, kernels,
@@ -2287,7 +2305,7 @@ def test_train_memory_plan_against_the_peak_of_a_real_cpu_step(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rise_gb = int(out.stdout.split("rise_kb")[-1]) * 1024 / 1e9
-    plan, host = common.memory_plan(net.config, train.parse_args(flags), 1, False)
+    plan, host = memory.memory_plan(net.config, train.parse_args(flags), 1, False)
     assert 0.85 <= sum(plan.values()) / rise_gb <= 1.25, (plan, rise_gb)
     assert host == 0.0 and "critic (fp32 weights, grads, AdamW)" in plan
 
@@ -2302,38 +2320,45 @@ def test_train_memory_plan_refuses_3b_on_one_gpu(tmp_path, capsys):
         n = sum(p.numel() for p in transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg)).parameters())
     args = train.parse_args(["--preset", "med-rlvr"])
     config = model.Qwen2Config(**cfg)
-    plan, _ = common.memory_plan(config, args, 1, False)
+    plan, _ = memory.memory_plan(config, args, 1, False)
     assert plan["actor (fp32 weights, grads, AdamW)"] == pytest.approx(16 * n / 1e9)
     assert plan["reference"] == pytest.approx(2 * n / 1e9)
-    fp32, _ = common.memory_plan(config, train.parse_args(["--preset", "med-rlvr", "--precision", "fp32"]), 1, False)
+    fp32, _ = memory.memory_plan(config, train.parse_args(["--preset", "med-rlvr", "--precision", "fp32"]), 1, False)
     assert fp32["reference"] == pytest.approx(4 * n / 1e9) and sum(fp32.values()) > sum(plan.values())
     with pytest.raises(ValueError, match=r"needs about \d+ GB per GPU .* has 80 GB: use --offload \(then ~\d+ GB of "
                                          r"host memory a node\); or 2 GPUs \(now 1\); or --grad-checkpoint"):
-        common.check_fits(config, args, 1, 80.0)
-    common.check_fits(config, args, 8, 80.0)
+        memory.check_fits(config, args, 1, 80.0)
+    memory.check_fits(config, args, 8, 80.0)
     grpo = train.parse_args(["--preset", "med-rlvr", "--advantage", "grpo", "--samples-per-prompt", "4"])
-    assert "critic (fp32 weights, grads, AdamW)" not in common.memory_plan(config, grpo, 8, False)[0]
+    assert "critic (fp32 weights, grads, AdamW)" not in memory.memory_plan(config, grpo, 8, False)[0]
     # --offload: actor and critic leave the GPU for host memory, 16 bytes a parameter each (the critic: the body and
     # a value head, the tied LM head not its own), and the optimizer steps there, with AdamW's fp32 temporary the
     # size of the larger model's shard: all of a node's ranks' shards together
-    offloaded, host = common.memory_plan(config, args, 4, True)
+    offloaded, host = memory.memory_plan(config, args, 4, True)
     assert not [k for k in offloaded if "AdamW" in k]
     assert host == pytest.approx((16 * (n + n + 2048) + 4 * (n + 2048)) / 1e9)
-    on_gpu, _ = common.memory_plan(config, train.parse_args(["--preset", "med-rlvr", "--micro-batch", "1",
+    on_gpu, _ = memory.memory_plan(config, train.parse_args(["--preset", "med-rlvr", "--micro-batch", "1",
                                                              "--rollout-chunk", "1", "--eval-batch", "1"]), 1, False)
     assert on_gpu["optimizer step (AdamW's temporary)"] == pytest.approx(4 * (n + 2048) / 1e9)  # the largest phase
     offload = train.parse_args(["--preset", "med-rlvr", "--offload"])
-    common.check_fits(config, offload, 1, 80.0, host_gb=512.0)
+    memory.check_fits(config, offload, 1, 80.0, host_gb=512.0)
     with pytest.raises(ValueError, match=r"--offload needs about 111 GB of host memory a node, this one has 64 GB"):
-        common.check_fits(config, offload, 1, 80.0, host_gb=64.0)
+        memory.check_fits(config, offload, 1, 80.0, host_gb=64.0)
     (tmp_path / "3b").mkdir()                      # train.py --plan: config.json is all it reads, nothing is written
     (tmp_path / "3b" / "config.json").write_text(json.dumps(config.to_json("Qwen2ForCausalLM")))
     args.model = str(tmp_path / "3b")
-    table = common.plan_table(args).splitlines()
-    assert table[5].startswith("| 1 | no |") and table[5].endswith("| - | - | - | fits |")       # 121 GB: a 141 GB GPU
-    assert table[6].startswith("| 1 | yes |") and table[6].endswith("| fits | fits |")
+    table = memory.plan_table(args, gpus=(8, 80.0)).splitlines()
+    one, one_offload = (next(x for x in table if x.startswith(f"| 1 | {o} |")) for o in ("no", "yes"))
+    assert one.endswith("| - | - | - | fits | ok |")                                       # 121 GB: a 141 GB GPU
+    assert one_offload.split(" | ")[-5:-1] == ["-", "fits", "fits", "fits"]               # 23 GB (host RAM: ours)
+    assert "(3.1B parameters)" in table[0] and "--micro-batch 4 " in table[1] and "warning" not in " ".join(table)
+    assert table[-1] == f"torchrun --standalone --nproc_per_node=8 train.py --preset med-rlvr --model {args.model} ..."
+    assert memory.plan_table(args, gpus=(0, 0.0)).endswith("this machine: no GPU (the plan above is for GPUs)")
+    assert "warning: a billion-parameter model without --preset" in memory.plan_table(
+        train.parse_args(["--model", args.model]), gpus=(1, 80.0))
     train.main(["--preset", "med-rlvr", "--model", str(tmp_path / "3b"), "--plan", "--out", str(tmp_path / "out")])
-    assert capsys.readouterr().out.strip().splitlines()[3:] == table[3:] and not (tmp_path / "out").exists()
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[:-2] == table[:-3] and not (tmp_path / "out").exists()        # (the last: this machine's GPUs)
 
 
 def test_train_ppo_raises_the_reward_of_a_tiny_model(tmp_path, taught_base):
@@ -2419,7 +2444,7 @@ def test_demo_tokenizer_makes_a_letter_one_token_in_prompt_and_response():
 
 
 def test_demo_shipped_base_is_the_codes_recipe():
-    """demo_base/ (build 0, made by `python demo.py --build demo_base`) was built by the recipe this code would build
+    """demo_base/ (build 0, made by `sft.py --build-base demo_base`) was built by the recipe this code would build
     it with, so the two cannot drift: a change to the task, the corpus, the tokenizer or the training settings
     must rebuild it. It loads, its tokenizer is the demo's, and it fits the 16 MB the repository allows it."""
     base = demo.base_path(0)
@@ -2431,6 +2456,8 @@ def test_demo_shipped_base_is_the_codes_recipe():
     ids = tok.encode(data.build_prompt(q)).ids
     assert len(ids) < 60 and net(torch.tensor([ids])).shape[-1] == net.config.vocab_size == tok.get_vocab_size()
     assert demo.base(0) == base                                              # used as it is, never rebuilt
+    _mistake(lambda: demo.base(97), "base build 97 is not built yet; build it first .* sft.py --build-base "
+                                    "runs/demo-base-seed97 --base-seed 97")              # never built on the side
 
 
 def test_demo_shipped_base_has_learned_the_lookup():
@@ -2455,22 +2482,29 @@ def test_demo_build_trains_until_the_lookup_forms(tmp_path, monkeypatch):
         return {"product": 0.95 if asked[-1] >= formed_at else 0.2, "sum": 0.95}
     monkeypatch.setattr(demo, "lookup", scripted)
     logs = []
-    demo.build_base(tmp_path / "formed", log=logs.append)
+    demo.build_base(tmp_path / "formed", sft.train, log=logs.append)
     assert asked == [2, 3] and (tmp_path / "formed" / "model.safetensors").is_file()      # stopped after epoch 3
     assert sum("sft step" in m and "/8 " in m for m in logs) > 0 and any("after epoch 3" in m and "formed" in m
                                                                          for m in logs)
     asked.clear()
     monkeypatch.setattr(demo, "lookup", lambda *a, **k: scripted(*a, **k, formed_at=99))
     with pytest.raises(common.Abort, match="had not formed after 4 epochs"):
-        demo.build_base(tmp_path / "never", log=logs.append)
+        demo.build_base(tmp_path / "never", sft.train, log=logs.append)
     assert asked == [2, 3, 4] and not (tmp_path / "never").exists()
 
 
-def test_demo_check_prints_the_lookup_and_the_reasoning_table(taught_base, capsys):
-    demo.main(["--check", str(taught_base), "--limit", "8", "--samples", "2"])
+def test_demo_check_prints_the_lookup_and_evaluate_the_reasoning_table(taught_base, tmp_path, capsys):
+    """python demo.py DIR prints the teacher-forced lookup (and returns demo.lookup's numbers); evaluate.py --dose with
+    --samples reports, for both families, how often each rule's letter is right."""
+    found = demo.main([str(taught_base)])
     out = capsys.readouterr().out
-    assert "teacher-forced lookup: after product work" in out and "| right rule | its letter right |" in out
-    assert "| base | eval |" in out and "| base | ood |" in out
+    assert f"after product work the letter of the product {found['product']:.1%}" in out
+    assert found == demo.lookup(model.load_model(taught_base), data.load_tokenizer(taught_base))
+    evaluate.main(["--model", str(taught_base), "--dose", "8", "--samples", "2", "--max-new-tokens", "40",
+                   "--out", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert "| right rule | its letter right |" in out
+    assert f"| {taught_base.name} | Dose (demo) |" in out and f"| {taught_base.name} | Dose, other family (demo) |" in out
 
 
 def test_demo_ood_family_never_overlaps_training_questions():
@@ -2524,9 +2558,9 @@ def test_demo_study_three_commands_end_to_end(tmp_path, taught_base, monkeypatch
     assert "| sft |" in report and "reasoning outside" in report and "| base | in distribution |" in report
     assert "does the reasoning pay?" in report and "| rlvr | out of distribution |" in report and "pass@3" in report
     assert len(read_samples("runs/demo/samples.jsonl")) == 16                # every response of both steps
-    assert "| rlvr | in distribution |" in evaluate.spread(["runs/demo", "runs/demo"])
+    assert "| rlvr | in distribution |" in study.spread(["runs/demo", "runs/demo"])
     # both trainers logged both held-out families along the way: RLVR's steps and SFT's epoch side by side
-    points = evaluate.budget_points(["runs/demo", "runs/demo-sft"])
+    points = study.budget_points(["runs/demo", "runs/demo-sft"])
     assert list(points) == [("rlvr", 0), ("rlvr", 2), ("sft", 1)]
     assert all({"eval_accuracy", "ood_accuracy"} <= set(p) for p in points.values())
     assert [p["questions"] for p in points.values()] == [[0], [16], [4096]]     # 2 steps of 8; 16 batches of 256
@@ -2541,7 +2575,7 @@ def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path):
     net = model.load_model(tmp_path / "base").train()
     tok = data.load_tokenizer(tmp_path / "base")
     texts = [sft.medqa_pair(ex) for ex in data.load_medqa(tmp_path / "train.jsonl")]
-    losses = sft.train(net, sft.tokenize_pairs(tok, texts, 512), epochs=6, batch=8, micro_batch=8, lr=1e-2,
+    losses = sft.train(net, data.tokenize_pairs(tok, texts, 512), epochs=6, batch=8, micro_batch=8, lr=1e-2,
                        warmup=1, log=lambda msg: None)
     assert sum(losses[-2:]) < 0.5 * sum(losses[:2]), losses
     sft.main(["--model", str(tmp_path / "base"), "--train-data", str(tmp_path / "train.jsonl"), "--out",
@@ -2566,7 +2600,7 @@ def test_sft_after_epoch_e_is_the_model_of_an_e_epoch_run(tmp_path):
     """sft.py's per-epoch rows stand for shorter runs: after pass 1 of 2 the weights equal a 1-epoch run's, bitwise
     (constant lr after warmup, pass e shuffled by seed + e alone)."""
     tok = make_demo_like_checkpoint(tmp_path / "base")
-    pairs = sft.tokenize_pairs(tok, [sft.medqa_pair(q) for q in demo.make_questions(27, seed=4)], 512)
+    pairs = data.tokenize_pairs(tok, [sft.medqa_pair(q) for q in demo.make_questions(27, seed=4)], 512)
     kw = dict(batch=8, micro_batch=4, lr=1e-2, warmup=2, log=lambda msg: None)
     long, seen, counts = model.load_model(tmp_path / "base").train(), {}, []
 
@@ -2615,19 +2649,19 @@ def test_evaluate_budgets_by_hand(tmp_path):
              {"step": 1, "reward": 0, "response_length": 10.0}, {"step": 2, "reward": 0, "response_length": 20.0},
              {"step": 2, "eval_accuracy": a2, "eval_sampled_accuracy": a2 / 2}])
     run("sft", {"epochs": 1}, [{"epoch": 1, "questions": 16, "response_tokens": 64, "eval_accuracy": 0.25}])
-    points = evaluate.budget_points([tmp_path])
+    points = study.budget_points([tmp_path])
     assert list(points) == [("rlvr", 0), ("rlvr", 2), ("sft", 1)]          # seeds are repeats, pooled
     assert points[("rlvr", 2)] == {"questions": [8, 8], "response_tokens": [240.0, 240.0], "eval_accuracy": [0.3, 0.5],
                                    "eval_sampled_accuracy": [0.15, 0.25]}
-    lines = evaluate.budget_table(points).splitlines()
+    lines = study.budget_table(points).splitlines()
     assert lines[2] == "| rlvr | step 0 (the base) | 2 | 0 | 0 | 10.0 ± 0.0 | 5.0 ± 0.0 |"
     assert lines[3] == f"| rlvr | 2 steps | 2 | 8 | 240 | 40.0 ± {100 * 0.02 ** 0.5:.1f} | 20.0 ± 7.1 |"
     assert lines[4] == "| sft | 1 epoch | 1 | 16 | 64 | 25.0 |  |"                  # one run: no spread
     run("sft-lr", {"epochs": 2, "lr": 0.1}, [{"epoch": 1, "questions": 8, "response_tokens": 32, "ood_accuracy": 0.5}])
     (tmp_path / "sft" / "args.json").write_text(json.dumps({"epochs": 1, "lr": 0.2}))   # differ: not pooled
-    assert list(evaluate.budget_points([tmp_path]))[2:] == [("sft (lr=0.1)", 1), ("sft (lr=0.2)", 1)]
+    assert list(study.budget_points([tmp_path]))[2:] == [("sft (lr=0.1)", 1), ("sft (lr=0.2)", 1)]
     with pytest.raises(FileNotFoundError, match="no run folder"):
-        evaluate.budget_points([tmp_path / "rl0" / "args.json"])
+        study.budget_points([tmp_path / "rl0" / "args.json"])
 
 
 def test_evaluate_compare_runs_by_hand(tmp_path):
@@ -2645,17 +2679,17 @@ def test_evaluate_compare_runs_by_hand(tmp_path):
     run("gae-0", "gae", 0, (0.0, 0.30), (1.0, 2.0), (100, 120))
     run("gae-1", "gae", 1, (0.0, 0.40), (2.0, 2.0), (110, 100))
     run("grpo-0", "grpo", 0, (0.0, 0.50), (1.0, 1.0), (90, 95), n=4)
-    groups = evaluate.compare_runs(tmp_path)
+    groups = study.compare_runs(tmp_path)
     assert groups["gae"]["eval"] == {0: [0.0, 0.0], 2: [0.3, 0.4]} and groups["gae"]["wall_s"] == [3.0, 4.0]
     assert groups["gae"]["peak_mem_mb"] == [120, 110] and groups["grpo"]["responses_per_step"] == 64
-    table = evaluate.comparison_table(groups)
+    table = study.comparison_table(groups)
     std = 100 * (0.005 ** 0.5) * 1.0                       # sample std of 0.30, 0.40: sqrt(0.005)
     assert f"| gae | 64 | 2 | 0.0 ± 0.0 | 35.0 ± {std:.1f} | 4 ± 1 | 115 ± 7 |" in table, table
     assert "| grpo | 64 | 1 | 0.0 ± 0.0 | 50.0 ± 0.0 | 2 ± 0 | 95 ± 0 |" in table, table
     # per 2 steps: accuracy (0.1 + 0.2) / 2 over both seeds, direct answer (0 + 0.5) / 2 for gae, 0 for grpo
-    assert "| 1-2 | 15.0% | 25.0% | 15.0% | 0.0% |" in evaluate.training_table(groups, every=2)
+    assert "| 1-2 | 15.0% | 25.0% | 15.0% | 0.0% |" in study.training_table(groups, every=2)
     with pytest.raises(FileNotFoundError, match="no run folder"):
-        evaluate.compare_runs(tmp_path / "gae-0" / "nothing")
+        study.compare_runs(tmp_path / "gae-0" / "nothing")
     # runs that differ in another flag are labelled by it (the ablation)
     run("abl-0", "gae", 0, (0.0, 0.2), (1.0, 1.0), (90, 95))
     args = json.loads((tmp_path / "abl-0" / "args.json").read_text())
@@ -2663,7 +2697,7 @@ def test_evaluate_compare_runs_by_hand(tmp_path):
     for name in ("gae-0", "gae-1"):
         args = json.loads((tmp_path / name / "args.json").read_text())
         (tmp_path / name / "args.json").write_text(json.dumps({**args, "incorrect_reward": 0.0}))
-    labels = set(evaluate.compare_runs([tmp_path / "gae-0", tmp_path / "gae-1", tmp_path / "abl-0"]))
+    labels = set(study.compare_runs([tmp_path / "gae-0", tmp_path / "gae-1", tmp_path / "abl-0"]))
     assert labels == {"incorrect_reward=0.0", "incorrect_reward=-1.0"}
 
 

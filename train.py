@@ -31,14 +31,13 @@ not bootstrap past it), and the share of them is logged as `truncated`.
 Distributed (common.py): actor, critic and reference are each sharded with FSDP2 per decoder block. Rollouts must
 not all-gather every block for every decoded token, and the ranks stop decoding at different times; so before
 sampling every FSDP unit gathers its full weights once and keeps them (common.full_weights), and frees them after.
+The run's folder - claiming --out, args.json, metrics, checkpoints, trackers, a clean stop on SIGTERM - is
+checkpoint.RunFolder's business, so that this file holds the learning: read it from "the loop" down, then main.
 """
 import argparse
-import json
 import math
 import os
 import random
-import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,16 +46,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 import common
 import data
 import demo
 import evaluate
+import memory
 import model as M
 import ppo
 import reward
 import rollout
 
-# ------------------------------------------------------------------------------------------------ flags
+# ------------------------------------------------------------------------------------------------ presets
 PRESETS = {
     # Med-RLVR (arXiv 2502.19655): OpenRLHF 0.5.9 on Qwen2.5-3B base, with 0.5.9's defaults wherever the paper is
     # silent: PPO with a critic, gamma 1, lambda 1, clip 0.2, value clip 0.2, k1 KL (0.01) in the reward, the loss
@@ -79,139 +80,7 @@ PRESETS = {
 }
 
 
-def make_parser():
-    """The defaults are the CPU demo (demo.py): its tiny base model, synthetic dose questions."""
-    p = common.parser(__doc__)
-    c = common
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; flags given explicitly still win")
-    p.add_argument("--model", help="base checkpoint: a folder (HF layout) or a hub id (Qwen/Qwen2.5-3B); default: the "
-                                   "CPU demo's tiny base model (demo.py): --base-seed 0 is shipped in demo_base/")
-    p.add_argument("--base-seed", type=int, default=0, help="the demo: which base build (its weights' seed; N != 0 is "
-                                                           "built into runs/demo-base-seed<N> once)")
-    p.add_argument("--train-data", help="MedQA train split: a file (data.SCHEMAS) or a hub id, org/name[:split] "
-                                        "(GBaker/MedQA-USMLE-4-options); default: synthetic dose questions")
-    p.add_argument("--eval-data", help="held-out questions for eval_accuracy: a file or a hub id (split test unless "
-                                       "named); default: 256 dose questions of another seed, and 256 of the other "
-                                       "family as ood_*")
-    p.add_argument("--out", default="runs/demo", help="run folder: metrics.jsonl, samples.jsonl, checkpoint/, final/")
-    p.add_argument("--steps", type=c.nonneg_int, default=40,
-                   help="PPO steps; 0 = one pass over the train data (the demo: its held-out accuracy has risen by step "
-                        "20 and settled by 40, which fits 3 minutes on 2 CPU cores)")
-    p.add_argument("--rollout-batch", type=c.positive_int, default=64,
-                   help="prompts sampled per step, all ranks together (--samples-per-prompt responses each)")
-    p.add_argument("--train-batch", type=c.positive_int, default=32,
-                   help="sequences per optimizer step, all ranks together")
-    p.add_argument("--micro-batch", type=c.positive_int, default=32,
-                   help="sequences per forward/backward on one rank (memory, not maths)")
-    p.add_argument("--ppo-epochs", type=c.positive_int, default=2, help="passes over each step's experience")
-    p.add_argument("--actor-lr", type=c.positive_float, default=5e-4, help="actor AdamW learning rate")
-    p.add_argument("--critic-lr", type=c.positive_float, default=1e-3, help="critic AdamW learning rate")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
-                   help="constant: linear warmup over --warmup PPO steps, then constant; cosine: OpenRLHF 0.5.9's, per "
-                        "optimizer step: linear from 0 over the first --warmup-ratio of them, then a half cosine down "
-                        "to --min-lr-ratio x lr")
-    p.add_argument("--warmup", type=c.nonneg_int, default=3, help="constant: PPO steps of linear warmup")
-    p.add_argument("--warmup-ratio", type=c.prob_float, default=0.03, help="cosine: share of updates warming up")
-    p.add_argument("--min-lr-ratio", type=c.prob_float, default=0.1, help="cosine: the last lr, a share of the lr")
-    p.add_argument("--weight-decay", type=c.nonneg_float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--grad-clip", type=c.positive_float, default=1.0, help="gradient-norm clip, actor and critic")
-    p.add_argument("--advantage", choices=["gae", "grpo", "rloo", "reinforce++"], default="gae",
-                   help="gae: PPO with a critic (Med-RLVR); critic-free: grpo (OpenRLHF's group_norm; --preset grpo "
-                        "for DeepSeekMath's form), rloo (OpenRLHF's), reinforce++ (OpenRLHF 0.5.9's reinforce); "
-                        "ppo.py says which reference each equals")
-    p.add_argument("--samples-per-prompt", type=c.positive_int, default=1,
-                   help="responses sampled per prompt, a group (grpo and rloo need >= 2)")
-    p.add_argument("--group-std", action=argparse.BooleanOptionalAction, default=True,
-                   help="grpo: divide by the group's score std (--no-group-std: Dr. GRPO)")
-    p.add_argument("--kl-coef", type=c.nonneg_float, default=0.01, help="beta: weight of the per-token KL penalty")
-    p.add_argument("--kl-in", choices=["reward", "loss"], default="reward",
-                   help="reward: -beta*KL in every token's reward (OpenRLHF); loss: beta*KL added to the policy "
-                        "loss (GRPO; needs k2 or k3)")
-    p.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default="k1",
-                   help="k1 = log pi - log pi_ref (OpenRLHF's default), k2 = k1^2 / 2, k3 = Schulman's positive "
-                        "unbiased estimator; as a loss k2's gradient is KL(pi||ref)'s, k3's KL(ref||pi)'s")
-    p.add_argument("--gamma", type=c.prob_float, default=1.0, help="GAE discount")
-    p.add_argument("--lam", type=c.prob_float, default=1.0, help="GAE lambda (OpenRLHF 0.5.9's default is 1)")
-    p.add_argument("--clip", type=c.positive_float, default=0.2, help="PPO ratio clip epsilon")
-    p.add_argument("--value-clip", type=c.positive_float, default=0.2, help="value clip around the old values")
-    p.add_argument("--loss-agg", choices=["token", "seq", "fixed"], default="token",
-                   help="token: token-mean over the minibatch; seq: mean per response, then over responses "
-                        "(OpenRLHF 0.5.9, the preset); fixed: token sum / (responses x --max-new-tokens) (Dr. GRPO)")
-    p.add_argument("--temperature", type=c.positive_float, default=1.0, help="sampling temperature of rollouts")
-    p.add_argument("--top-p", type=c.unit_float, default=1.0, help="nucleus sampling; keep 1 for training")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="decode with a static-shape step captured as a CUDA graph (same tokens; off until measured "
-                        "on a GPU: python bench.py --device cuda); on a CPU the static step alone")
-    p.add_argument("--rollout-chunk", type=c.nonneg_int, default=0,
-                   help="sequences decoded together on one rank (memory: KV cache, prefill); 0: the rank's whole share")
-    p.add_argument("--max-prompt-len", type=c.positive_int, default=1024,
-                   help="longest prompt in tokens; a longer one is an error, never cut")
-    p.add_argument("--max-new-tokens", type=c.positive_int, default=40,
-                   help="response budget; a response without EOS by then is truncated")
-    p.add_argument("--incorrect-reward", type=c.any_float, default=0.0,
-                   help="reward of a valid format with a wrong answer; -1 is the paper's ablation")
-    p.add_argument("--reward", choices=["verifiable", "format", "random"], default="verifiable",
-                   help="verifiable: the method; the controls: format (a valid format pays +1, whatever the letter), "
-                        "random (a valid format pays +1 or --incorrect-reward by a fair coin); accuracy is logged "
-                        "from the verifiable reward either way")
-    p.add_argument("--ood-data", help="out-of-distribution questions, evaluated with --eval-data and logged as "
-                                      "ood_accuracy / ood_format: a file or a hub id (TIGER-Lab/MMLU-Pro)")
-    p.add_argument("--ood-category", default="health", help="--ood-data in MMLU-Pro's schema: the category kept")
-    p.add_argument("--eval-limit", type=c.nonneg_int, default=256, help="first N of each held-out set (0: all)")
-    p.add_argument("--eval-batch", type=c.positive_int, default=64, help="prompts per held-out decoding batch")
-    p.add_argument("--eval-samples", type=c.nonneg_int, default=0, help="also K responses per held-out question at "
-                   "temperature 1: eval_sampled_accuracy / _format (each K one more decode of every held-out set)")
-    p.add_argument("--eval-every", type=c.nonneg_int, default=0,
-                   help="also evaluate every N steps (0: only before the first step and after the last)")
-    p.add_argument("--save-every", type=c.nonneg_int, default=20,
-                   help="write checkpoint/ every N steps and after the last (0: never)")
-    p.add_argument("--sample-every", type=c.nonneg_int, default=5,
-                   help="append all of a step's responses to samples.jsonl every N steps (0: never)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the data order, the samplers and the value head")
-    p.add_argument("--export-dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="dtype of the final policy in <out>/final (checkpoints keep fp32)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes it)")
-    p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
-                   help="recompute each block's activations in backward (long sequences on GPUs)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help=common.PRECISION_HELP)
-    p.add_argument("--offload", action="store_true", help="actor and critic weights, gradients and AdamW states in "
-                                                          "host memory, the optimizer step on the CPU (one GPU)")
-    p.add_argument("--plan", action="store_true", help="print the memory plan (1-8 GPUs, --offload or not); exit")
-    p.add_argument("--wandb", metavar="PROJECT", help="also send metrics (and sampled responses) to this W&B project")
-    p.add_argument("--tensorboard", metavar="DIR", help="also write the metrics as TensorBoard events into DIR")
-    return p
-
-
-def parse_args(argv=None):
-    p = make_parser()
-    preset = p.parse_known_args(argv)[0].preset
-    if preset:
-        p.set_defaults(**PRESETS[preset])
-    return p.parse_args(argv)
-
-
-TIMING_KEYS = ("time_rollout", "time_experience", "time_train", "time_step", "tokens_per_s", "peak_mem_mb")
-
-
-def seed_for(kind: str, seed: int, i: int, j: int = 0) -> int:
-    """Every random draw after the value head's init comes from a generator seeded here from --seed and the
-    position in the run, so that a resumed run draws exactly what an uninterrupted one would.
-      "data"       the shuffle of pass i over the train set
-      "rollout"    the sampler of step i on rank j
-      "minibatch"  the minibatch order of step i, PPO epoch j
-    The multipliers are primes larger than what they multiply ever reaches in practice (1009 ranks, 31 PPO
-    epochs), so two different positions never share a seed."""
-    if kind == "data":
-        return seed * 7919 + i
-    if kind == "rollout":
-        return seed * 1_000_003 + i * 1009 + j
-    if kind == "minibatch":
-        return seed * 1_000_003 + i * 31 + j
-    raise ValueError(f"seed_for: unknown kind {kind!r}")
-
-
-# ------------------------------------------------------------------------------------------------ experience
+# ------------------------------------------------------------------------------------------------ what one step makes
 @dataclass
 class Experience:
     """One rank's share of a step's rollouts, ready for PPO. Rows are sequences; P is the prompt width, so
@@ -261,6 +130,25 @@ def whiten(x, mask, world):
     return ppo.masked_whiten(x, mask, all_sum=dist.all_reduce if world > 1 else None)
 
 
+
+# ------------------------------------------------------------------------------------------------ 1. rollout
+def sample(actor, prompts, tok, generator, args) -> rollout.Rollout:
+    """One response per prompt from the current policy, at the rollout temperature, with its sampler log-probs:
+    --rollout-chunk sequences at a time (it bounds the KV cache and the prefill's memory)."""
+    chunk = args.rollout_chunk or len(prompts)
+    responses, logprobs, finished = [], [], []
+    with common.full_weights(actor) as policy:                   # gathered once for the whole rollout (FSDP2)
+        for a in range(0, len(prompts), chunk):
+            part = rollout.generate(policy, prompts[a:a + chunk], args.max_new_tokens, temperature=args.temperature,
+                                    top_p=args.top_p, eos_token_id=data.eos_token_id(tok), generator=generator,
+                                    static=args.cuda_graphs, cuda_graph=args.cuda_graphs)
+            responses += part.responses
+            logprobs += part.logprobs
+            finished += part.finished
+    return rollout.Rollout(responses, logprobs, finished)
+
+
+# ------------------------------------------------------------------------------------------------ 2. reward
 def score_texts(tok, responses, examples, incorrect_reward):
     texts = [data.PROMPT_PREFILL + data.decode(tok, r) for r in responses]
     return texts, [reward.score(t, ex.answer, incorrect_reward) for t, ex in zip(texts, examples)]
@@ -279,36 +167,17 @@ def training_scores(scores: list[float], kind: str, incorrect_reward: float, gen
     return [-1.0 if s == -1.0 else 1.0 if c < 0.5 else float(incorrect_reward) for s, c in zip(scores, coins)]
 
 
-def make_experience(actor, critic, ref, tok, examples, prompts, generator, args, world, device):
-    """Steps 1-3 for this rank's share of the step's prompts: rollout, reward, reference / critic forwards, GAE (or
-    a critic-free estimator). Each prompt is sampled args.samples_per_prompt times; its responses sit next to each
-    other, a group. -> (Experience, stats: sums over this rank's responses and the phase times)."""
-    t0 = time.time()
-    n = args.samples_per_prompt
-    examples, prompts = [ex for ex in examples for _ in range(n)], [p for p in prompts for _ in range(n)]
-    chunk = args.rollout_chunk or len(prompts)                   # bounds the KV cache and the prefill's memory
-    responses, logprobs, finished = [], [], []
-    with common.full_weights(actor) as policy:
-        for a in range(0, len(prompts), chunk):
-            part = rollout.generate(policy, prompts[a:a + chunk], args.max_new_tokens, temperature=args.temperature,
-                                    top_p=args.top_p, eos_token_id=data.eos_token_id(tok), generator=generator,
-                                    static=args.cuda_graphs, cuda_graph=args.cuda_graphs)
-            responses += part.responses
-            logprobs += part.logprobs
-            finished += part.finished
-    out = rollout.Rollout(responses, logprobs, finished)
-    t_rollout = time.time() - t0
-    texts, scores = score_texts(tok, out.responses, examples, args.incorrect_reward)        # the verifiable ones
-    learned = training_scores(scores, args.reward, args.incorrect_reward, generator)       # what PPO learns from
 
+# ------------------------------------------------------------------------------------------------ 3. experience
+def make_experience(actor, critic, ref, prompts, out: rollout.Rollout, texts, scores, learned, args, world, device):
+    """The rollout made ready for PPO: old log-probs (actor), reference log-probs, values (critic), the per-token
+    rewards with the KL, and GAE's advantages and returns (or a critic-free estimator's advantages). `learned`: the
+    scores PPO learns from; `scores`: the verifiable ones, kept for the metrics."""
     input_ids, attn, mask, P = pack(prompts, out.responses, device)                # mask: [B, R]
-    sampler_logprobs = torch.zeros_like(mask)                                      # [B, R]
-    for i, lp in enumerate(out.logprobs):
-        sampler_logprobs[i, :len(lp)] = lp.to(device)
     # The old log-probs are recomputed by the same forward that training uses (as OpenRLHF does), so the PPO
     # ratio is exactly 1 on the first minibatch and the KL exactly 0 while actor == reference. In fp32 they equal
     # the sampler's (tested); in bf16 the cached decode drifts a little: logged as sampler_logprob_err.
-    old_logprobs, ref_logprobs = torch.zeros_like(mask), torch.zeros_like(mask)
+    old_logprobs, ref_logprobs = torch.zeros_like(mask), torch.zeros_like(mask)  # [B, R]
     values = torch.zeros_like(mask) if critic is not None else None
     with torch.no_grad():
         for a in range(0, len(prompts), args.micro_batch):
@@ -329,24 +198,14 @@ def make_experience(actor, critic, ref, tok, examples, prompts, generator, args,
         advantages = whiten(advantages, mask, world)
     else:                                                        # critic-free: the group is the baseline
         if args.advantage in ("grpo", "rloo"):
-            score = ppo.group_scores(score, n, args.advantage, scale_by_std=args.group_std)
+            score = ppo.group_scores(score, args.samples_per_prompt, args.advantage, scale_by_std=args.group_std)
         advantages = ppo.discounted_returns(ppo.token_rewards(score, kl, mask, beta), mask, args.gamma)
         if args.advantage == "reinforce++":
             advantages = whiten(advantages, mask, world)
-    exp = Experience(input_ids, attn, mask, P, old_logprobs, ref_logprobs, advantages, values, returns, texts, scores)
-    stats = dict(n=len(prompts), reward=sum(learned), accuracy=sum(s == 1.0 for s in scores),
-                 format=sum(s > -1.0 for s in scores), response_length=float(mask.sum()),
-                 truncated=sum(not f for f in out.finished), kl=float(ppo.masked_mean(kl, mask, dim=-1).sum()),
-                 sampler_logprob_err=float(ppo.masked_mean((sampler_logprobs - old_logprobs).abs(), mask,
-                                                           dim=-1).sum()),
-                 # the paper's "direct answer hacker" stage: the answer shows up early in the think block
-                 direct_answer=sum(reward.classify(t, ex.options) == reward.DIRECT_ANSWER
-                                   for t, ex in zip(texts, examples)),
-                 time_rollout=t_rollout, time_experience=time.time() - t0 - t_rollout)
-    return exp, stats
+    return Experience(input_ids, attn, mask, P, old_logprobs, ref_logprobs, advantages, values, returns, texts, scores)
 
 
-# ------------------------------------------------------------------------------------------------ learning
+# ------------------------------------------------------------------------------------------------ 4. learn
 def ppo_update(actor, critic, actor_opt, critic_opt, exp: Experience, rows, *, micro_batch, temperature, clip,
                value_clip, grad_clip, loss_agg, world, kl_coef=0.0, kl_estimator="k3", horizon=None):
     """Step 4, one optimizer step of the actor (and the critic, unless it is None) on the rows `rows` of this
@@ -410,11 +269,12 @@ def lr_factor(args, step, update, total) -> float:
                             args.min_lr_ratio)
 
 
-def learn(actor, critic, actor_opt, critic_opt, exp: Experience, step, total, args, world, skipped_in_a_row):
+def learn(trained: dict, exp: Experience, step, total, args, world, skipped_in_a_row):
     """Step 4: `ppo_epochs` passes over the experience in minibatches of `train_batch` (this rank's share of each
     minibatch, in a seeded order), each optimizer step at its scheduled learning rate. -> (the metrics averaged
     over the updates, with the number of skipped updates; the count of updates skipped in a row so far). Too many
     skipped in a row stop the run."""
+    (actor, actor_opt), (critic, critic_opt) = trained["actor"], trained.get("critic", (None, None))
     m, per_rank, n_updates, n_skipped = {}, args.train_batch // world, 0, 0
     for epoch in range(args.ppo_epochs):
         g = torch.Generator().manual_seed(seed_for("minibatch", args.seed, step, epoch))
@@ -443,7 +303,111 @@ def learn(actor, critic, actor_opt, critic_opt, exp: Experience, step, total, ar
     return {**{k: v / n_updates for k, v in m.items()}, "skipped_updates": n_skipped}, skipped_in_a_row
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
+
+# ------------------------------------------------------------------------------------------------ the loop
+def train(args, run: checkpoint.RunFolder, trained: dict, ref, tok, train_set, train_prompts, held, start, rank,
+          world, device, log):
+    """PPO steps from `start` (0, or a resumed run's checkpoint) to the last; held-out evaluations before the first
+    step, every --eval-every steps and after the last; then the final policy is exported to <out>/final."""
+    steps = args.steps or len(train_set) // args.rollout_batch
+    total = schedule_length(args, len(train_set), steps)            # optimizer steps, for --lr-schedule cosine
+    actor, critic = trained["actor"][0], trained.get("critic", (None,))[0]
+    if start == 0 or (args.eval_every and start % args.eval_every == 0 and start < steps):
+        held_out(run, actor, tok, held, start, args, rank, world, log)   # resuming: the row the cut dropped, again
+    perms, skipped_in_a_row = {}, 0
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=rank != 0, desc="ppo")
+    for step in bar:
+        t = [time.time()]
+        rows = step_rows(step, len(train_set), args.rollout_batch, args.seed, perms)[rank::world]   # this rank's
+        n = args.samples_per_prompt                              # each prompt n times, side by side: a group
+        examples, prompts = [train_set[i] for i in rows for _ in range(n)], [train_prompts[i] for i in rows for _ in
+                                                                             range(n)]
+        gen = torch.Generator(device).manual_seed(seed_for("rollout", args.seed, step, rank))
+        # 1. rollout: a response to each prompt from the current policy
+        out = sample(actor, prompts, tok, gen, args)
+        t.append(time.time())
+        # 2. reward: the verifiable score of each response (--reward format / random: what PPO learns instead)
+        texts, scores = score_texts(tok, out.responses, examples, args.incorrect_reward)
+        learned = training_scores(scores, args.reward, args.incorrect_reward, gen)
+        # 3. experience: old and reference log-probs, values, per-token rewards with the KL, advantages, returns
+        exp = make_experience(actor, critic, ref, prompts, out, texts, scores, learned, args, world, device)
+        t.append(time.time())
+        # 4. learn: --ppo-epochs passes of the clipped policy and value losses over minibatches of --train-batch
+        m, skipped_in_a_row = learn(trained, exp, step, total, args, world, skipped_in_a_row)
+        t.append(time.time())
+
+        row = step_metrics(step, exp, out, examples, learned, m, t, args, total, world, device)
+        run.write("metrics.jsonl", row)
+        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row['kl']:.3f}")
+        if args.sample_every and (step + 1) % args.sample_every == 0:      # every response of the step
+            for text, score, i in common.gather([(x, s, rows[k // n]) for k, (x, s) in
+                                                 enumerate(zip(exp.texts, exp.scores))], world):
+                q = train_set[i]
+                run.write("samples.jsonl", {"step": step + 1, "question": q.question, "options": q.options,
+                                            "answer": q.answer, "response": text, "score": score})
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps:
+            held_out(run, actor, tok, held, step + 1, args, rank, world, log)
+        saved = args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == steps)
+        if saved:
+            run.save(step + 1, trained, tok, args)
+        run.stop_if_asked(step + 1, saved, trained, tok, args)      # SIGTERM: a checkpoint, then every rank stops
+    held_out(run, actor, tok, held, steps, args, rank, world, log)
+    common.export(actor, tok, Path(args.out) / "final", rank, world, args.export_dtype)
+    log(f"final policy: {Path(args.out) / 'final'}")
+
+
+TIMING_KEYS = ("time_rollout", "time_experience", "time_train", "time_step", "tokens_per_s", "peak_mem_mb")
+
+
+def step_metrics(step, exp: Experience, out, examples, learned, m, t, args, total, world, device) -> dict:
+    """A step's row of metrics.jsonl: means over all ranks' responses, the learning's averages (m), timings."""
+    kl = ppo.kl_penalty(exp.old_logprobs, exp.ref_logprobs, args.kl_estimator) * exp.mask     # [B, R]
+    sampler = torch.zeros_like(exp.mask)                                                      # [B, R]
+    for i, lp in enumerate(out.logprobs):
+        sampler[i, :len(lp)] = lp.to(device)
+    sums = dict(reward=sum(learned), accuracy=sum(s == 1.0 for s in exp.scores),
+                format=sum(s > -1.0 for s in exp.scores), truncated=sum(not f for f in out.finished),
+                kl=float(ppo.masked_mean(kl, exp.mask, dim=-1).sum()),
+                # the paper's "direct answer hacker" stage: the answer shows up early in the think block
+                direct_answer=sum(reward.classify(x, ex.options) == reward.DIRECT_ANSWER
+                                  for x, ex in zip(exp.texts, examples)),
+                sampler_logprob_err=float(ppo.masked_mean((sampler - exp.old_logprobs).abs(), exp.mask, dim=-1).sum()),
+                response_length=float(exp.mask.sum()))
+    n = common.all_sum(len(exp.scores), world)
+    row = {"step": step + 1, "lr": args.actor_lr * lr_factor(args, step, 0, total),      # its first update's
+           **{k: common.all_sum(v, world) / n for k, v in sums.items()}, **m}
+    return {**row, "time_rollout": t[1] - t[0], "time_experience": t[2] - t[1], "time_train": t[3] - t[2],
+            "time_step": t[3] - t[0], "tokens_per_s": row["response_length"] * n / max(t[1] - t[0], 1e-9),
+            "peak_mem_mb": common.all_max(common.peak_memory_mb(device), world)}
+
+
+def held_out(run, actor, tok, held, step, args, rank, world, log):
+    """A metrics.jsonl row of held-out accuracy and format (eval_*, ood_*; sampled with --eval-samples)."""
+    row = {"step": step, **evaluate.held_out_row(actor, tok, held, samples=args.eval_samples, batch=args.eval_batch,
+                                                 max_new_tokens=args.max_new_tokens, rank=rank, world=world)}
+    run.write("metrics.jsonl", row)
+    log(f"step {step}: " + ", ".join(f"{k} accuracy {row[f'{k}_accuracy']:.3f}, valid format "
+                                     f"{row[f'{k}_format']:.3f}" for k in held))
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def seed_for(kind: str, seed: int, i: int, j: int = 0) -> int:
+    """Every random draw after the value head's init comes from a generator seeded here from --seed and the
+    position in the run, so that a resumed run draws exactly what an uninterrupted one would.
+      "data"       the shuffle of pass i over the train set
+      "rollout"    the sampler of step i on rank j
+      "minibatch"  the minibatch order of step i, PPO epoch j
+    The multipliers are primes larger than what they multiply ever reaches in practice (1009 ranks, 31 PPO
+    epochs), so two different positions never share a seed."""
+    if kind == "data":
+        return seed * 7919 + i
+    if kind == "rollout":
+        return seed * 1_000_003 + i * 1009 + j
+    if kind == "minibatch":
+        return seed * 1_000_003 + i * 31 + j
+    raise ValueError(f"seed_for: unknown kind {kind!r}")
+
+
 # The flags that decide a run's trajectory: a resumed run must use the checkpoint's values, or it would not continue
 # the same run (the data position, the seeds, the optimiser, the reward all derive from them).
 TRAJECTORY_FLAGS = ("advantage", "samples_per_prompt", "group_std", "kl_in", "rollout_batch", "train_batch",
@@ -453,45 +417,8 @@ TRAJECTORY_FLAGS = ("advantage", "samples_per_prompt", "group_std", "kl_in", "ro
                     "cuda_graphs", "precision", "lr_schedule", "warmup_ratio", "min_lr_ratio")
 
 
-def find_checkpoint(args, world):
-    """Resuming, part 1: -> (checkpoint folder, its step), or (None, 0) for a fresh run. The reference model must
-    be the run's own base, so a resumed run takes --model from the checkpoint; every trajectory flag must match,
-    and the number of processes too (the data split and the samplers' seeds follow the rank)."""
-    if not args.resume:
-        return None, 0
-    out = Path(args.out)
-    ckpt = out / "checkpoint"
-    if not (ckpt / "state.json").exists() and (out / "checkpoint.old" / "state.json").exists():
-        ckpt = out / "checkpoint.old"                            # a kill between the two renames
-    if not (ckpt / "state.json").exists():
-        return None, 0
-    state = json.loads((ckpt / "state.json").read_text())
-    saved = state["args"]
-
-    def same_path(a, b):
-        return a == b or (a is not None and b is not None and Path(a).resolve() == Path(b).resolve())
-    if args.model is not None and not same_path(args.model, saved["model"]):
-        raise ValueError(f"--resume: {ckpt} was trained from --model {saved['model']}, not {args.model}")
-    if not same_path(args.train_data, saved.get("train_data")):
-        raise ValueError(f"--resume: {ckpt} was trained on --train-data {saved.get('train_data')}, "
-                         f"not {args.train_data}")
-    unused = ("warmup_ratio", "min_lr_ratio") if args.lr_schedule == "constant" else ("warmup",)
-    keys = [k for k in TRAJECTORY_FLAGS if k not in unused] + (["steps"] if args.lr_schedule == "cosine" else [])
-    changed = [k for k in keys if k in saved and saved[k] != getattr(args, k)
-               and not (k == "precision" and saved[k] == "auto")]     # (older checkpoints recorded it unresolved)
-    if changed:
-        was = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
-        now = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in changed)
-        raise ValueError(f"--resume: {ckpt} was made with {was}, not {now} (these decide the run: pass the "
-                         "original values, or start a new --out)")
-    if state.get("world", world) != world:
-        raise ValueError(f"--resume: {ckpt} was written by {state['world']} processes, this run has {world}; the "
-                         "data split and the samplers' seeds depend on it: resume with the same number")
-    args.model = saved["model"]
-    return ckpt, state["step"]
 
 
-# ------------------------------------------------------------------------------------------------ setup
 def check_flags(args, world):
     """What argparse cannot check alone: flags against each other and the world size."""
     if args.rollout_batch % world or args.train_batch % world:
@@ -512,7 +439,7 @@ def check_flags(args, world):
                          "(later OpenRLHF releases force it)")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: choose one")
-    common.check_trackers(args.wandb, args.tensorboard)
+    checkpoint.check_trackers(args.wandb, args.tensorboard)
     if args.model is not None:                                   # a missing or broken checkpoint, named, now
         common.check_checkpoint(args.model)
 
@@ -540,7 +467,7 @@ def encode_prompts(examples, tok, max_prompt_len, what):
     return ids
 
 
-def build_models(args, tok, ckpt, rank, world, device):
+def build_models(args, ckpt, rank, world, device):
     """-> (trained, ref): the trained models, name -> (model, AdamW), in fp32 from the base (resuming: then
     overwritten by the checkpoint's shards): the actor, and for gae the critic (a value head on the same base;
     critic-free estimators build none); and the frozen reference."""
@@ -556,7 +483,7 @@ def build_models(args, tok, ckpt, rank, world, device):
                                                 betas=(0.9, 0.95)))                  # betas as OpenRLHF
     ref = common.shard(M.load_model(args.model, device=device, dtype=dtype).requires_grad_(False), world, dtype)
     if ckpt:                                                     # resuming, part 2
-        common.restore_checkpoint(ckpt, trained, rank)
+        checkpoint.restore(ckpt, trained, rank)
     return trained, ref
 
 
@@ -571,39 +498,6 @@ def step_rows(step, n_train, rollout_batch, seed, perms):
     return rows
 
 
-# ------------------------------------------------------------------------------------------------ main
-def main(argv=None):
-    args = parse_args(argv)
-    if args.plan:                                 # the memory plan alone: config.json, no weight, no process group
-        return print(common.plan_table(args))
-    rank, world, device = common.init_distributed(group=args.precision == "bf16" or args.offload)
-    args.precision = "bf16" if common.compute_dtype(args.precision, device) == torch.bfloat16 else "fp32"  # recorded
-    out = Path(args.out)
-    log = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
-
-    # everything the user gave is checked before a model is loaded or an output touched
-    for k, kind, split in (("model", "model", None), ("train_data", "data", "train"), ("eval_data", "data", "test"),
-                           ("ood_data", "data", "test")):
-        if getattr(args, k) is not None:    # a hub id becomes its files in the HF cache; recorded absolute (resume;
-            setattr(args, k, os.path.abspath(common.from_hub(getattr(args, k), kind, split, world)))   # no blob)
-    check_flags(args, world)
-    ckpt, start = find_checkpoint(args, world)   # resuming: the checkpoint and its step; (None, 0): a fresh run
-    if device.type == "cuda" and args.model is not None:          # does it fit? (before any weight is read)
-        common.check_fits(M.Qwen2Config.from_json(args.model), args, world,
-                          torch.cuda.get_device_properties(device).total_memory / 1e9)
-    train_set, held = load_examples(args)
-    prompts = encode_all(args, train_set, held) if args.model is not None else None
-    lock = common.claim_out(Path(args.out), args.resume, args.overwrite, start, rank, world)
-    try:
-        if prompts is None:                      # the CPU demo: its base (shipped, or built on first use) and tokenizer
-            args.model = str(demo.base(args.base_seed, rank, world, device, log).resolve())
-            prompts = encode_all(args, train_set, held)
-        run(args, ckpt, start, train_set, held, *prompts, out, rank, world, device, log)
-    finally:
-        common.unlock(lock)
-    common.finish(world)
-
-
 def encode_all(args, train_set, held):
     """-> (tokenizer, train prompt ids); a prompt longer than --max-prompt-len, held out or not, is an error."""
     tok = data.load_tokenizer(args.model)
@@ -612,104 +506,170 @@ def encode_all(args, train_set, held):
     return tok, encode_prompts(train_set, tok, args.max_prompt_len, args.train_data or "train questions")
 
 
-def run(args, ckpt, start, train_set, held, tok, train_prompts, out, rank, world, device, log):
-    steps = args.steps or len(train_set) // args.rollout_batch
-    total = schedule_length(args, len(train_set), steps)            # optimizer steps, for --lr-schedule cosine
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    torch.manual_seed(args.seed)      # the critic's fresh value head (every other draw uses seed_for), seeded here:
-    trained, ref = build_models(args, tok, ckpt, rank, world, device)   # the same whether the demo base was built now
-    (actor, actor_opt), (critic, critic_opt) = trained["actor"], trained.get("critic", (None, None))
-    if rank == 0:
-        if args.overwrite:
-            for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "final"):
-                shutil.rmtree(out / d, ignore_errors=True)
-        for f in ("metrics.jsonl", "samples.jsonl"):
-            (common.truncate_jsonl(out / f, start, log) if start else (out / f).unlink(missing_ok=True))
-        if not start:                                            # the run's flags, for readers of its metrics
-            (out / "args.json").write_text(json.dumps({**vars(args), "world": world, "machine": common.machine()},
-                                                      indent=1))
-        log(f"PPO: {args.model}, {M.num_params(actor) / 1e6:.2f}M params, world {world}, steps {start}..{steps}")
 
-    track = common.trackers(args.wandb, args.tensorboard, vars(args), rank)     # --wandb, --tensorboard
 
-    def write(name, row):
-        if rank == 0:                                            # NaN / inf are written as null: valid JSON
-            row = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
-            with open(out / name, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            track(name, row)
+# ------------------------------------------------------------------------------------------------ main
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plan:                                 # the memory plan alone: config.json, no weight, no process group
+        return print(memory.plan_table(args))
+    rank, world, device = common.init_distributed(group=args.precision == "bf16" or args.offload)
+    args.precision = "bf16" if common.compute_dtype(args.precision, device) == torch.bfloat16 else "fp32"  # recorded
+    log = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
 
-    def held_out(step):                      # eval_accuracy, eval_format, ood_... (and eval_sampled_accuracy, ...)
-        with common.full_weights(actor) as plain:
-            row = {"step": step, **evaluate.held_out_row(plain, tok, held, samples=args.eval_samples, batch=
-                                                         args.eval_batch, max_new_tokens=args.max_new_tokens,
-                                                         rank=rank, world=world)}
-        write("metrics.jsonl", row)
-        log(f"step {step}: " + ", ".join(f"{k} accuracy {row[f'{k}_accuracy']:.3f}, valid format "
-                                         f"{row[f'{k}_format']:.3f}" for k in held))
-
-    def checkpoint(step):                                        # the data position and all seeds derive from step
-        common.save_checkpoint(out, trained, {"step": step, "world": world, "args": vars(args)}, tok, rank, world)
-
-    if start == 0 or (args.eval_every and start % args.eval_every == 0 and start < steps):
-        held_out(start)                      # resuming: again the row truncate_jsonl dropped, from the same weights
-    perms, skipped_in_a_row, stop = {}, 0, common.StopSignal()
+    # everything the user gave is checked before a model is loaded or an output touched
+    for k, kind, split in (("model", "model", None), ("train_data", "data", "train"), ("eval_data", "data", "test"),
+                           ("ood_data", "data", "test")):
+        if getattr(args, k) is not None:    # a hub id becomes its files in the HF cache; recorded absolute (resume;
+            setattr(args, k, os.path.abspath(common.from_hub(getattr(args, k), kind, split, world)))   # no blob)
+    check_flags(args, world)
+    unused = ("warmup_ratio", "min_lr_ratio") if args.lr_schedule == "constant" else ("warmup",)
+    flags = [k for k in TRAJECTORY_FLAGS if k not in unused] + (["steps"] if args.lr_schedule == "cosine" else [])
+    ckpt, start = checkpoint.find(args, world, flags)   # resuming: the checkpoint and its step; (None, 0): fresh
+    if device.type == "cuda" and args.model is not None:          # does it fit? (before any weight is read)
+        memory.check_fits(M.Qwen2Config.from_json(args.model), args, world,
+                          torch.cuda.get_device_properties(device).total_memory / 1e9)
+    train_set, held = load_examples(args)
+    prompts = encode_all(args, train_set, held) if args.model is not None else None
+    run = checkpoint.RunFolder(args, rank, world, start, log)    # --out is ours now (refused if another run's)
     try:
-        bar = tqdm(range(start, steps), initial=start, total=steps, disable=rank != 0, desc="ppo")
-        for step in bar:
-            t0 = time.time()
-            rows = step_rows(step, len(train_set), args.rollout_batch, args.seed, perms)[rank::world]
-            # 1-3. rollout, reward, experience
-            gen = torch.Generator(device).manual_seed(seed_for("rollout", args.seed, step, rank))
-            exp, stats = make_experience(actor, critic, ref, tok, [train_set[i] for i in rows],
-                                         [train_prompts[i] for i in rows], gen, args, world, device)
-            # 4. learn
-            t1 = time.time()
-            m, skipped_in_a_row = learn(actor, critic, actor_opt, critic_opt, exp, step, total, args, world,
-                                        skipped_in_a_row)
-
-            n = common.all_sum(stats["n"], world)
-            row = {"step": step + 1, "lr": args.actor_lr * lr_factor(args, step, 0, total)}     # its first update's
-            row.update({k: common.all_sum(stats[k], world) / n for k in
-                        ("reward", "accuracy", "format", "truncated", "kl", "direct_answer", "sampler_logprob_err")})
-            row["response_length"] = common.all_sum(stats["response_length"], world) / n
-            row.update(m)
-            row.update(time_rollout=stats["time_rollout"], time_experience=stats["time_experience"],
-                       time_train=time.time() - t1, time_step=time.time() - t0,
-                       tokens_per_s=row["response_length"] * n / max(stats["time_rollout"], 1e-9),
-                       peak_mem_mb=common.all_max(common.peak_memory_mb(device), world))
-            write("metrics.jsonl", row)
-            bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row['kl']:.3f}")
-            if args.sample_every and (step + 1) % args.sample_every == 0:      # every response of the step
-                mine = [(t, s, rows[k // args.samples_per_prompt]) for k, (t, s) in enumerate(zip(exp.texts,
-                                                                                                   exp.scores))]
-                for t, s, i in common.gather(mine, world):
-                    write("samples.jsonl", {"step": step + 1, "question": train_set[i].question,
-                                            "options": train_set[i].options, "answer": train_set[i].answer,
-                                            "response": t, "score": s})
-            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps:
-                held_out(step + 1)
-            saved = args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == steps)
-            if saved:
-                checkpoint(step + 1)
-            sig = stop.requested(world)                          # all ranks stop together, after the same step
-            if sig:
-                if not saved:
-                    checkpoint(step + 1)
-                raise common.Abort(f"{signal.Signals(sig).name} after step {step + 1}: checkpoint written to "
-                                   f"{out / 'checkpoint'}; continue with the same command and --resume",
-                                   code=128 + sig)
-    except BaseException:                                        # a stop: the trackers keep what they got
-        track(None, None)
-        raise
+        if prompts is None:                      # the CPU demo: its base (shipped, or built by sft.py) and tokenizer
+            args.model = str(demo.base(args.base_seed).resolve())
+            prompts = encode_all(args, train_set, held)
+        tok, train_prompts = prompts
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        torch.manual_seed(args.seed)    # the critic's fresh value head (every other draw uses seed_for), seeded here:
+        trained, ref = build_models(args, ckpt, rank, world, device)   # the same whether the demo base was built now
+        run.begin(args, world)
+        log(f"PPO: {args.model}, {M.num_params(trained['actor'][0]) / 1e6:.2f}M params, world {world}, "
+            f"steps {start}..{args.steps or len(train_set) // args.rollout_batch}")
+        train(args, run, trained, ref, tok, train_set, train_prompts, held, start, rank, world, device, log)
     finally:
-        stop.restore()
+        run.close()
+    common.finish(world)
 
-    held_out(steps)
-    common.export(actor, tok, out / "final", rank, world, args.export_dtype)
-    track(None, None)
-    log(f"final policy: {out / 'final'}")
+
+# ------------------------------------------------------------------------------------------------ flags
+def make_parser():
+    """The defaults are the CPU demo (demo.py): its tiny base model, synthetic dose questions."""
+    p = common.parser(__doc__)
+    c = common
+    g = p.add_argument_group("the run: recipe, model, data, output")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; flags given explicitly still win")
+    g.add_argument("--model", help="base checkpoint: a folder (HF layout) or a hub id (Qwen/Qwen2.5-3B); default: the "
+                                   "CPU demo's tiny base model (demo.py): --base-seed 0 is shipped in demo_base/")
+    g.add_argument("--base-seed", type=int, default=0, help="the demo: which base build (its weights' seed; N != 0: "
+                                                           "runs/demo-base-seed<N>, built by sft.py --build-base)")
+    g.add_argument("--train-data", help="MedQA train split: a file (data.SCHEMAS) or a hub id, org/name[:split] "
+                                        "(GBaker/MedQA-USMLE-4-options); default: synthetic dose questions")
+    g.add_argument("--eval-data", help="held-out questions for eval_accuracy: a file or a hub id (split test unless "
+                                       "named); default: 256 dose questions of another seed, and 256 of the other "
+                                       "family as ood_*")
+    g.add_argument("--out", default="runs/demo", help="run folder: metrics.jsonl, samples.jsonl, checkpoint/, final/")
+    g = p.add_argument_group("PPO: steps, batches, optimisation")
+    g.add_argument("--steps", type=c.nonneg_int, default=40,
+                   help="PPO steps; 0 = one pass over the train data (the demo: its held-out accuracy has risen by step "
+                        "20 and settled by 40, which fits 3 minutes on 2 CPU cores)")
+    g.add_argument("--rollout-batch", type=c.positive_int, default=64,
+                   help="prompts sampled per step, all ranks together (--samples-per-prompt responses each)")
+    g.add_argument("--train-batch", type=c.positive_int, default=32,
+                   help="sequences per optimizer step, all ranks together")
+    g.add_argument("--micro-batch", type=c.positive_int, default=32,
+                   help="sequences per forward/backward on one rank (memory, not maths)")
+    g.add_argument("--ppo-epochs", type=c.positive_int, default=2, help="passes over each step's experience")
+    g.add_argument("--actor-lr", type=c.positive_float, default=5e-4, help="actor AdamW learning rate")
+    g.add_argument("--critic-lr", type=c.positive_float, default=1e-3, help="critic AdamW learning rate")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="constant: linear warmup over --warmup PPO steps, then constant; cosine: OpenRLHF 0.5.9's, per "
+                        "optimizer step: linear from 0 over the first --warmup-ratio of them, then a half cosine down "
+                        "to --min-lr-ratio x lr")
+    g.add_argument("--warmup", type=c.nonneg_int, default=3, help="constant: PPO steps of linear warmup")
+    g.add_argument("--warmup-ratio", type=c.prob_float, default=0.03, help="cosine: share of updates warming up")
+    g.add_argument("--min-lr-ratio", type=c.prob_float, default=0.1, help="cosine: the last lr, a share of the lr")
+    g.add_argument("--weight-decay", type=c.nonneg_float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=c.positive_float, default=1.0, help="gradient-norm clip, actor and critic")
+    g = p.add_argument_group("the advantage estimator and the KL")
+    g.add_argument("--advantage", choices=["gae", "grpo", "rloo", "reinforce++"], default="gae",
+                   help="gae: PPO with a critic (Med-RLVR); critic-free: grpo (OpenRLHF's group_norm; --preset grpo "
+                        "for DeepSeekMath's form), rloo (OpenRLHF's), reinforce++ (OpenRLHF 0.5.9's reinforce); "
+                        "ppo.py says which reference each equals")
+    g.add_argument("--samples-per-prompt", type=c.positive_int, default=1,
+                   help="responses sampled per prompt, a group (grpo and rloo need >= 2)")
+    g.add_argument("--group-std", action=argparse.BooleanOptionalAction, default=True,
+                   help="grpo: divide by the group's score std (--no-group-std: Dr. GRPO)")
+    g.add_argument("--kl-coef", type=c.nonneg_float, default=0.01, help="beta: weight of the per-token KL penalty")
+    g.add_argument("--kl-in", choices=["reward", "loss"], default="reward",
+                   help="reward: -beta*KL in every token's reward (OpenRLHF); loss: beta*KL added to the policy "
+                        "loss (GRPO; needs k2 or k3)")
+    g.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default="k1",
+                   help="k1 = log pi - log pi_ref (OpenRLHF's default), k2 = k1^2 / 2, k3 = Schulman's positive "
+                        "unbiased estimator; as a loss k2's gradient is KL(pi||ref)'s, k3's KL(ref||pi)'s")
+    g.add_argument("--gamma", type=c.prob_float, default=1.0, help="GAE discount")
+    g.add_argument("--lam", type=c.prob_float, default=1.0, help="GAE lambda (OpenRLHF 0.5.9's default is 1)")
+    g.add_argument("--clip", type=c.positive_float, default=0.2, help="PPO ratio clip epsilon")
+    g.add_argument("--value-clip", type=c.positive_float, default=0.2, help="value clip around the old values")
+    g.add_argument("--loss-agg", choices=["token", "seq", "fixed"], default="token",
+                   help="token: token-mean over the minibatch; seq: mean per response, then over responses "
+                        "(OpenRLHF 0.5.9, the preset); fixed: token sum / (responses x --max-new-tokens) (Dr. GRPO)")
+    g = p.add_argument_group("rollouts and the reward")
+    g.add_argument("--temperature", type=c.positive_float, default=1.0, help="sampling temperature of rollouts")
+    g.add_argument("--top-p", type=c.unit_float, default=1.0, help="nucleus sampling; keep 1 for training")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="decode with a static-shape step captured as a CUDA graph (same tokens; off until measured "
+                        "on a GPU: python bench.py --device cuda); on a CPU the static step alone")
+    g.add_argument("--rollout-chunk", type=c.nonneg_int, default=0,
+                   help="sequences decoded together on one rank (memory: KV cache, prefill); 0: the rank's whole share")
+    g.add_argument("--max-prompt-len", type=c.positive_int, default=1024,
+                   help="longest prompt in tokens; a longer one is an error, never cut")
+    g.add_argument("--max-new-tokens", type=c.positive_int, default=40,
+                   help="response budget; a response without EOS by then is truncated")
+    g.add_argument("--incorrect-reward", type=c.any_float, default=0.0,
+                   help="reward of a valid format with a wrong answer; -1 is the paper's ablation")
+    g.add_argument("--reward", choices=["verifiable", "format", "random"], default="verifiable",
+                   help="verifiable: the method; the controls: format (a valid format pays +1, whatever the letter), "
+                        "random (a valid format pays +1 or --incorrect-reward by a fair coin); accuracy is logged "
+                        "from the verifiable reward either way")
+    g = p.add_argument_group("held-out evaluation")
+    g.add_argument("--ood-data", help="out-of-distribution questions, evaluated with --eval-data and logged as "
+                                      "ood_accuracy / ood_format: a file or a hub id (TIGER-Lab/MMLU-Pro)")
+    g.add_argument("--ood-category", default="health", help="--ood-data in MMLU-Pro's schema: the category kept")
+    g.add_argument("--eval-limit", type=c.nonneg_int, default=256, help="first N of each held-out set (0: all)")
+    g.add_argument("--eval-batch", type=c.positive_int, default=64, help="prompts per held-out decoding batch")
+    g.add_argument("--eval-samples", type=c.nonneg_int, default=0, help="also K responses per held-out question at "
+                   "temperature 1: eval_sampled_accuracy / _format (each K one more decode of every held-out set)")
+    g.add_argument("--eval-every", type=c.nonneg_int, default=0,
+                   help="also evaluate every N steps (0: only before the first step and after the last)")
+    g = p.add_argument_group("checkpoints, hardware, logging")
+    g.add_argument("--save-every", type=c.nonneg_int, default=20,
+                   help="write checkpoint/ every N steps and after the last (0: never)")
+    g.add_argument("--sample-every", type=c.nonneg_int, default=5,
+                   help="append all of a step's responses to samples.jsonl every N steps (0: never)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the data order, the samplers and the value head")
+    g.add_argument("--export-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the final policy in <out>/final (checkpoints keep fp32)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (deletes it)")
+    g.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute each block's activations in backward (long sequences on GPUs)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help=common.PRECISION_HELP)
+    g.add_argument("--offload", action="store_true", help="actor and critic weights, gradients and AdamW states in "
+                                                          "host memory, the optimizer step on the CPU (one GPU)")
+    g.add_argument("--plan", action="store_true", help="print the memory plan (1-8 GPUs, --offload or not); exit")
+    g.add_argument("--wandb", metavar="PROJECT", help="also send metrics (and sampled responses) to this W&B project")
+    g.add_argument("--tensorboard", metavar="DIR", help="also write the metrics as TensorBoard events into DIR")
+    return p
+
+
+def parse_args(argv=None):
+    """The flags, a --preset's values in place of the defaults (so --help shows what will apply); explicit flags win."""
+    p, first = make_parser(), argparse.ArgumentParser(add_help=False)       # first: --preset alone, before --help
+    first.add_argument("--preset", choices=sorted(PRESETS))
+    preset = first.parse_known_args(argv)[0].preset
+    if preset:
+        p.set_defaults(**PRESETS[preset])
+    return p.parse_args(argv)
+
 
 
 if __name__ == "__main__":
