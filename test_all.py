@@ -6,17 +6,21 @@ llama.cpp's tokenizer vectors for the data, one process for FSDP, an uninterrupt
 
     python -m pytest -q test_all.py
 
-Index: each test's name starts with the file it tests.
+Layout: constants and fixtures first, then one block per source file in the README's reading order (each test's
+name starts with the file it tests), helpers at the bottom.
     test_layout_*     the files themselves: model / rollout / ppo / reward copy out alone; every flag has a help
     test_model_*      model.py against transformers: logits, padding, KV cache, checkpointing, safetensors in/out
     test_rollout_*    rollout.py: greedy = transformers' generate, cached = uncached, log-probs, top-p
     test_reward_*     reward.py: the format and answer rules, linear time, the behaviour classifier
+    test_ppo_*        ppo.py: masked statistics, KL, token rewards, GAE, policy and value losses, OpenRLHF 0.5.9
+    test_train_*      train.py with checkpoint.py and memory.py: FSDP with 2 ranks = 1 process, resume =
+                      uninterrupted, bad input, the memory plan against a real step, PPO learns
+    test_common_*     common.py: processes, hub ids
     test_data_*       data.py: MedQA / MMLU-Pro files, bad rows, the prompt, the tokenizer
-    test_ppo_*        ppo.py: masked statistics, KL, token rewards, GAE, policy and value losses
-    test_evaluate_*   evaluate.py: the dynamics table, scoring by the reward rules, a real-data run
-    test_sft_*        sft.py: the response-only loss, learning, the HF export
     test_demo_*       demo.py: balanced letters, the families, the rules, the corpus, the tokenizer, the shipped base
-    test_train_*      train.py with common.py: FSDP with 2 ranks = 1 process, resume = uninterrupted, PPO learns
+    test_sft_*        sft.py: the response-only loss, learning, the HF export
+    test_evaluate_*   evaluate.py and study.py: scoring by the reward rules, pass@k, the stages, runs compared
+    test_bench_*      bench.py: the GPU report in miniature on the CPU
 
 This file is also the worker those FSDP tests start under torchrun: `python test_all.py {ppo,sft,rollout} CKPT OUT`
 (see _worker at the bottom).
@@ -67,9 +71,6 @@ MMLU_PRO = SHARED / "data" / "mmlu_pro"
 QWEN = SHARED / "tokenizers" / "qwen2.5"
 
 
-# ================================================================================================================
-# the layout: the four core files copy out alone; every flag of every script explains itself
-
 STANDALONE_USE = {   # the smallest use of each file, run with nothing but that file in the folder
     "model.py": """
 import torch, model
@@ -115,6 +116,292 @@ assert reward.classify("<think> </think><answer>C</answer>") == reward.DIRECT_AN
 }
 
 
+# ================================================================================================================
+# shared across the files: constants and fixtures (helpers are at the bottom)
+# ================================================================================================================
+
+CONFIGS = {  # tied, heads, kv_heads (head ratio 1, 2, 7), sharded, legacy config.json spelling
+    "tied-mha-single-v5": dict(tied=True, heads=4, kv_heads=4),
+    "untied-gqa2-sharded-legacy": dict(tied=False, heads=4, kv_heads=2, sharded=True, legacy_config=True),
+    "tied-gqa7-sharded-v5": dict(tied=True, heads=7, kv_heads=1, sharded=True),
+    "untied-gqa7-single-legacy": dict(tied=False, heads=14, kv_heads=2, hidden=112, legacy_config=True),
+}
+
+
+def W(ans, think="The drug blocks cell wall synthesis."):
+    """A well-formed completion with the given answer-block content."""
+    return f"<think>{think}</think>\n<answer>{ans}</answer>"
+
+
+# (text, valid_format, letter, score with gold "C" and the default incorrect_reward=0.0)
+CASES = [
+    # readable answers
+    (W("C"), True, "C", 1.0),
+    (W("B"), True, "B", 0.0),
+    (W("J"), True, "J", 0.0),
+    (W("(C)"), True, "C", 1.0),
+    (W("[C]"), True, "C", 1.0),
+    (W("C."), True, "C", 1.0),
+    (W("C)"), True, "C", 1.0),
+    (W("C. Cross-linking of DNA"), True, "C", 1.0),
+    (W("C: Cross-linking of DNA"), True, "C", 1.0),
+    (W("C) Cross-linking of DNA"), True, "C", 1.0),
+    (W("(C) Cross-linking of DNA"), True, "C", 1.0),
+    (W("C.Cross-linking"), True, "C", 1.0),
+    (W("A. Gentamicin"), True, "A", 0.0),
+    (W("  \n C \n"), True, "C", 1.0),
+    (W("C. A and B"), True, "C", 1.0),  # a real option text, not a hedge
+    (W("C. E. coli infection"), True, "C", 1.0),  # option text is not inspected
+    (W("D. E. coli infection"), True, "D", 0.0),
+    (W("C. Oral amoxicillin or doxycycline"), True, "C", 1.0),  # "or" later in the text is fine
+    (W("C. Orange discharge"), True, "C", 1.0),  # starts with "Or", but the word is not "or"
+    # unreadable answers: valid format, letter None
+    (W(""), True, None, 0.0),
+    (W("   \n "), True, None, 0.0),
+    (W("c"), True, None, 0.0),
+    (W("(c)"), True, None, 0.0),
+    (W("K"), True, None, 0.0),
+    (W("( C )"), True, None, 0.0),
+    (W("(C"), True, None, 0.0),
+    (W("CD"), True, None, 0.0),
+    (W("C/A"), True, None, 0.0),
+    (W("C - Cross-linking"), True, None, 0.0),
+    (W("A or C"), True, None, 0.0),
+    (W("C or A"), True, None, 0.0),  # a hedge never earns +1, even with the gold letter first
+    (W("A, B, C, D"), True, None, 0.0),
+    (W("C, A"), True, None, 0.0),
+    (W("A and B"), True, None, 0.0),
+    (W("C and A"), True, None, 0.0),
+    (W("(C) or (A)"), True, None, 0.0),
+    (W("(C) OR (A)"), True, None, 0.0),
+    (W("(C), (A)"), True, None, 0.0),
+    (W("(C)/(A)"), True, None, 0.0),
+    (W("(C) & (A)"), True, None, 0.0),
+    (W("C. or A."), True, None, 0.0),
+    (W("C: and D"), True, None, 0.0),
+    (W("The answer is C"), True, None, 0.0),
+    (W("Answer: C"), True, None, 0.0),
+    # format edge cases that stay valid
+    (W("C", think=""), True, "C", 1.0),
+    ("<think>x</think><answer>C</answer>", True, "C", 1.0),
+    ("<think>x</think><answer>C</answer><|endoftext|>", True, "C", 1.0),
+    ("<think>x</think><answer>C</answer><|im_end|>", True, "C", 1.0),
+    ("<think>x</think><answer>C</answer>\n<|im_end|>\n<|endoftext|>\n", True, "C", 1.0),
+    ("  \n<think>x</think>\n\n<answer>C</answer>\n\n", True, "C", 1.0),
+    ("<think>x</think><|im_end|><answer>C</answer>", True, "C", 1.0),
+    ("<think>a <|endoftext|> b</think><answer>C</answer>", True, "C", 1.0),  # inside a block: free text
+    ("<think>x</think><answer>B</answer><|endoftext|>", True, "B", 0.0),
+    # invalid format
+    (W("C") + " So the answer is C.", False, None, -1.0),
+    ("Sure. " + W("C"), False, None, -1.0),
+    ("<think>x</think> so <answer>C</answer>", False, None, -1.0),
+    ("<answer>C</answer>", False, None, -1.0),
+    ("<think>C</think>", False, None, -1.0),
+    ("C", False, None, -1.0),
+    ("", False, None, -1.0),
+    ("<answer>C</answer><think>x</think>", False, None, -1.0),
+    ("<think>a</think><think>b</think><answer>C</answer>", False, None, -1.0),
+    ("<think>x</think><answer>C</answer><answer>C</answer>", False, None, -1.0),
+    ("<think>x</think><answer>A</answer><answer>C</answer>", False, None, -1.0),
+    ("<think>a<think>b</think>c</think><answer>C</answer>", False, None, -1.0),
+    ("<think>x</think><answer><answer>C</answer></answer>", False, None, -1.0),
+    ("<think>I will write <answer>C</answer></think><answer>C</answer>", False, None, -1.0),
+    ("<think>x</think><answer>C<think></answer>", False, None, -1.0),
+    ("<think>x<answer>C</answer>", False, None, -1.0),
+    ("<think>x</think><answer>C", False, None, -1.0),
+    ("<think>x<answer>C</think></answer>", False, None, -1.0),
+    ("</think>x<think><answer>C</answer>", False, None, -1.0),
+    ("<THINK>x</THINK><ANSWER>C</ANSWER>", False, None, -1.0),
+    (W("C") + "<|endoftext|>junk", False, None, -1.0),
+    (W("C") + "<|endoftext", False, None, -1.0),
+    (W("C") + "<|endo<|im_end|>ftext|>", False, None, -1.0),  # removing a token must not glue a new one
+    (W("C") + "<|im_<|endoftext|>end|>", False, None, -1.0),
+]
+
+
+ADVERSARIAL = [  # ~1 MB each, with the outcome for gold "C" worked out by hand
+    ("<think>" * 150_000, -1.0),
+    ("<think>" + "<answer>" * 120_000, -1.0),
+    ("<think>" + "</think" * 150_000 + "</think><answer>C</answer>", 1.0),
+    ("<think>" + "<" * 1_000_000 + "</think><answer>C</answer>", 1.0),
+    ("<think>x</think><answer>" + "A " * 500_000 + "</answer>", 0.0),
+    ("<think>x</think><answer>" + "C" * 1_000_000 + "</answer>", 0.0),
+    ("<think>x</think><answer>C. " + "or " * 300_000 + "</answer>", 0.0),
+    ("<think>x</think><answer>C. Drug" + " or" * 300_000 + "</answer>", 1.0),
+    ("<think>x</think><answer>(C)" + " " * 1_000_000 + "or (A)</answer>", 0.0),
+    ("<think>x</think><answer>(C)" + "." * 1_000_000 + "</answer>", 1.0),
+    ("<think>x</think><answer>C</answer>" + "<|endoftext|>" * 80_000, 1.0),
+    ("<think>x</think><answer>C</answer>" + "<|endoftext" * 90_000, -1.0),
+    ("\n" * 1_000_000 + "<think>x</think>" + " " * 1_000_000 + "<answer>C</answer>", 1.0),
+]
+
+
+MEDQA_ROW = {"question": "Q?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer": "b",
+             "answer_idx": "B", "meta_info": "step1"}
+
+
+MMLU_ROW = {"question_id": 1, "question": "Q?", "options": ["a", "b", "c"], "answer": "C", "answer_index": 2,
+            "category": "health", "src": "ori_mmlu-x"}
+
+
+GARBAGE = 123.0  # written into padding; every function must ignore it
+
+
+END = "<|endoftext|>"
+
+
+MEASLES = {"A": "Rubella", "B": "Roseola", "C": "Measles", "D": "Scarlet fever"}
+
+
+LONG_OPTION = {"A": "Penicillin binding", "C": "Inhibition of bacterial cell wall synthesis by binding D-Ala-D-Ala"}
+
+
+def r(think, answer="C", between="\n", after=END):
+    """A response as samples.jsonl stores it: the pre-filled <think> is already prepended."""
+    return f"<think>{think}</think>{between}<answer>{answer}</answer>{after}"
+
+
+SENTENCE = "The patient has fever and rash. "  # 6 words, no option letter in it
+
+
+# (response, options, expected label, why: the hand computation)
+CLASSIFY_CASES = [
+    # reasoning_outside
+    (r("Short.", between="\nThe patient has fever and a rash, so step by step we conclude\n"), None,
+     REASONING_OUTSIDE, "13 words between </think> and <answer> (>= 8)"),
+    (r("Let me reason about this case.", "C because the patient has fever, rash and joint pain"), None,
+     REASONING_OUTSIDE, "valid format, but 10 words in the answer block (>= 8)"),
+    (r("", "C because of rash", between="\nStep 1: fever. Step 2: rash.\n"), None,
+     REASONING_OUTSIDE, "think 0 words (< 3); 6 outside + 4 in answer = 10 (>= 8), each alone < 8"),
+    (r("Penicillins act here.", "C. Inhibition of bacterial cell wall synthesis by binding D-Ala-D-Ala"), None,
+     REASONING_OUTSIDE, "10 answer words (>= 8), no options to discount"),
+    ("<think>ok</think>\n<answer>C</answer>\nExplanation: the fever, rash and cough all point to measles.", None,
+     REASONING_OUTSIDE, "think 1 word; 10 words after </answer>"),
+    # format_failure
+    ("<think>The patient has fever and rash, pointing to measles.</think>\n<answer>C" + END, None,
+     FORMAT_FAILURE, "missing </answer>: invalid; answer 'C' is 1 word, nothing outside"),
+    ("<think>The patient has fever", None, FORMAT_FAILURE, "truncated: no </think>; 4 think words, nothing else"),
+    (r("Fever and rash suggest measles.", "C</answer><answer>D"), None,
+     FORMAT_FAILURE, "two answer blocks: invalid; the second one is 1 word outside"),
+    (r("We weigh the options carefully.", between=" one two three four five six seven "), None,
+     FORMAT_FAILURE, "7 words outside (< 8) and think has 5 words (>= 3): not reasoning_outside"),
+    # direct_answer
+    (r("C"), None, DIRECT_ANSWER, "bare: think is 1 word (<= 3)"),
+    (r(""), None, DIRECT_ANSWER, "empty think: 0 words (<= 3)"),
+    (r("Koplik spots, measles."), None, DIRECT_ANSWER, "3 think words (<= 3)"),
+    (r("The answer is C. The patient has fever, rash and cough, which fits measles well."), None,
+     DIRECT_ANSWER, "'C.' is word 4, after the cue word 'is'"),
+    (r("The child with fever, rash and cough: answer is C. Measles fits the fever, the rash and the dry cough."),
+     None, DIRECT_ANSWER, "'C.' is word 10 (the last early word) of 20, after 'is'"),
+    (r("The child with fever, rash and cough: answer is C. Measles fits."), None,
+     CONCISE, "'C.' is word 10 of 12: past the first half of the think block, so not early"),
+    (r(" 9 * 7 = 63 mg, option A."), None, CONCISE, "the demo's worked solution: 'A.' is word 8 of 8, not early"),
+    (r("C. Measles fits the fever and rash in this child best."), None, DIRECT_ANSWER, "'C.' is the first word"),
+    (r("Looking at this, (B) seems right because of the fever pattern."), None, DIRECT_ANSWER, "'(B)' is word 4"),
+    (r("Answer: A. Rubella gives a milder rash than the one described here."), None,
+     DIRECT_ANSWER, "'A.' after the cue 'Answer:' (a bare first-word 'A' would not count)"),
+    (r("Measles explains the fever, rash and cough in this unvaccinated child."), MEASLES,
+     DIRECT_ANSWER, "option C's text 'Measles' is word 1"),
+    (r("The answer is C. " + SENTENCE * 30), None, DIRECT_ANSWER, "184 think words, but 'C' early: before verbose"),
+    # verbose
+    (r(SENTENCE * 25), None, VERBOSE, "150 think words (> 120), no letter, no option"),
+    (r(SENTENCE * 20 + "Measles."), None, VERBOSE, "121 think words (> 120)"),
+    (r(SENTENCE * 25 + "So the answer is C."), MEASLES, VERBOSE, "letter at word 155, not early; no option text early"),
+    # concise
+    (r(SENTENCE * 20), None, CONCISE, "120 think words: not > 120"),
+    (r("Fever, rash, cough and Koplik spots point to measles, which is option C."), None,
+     CONCISE, "'C.' is word 13: late"),
+    (r("The child with fever, rash, and bad cough: answer is C. Measles fits."), None,
+     CONCISE, "'C.' is word 11: one past the early window"),
+    (r("Koplik spots mean measles."), None, CONCISE, "4 think words: not bare, no letter"),
+    (r("Measles explains the fever, rash and cough in this unvaccinated child."), None,
+     CONCISE, "same as the option case, but without options nothing names an option"),
+    (r("A 5-year-old boy has fever and rash after travel abroad recently."), None,
+     CONCISE, "first word 'A' is the article, not a cue"),
+    (r("C. difficile colitis follows antibiotics; here the rash fits measles instead."), None,
+     CONCISE, "'C.' followed by lowercase 'difficile' is an abbreviation"),
+    (r("Hepatitis B is unlikely since the rash and cough fit measles better."), None,
+     CONCISE, "bare 'B' after 'Hepatitis', not a cue word"),
+]
+
+
+# samples.jsonl fixture: (step, response, score, hand label, think words by hand)
+ROWS = [
+    (1, "<think>fever and rash</think>\n<answer>C" + END, -1.0, FORMAT_FAILURE, 3),
+    (1, "<think>the patient is", -1.0, FORMAT_FAILURE, 3),
+    (1, r("the patient has fever and rash " * 21), 0.0, VERBOSE, 126),
+    (2, r("Koplik spots mean measles here."), 1.0, CONCISE, 5),
+    (2, r("Fever and rash suggest a viral illness.", "B"), 0.0, CONCISE, 7),
+    (2, r("C"), 1.0, DIRECT_ANSWER, 1),
+    (3, r("ok", between="\nStep 1: fever. Step 2: rash. Step 3: measles.\n"), -1.0, REASONING_OUTSIDE, 1),
+    (3, r("The answer is C since measles fits the fever and the rash."), 1.0, DIRECT_ANSWER, 12),
+]
+
+
+HUGE = {  # 1 MB adversarial responses, built on demand
+    "long think": lambda: r("word " * 200_000),
+    "no spaces": lambda: "<think>" + "x" * 1_000_000,
+    "tag fragments": lambda: "<think" * 170_000 + "</answer" * 10,
+    "letters": lambda: r("(C " * 340_000),
+    "outside": lambda: r("fine", between="C. " * 340_000),
+    "answer": lambda: r("a b c d", "C. " + "y" * 1_000_000),
+}
+
+
+ESTIMATOR_ARGV = {"gae": [], "grpo": ["--advantage", "grpo", "--samples-per-prompt", "2", "--cuda-graphs",
+                                      "--loss-agg", "fixed"],
+                  "rloo": ["--advantage", "rloo", "--samples-per-prompt", "4", "--kl-in", "loss", "--kl-estimator", "k2"],
+                  "reinforce++": ["--advantage", "reinforce++", "--gamma", "0.99", "--rollout-chunk", "3",
+                                  "--eval-every", "2"],       # an evaluation at the checkpoint's step, redone
+                  # the GPU's precision on a CPU: bf16 compute, fp32 masters, bf16 reference, the chunked head in bf16;
+                  # the one-GPU recipe's offload (masters, gradients and AdamW in host memory, a CPU step); and the
+                  # preset's activation checkpointing (each block recomputed in backward), all under FSDP2
+                  "gae-bf16-offload": ["--precision", "bf16", "--offload", "--grad-checkpoint"]}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(path, reference) of one small untied GQA checkpoint shared by the rollout tests."""
+    path = tmp_path_factory.mktemp("tiny")
+    return path, make_checkpoint(path, tied=False, heads=4, kv_heads=2, layers=2, vocab=61)
+
+
+@pytest.fixture
+def samples(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    with open(path, "w") as f:
+        for step, response, value, _, _ in ROWS:
+            f.write(json.dumps({"step": step, "question": "Q?", "answer": "C", "response": response,
+                                "score": value}) + "\n")
+        f.write("\n")  # a trailing blank line is tolerated
+    return path
+
+
+@pytest.fixture(scope="module")
+def taught_base(tmp_path_factory):
+    """The demo's base in miniature: a tiny model fine-tuned for a moment on worked dose calculations, most of
+    them adding where they should multiply. Its responses earn different rewards, which critic-free estimators
+    need (a random model's are all -1, so every group baseline cancels every score)."""
+    path = tmp_path_factory.mktemp("taught") / "base"
+    questions = demo.make_questions(1024, seed=1)
+    rng = random.Random(0)
+    texts = [(data.build_prompt(q), demo.solution(q, correct=rng.random() < 0.4)) for q in questions]
+    tok = demo.train_tokenizer([p + r for p, r in texts])
+    config = model.Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=192,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               tie_word_embeddings=True, torch_dtype="float32")
+    net = model.init_model(config)
+    sft.train(net, data.tokenize_pairs(tok, texts, 512), epochs=1, batch=16, micro_batch=16, lr=3e-3, warmup=5,
+              log=lambda msg: None)
+    model.save_model(net, path)
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+# ================================================================================================================
+# the layout: the four core files copy out alone; every flag of every script explains itself
+# ================================================================================================================
+
 @pytest.mark.parametrize("name", list(STANDALONE_USE))
 def test_layout_core_file_copies_out_alone(tmp_path, name):
     """model.py, rollout.py, ppo.py and reward.py import nothing from the project: each works alone."""
@@ -145,45 +432,8 @@ def test_layout_every_flag_has_help_and_shows_its_default(script):
 
 
 # ================================================================================================================
-# model.py and rollout.py against transformers' Qwen2ForCausalLM (the reference)
-
-def make_checkpoint(path, *, tied=True, heads=4, kv_heads=2, hidden=56, layers=2, vocab=97, sharded=False,
-                    legacy_config=False, seed=0):
-    """A tiny random Qwen2 saved by transformers. Every tensor is randomised (biases and norms too), so a
-    forgotten bias or a norm applied in the wrong place shows. legacy_config rewrites config.json in the
-    released Qwen2.5 spelling (rope_theta, torch_dtype) instead of transformers 5's (rope_parameters, dtype)."""
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 8,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      tie_word_embeddings=tied, rms_norm_eps=1e-5, max_position_embeddings=512,
-                      rope_parameters={"rope_type": "default", "rope_theta": 5000.0})   # not the default theta
-    ref = transformers.Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
-    ref.save_pretrained(path, max_shard_size="30KB" if sharded else "5GB")
-    if legacy_config:
-        c = json.loads((Path(path) / "config.json").read_text())
-        c["rope_theta"] = c.pop("rope_parameters")["rope_theta"]
-        c["torch_dtype"] = c.pop("dtype", "float32")
-        (Path(path) / "config.json").write_text(json.dumps(c))
-    return transformers.Qwen2ForCausalLM.from_pretrained(path).eval()   # the reference reads the files we will read
-
-
-CONFIGS = {  # tied, heads, kv_heads (head ratio 1, 2, 7), sharded, legacy config.json spelling
-    "tied-mha-single-v5": dict(tied=True, heads=4, kv_heads=4),
-    "untied-gqa2-sharded-legacy": dict(tied=False, heads=4, kv_heads=2, sharded=True, legacy_config=True),
-    "tied-gqa7-sharded-v5": dict(tied=True, heads=7, kv_heads=1, sharded=True),
-    "untied-gqa7-single-legacy": dict(tied=False, heads=14, kv_heads=2, hidden=112, legacy_config=True),
-}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(path, reference) of one small untied GQA checkpoint shared by the rollout tests."""
-    path = tmp_path_factory.mktemp("tiny")
-    return path, make_checkpoint(path, tied=False, heads=4, kv_heads=2, layers=2, vocab=61)
-
+# model.py against transformers' Qwen2ForCausalLM (the reference)
+# ================================================================================================================
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_model_logits_equal_transformers(tmp_path, name):
@@ -333,16 +583,6 @@ def test_model_no_cudnn_attention_on_cuda():
         torch.backends.cuda.enable_cudnn_sdp(before)
 
 
-def test_bench_twin_models_are_one_model():
-    """bench's transformers / ours twins are built from one config (Qwen2.5's rope theta included) and agree in
-    fp32: the GPU report's bf16 gap is then bf16's alone."""
-    hf, ours = bench.twin_models("tiny", 1000, torch.float32, "cpu")
-    assert ours.config.rope_theta == 1e6 == hf.config.rope_parameters["rope_theta"]
-    x = torch.randint(0, 1000, (2, 40))
-    with torch.no_grad():
-        assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
-
-
 @pytest.mark.parametrize("tied", [True, False])
 def test_model_save_model_loads_in_transformers(tmp_path, tied):
     make_checkpoint(tmp_path / "src", tied=tied, legacy_config=True)
@@ -409,6 +649,10 @@ def test_model_bad_checkpoints_give_one_clear_error(tmp_path):
         with pytest.raises(ValueError, match=r"m/model\.safetensors: not a readable safetensors file"):
             model.load_model(tmp_path / "m")
 
+
+# ================================================================================================================
+# rollout.py: cached sampling against transformers' generate
+# ================================================================================================================
 
 def test_rollout_greedy_batch_equals_transformers_alone_and_stops_at_eos(tiny):
     path, ref = tiny
@@ -497,98 +741,8 @@ def test_rollout_top_p_keeps_only_the_nucleus():
 
 
 # ================================================================================================================
-# reward.py
-
-def W(ans, think="The drug blocks cell wall synthesis."):
-    """A well-formed completion with the given answer-block content."""
-    return f"<think>{think}</think>\n<answer>{ans}</answer>"
-
-
-# (text, valid_format, letter, score with gold "C" and the default incorrect_reward=0.0)
-CASES = [
-    # readable answers
-    (W("C"), True, "C", 1.0),
-    (W("B"), True, "B", 0.0),
-    (W("J"), True, "J", 0.0),
-    (W("(C)"), True, "C", 1.0),
-    (W("[C]"), True, "C", 1.0),
-    (W("C."), True, "C", 1.0),
-    (W("C)"), True, "C", 1.0),
-    (W("C. Cross-linking of DNA"), True, "C", 1.0),
-    (W("C: Cross-linking of DNA"), True, "C", 1.0),
-    (W("C) Cross-linking of DNA"), True, "C", 1.0),
-    (W("(C) Cross-linking of DNA"), True, "C", 1.0),
-    (W("C.Cross-linking"), True, "C", 1.0),
-    (W("A. Gentamicin"), True, "A", 0.0),
-    (W("  \n C \n"), True, "C", 1.0),
-    (W("C. A and B"), True, "C", 1.0),  # a real option text, not a hedge
-    (W("C. E. coli infection"), True, "C", 1.0),  # option text is not inspected
-    (W("D. E. coli infection"), True, "D", 0.0),
-    (W("C. Oral amoxicillin or doxycycline"), True, "C", 1.0),  # "or" later in the text is fine
-    (W("C. Orange discharge"), True, "C", 1.0),  # starts with "Or", but the word is not "or"
-    # unreadable answers: valid format, letter None
-    (W(""), True, None, 0.0),
-    (W("   \n "), True, None, 0.0),
-    (W("c"), True, None, 0.0),
-    (W("(c)"), True, None, 0.0),
-    (W("K"), True, None, 0.0),
-    (W("( C )"), True, None, 0.0),
-    (W("(C"), True, None, 0.0),
-    (W("CD"), True, None, 0.0),
-    (W("C/A"), True, None, 0.0),
-    (W("C - Cross-linking"), True, None, 0.0),
-    (W("A or C"), True, None, 0.0),
-    (W("C or A"), True, None, 0.0),  # a hedge never earns +1, even with the gold letter first
-    (W("A, B, C, D"), True, None, 0.0),
-    (W("C, A"), True, None, 0.0),
-    (W("A and B"), True, None, 0.0),
-    (W("C and A"), True, None, 0.0),
-    (W("(C) or (A)"), True, None, 0.0),
-    (W("(C) OR (A)"), True, None, 0.0),
-    (W("(C), (A)"), True, None, 0.0),
-    (W("(C)/(A)"), True, None, 0.0),
-    (W("(C) & (A)"), True, None, 0.0),
-    (W("C. or A."), True, None, 0.0),
-    (W("C: and D"), True, None, 0.0),
-    (W("The answer is C"), True, None, 0.0),
-    (W("Answer: C"), True, None, 0.0),
-    # format edge cases that stay valid
-    (W("C", think=""), True, "C", 1.0),
-    ("<think>x</think><answer>C</answer>", True, "C", 1.0),
-    ("<think>x</think><answer>C</answer><|endoftext|>", True, "C", 1.0),
-    ("<think>x</think><answer>C</answer><|im_end|>", True, "C", 1.0),
-    ("<think>x</think><answer>C</answer>\n<|im_end|>\n<|endoftext|>\n", True, "C", 1.0),
-    ("  \n<think>x</think>\n\n<answer>C</answer>\n\n", True, "C", 1.0),
-    ("<think>x</think><|im_end|><answer>C</answer>", True, "C", 1.0),
-    ("<think>a <|endoftext|> b</think><answer>C</answer>", True, "C", 1.0),  # inside a block: free text
-    ("<think>x</think><answer>B</answer><|endoftext|>", True, "B", 0.0),
-    # invalid format
-    (W("C") + " So the answer is C.", False, None, -1.0),
-    ("Sure. " + W("C"), False, None, -1.0),
-    ("<think>x</think> so <answer>C</answer>", False, None, -1.0),
-    ("<answer>C</answer>", False, None, -1.0),
-    ("<think>C</think>", False, None, -1.0),
-    ("C", False, None, -1.0),
-    ("", False, None, -1.0),
-    ("<answer>C</answer><think>x</think>", False, None, -1.0),
-    ("<think>a</think><think>b</think><answer>C</answer>", False, None, -1.0),
-    ("<think>x</think><answer>C</answer><answer>C</answer>", False, None, -1.0),
-    ("<think>x</think><answer>A</answer><answer>C</answer>", False, None, -1.0),
-    ("<think>a<think>b</think>c</think><answer>C</answer>", False, None, -1.0),
-    ("<think>x</think><answer><answer>C</answer></answer>", False, None, -1.0),
-    ("<think>I will write <answer>C</answer></think><answer>C</answer>", False, None, -1.0),
-    ("<think>x</think><answer>C<think></answer>", False, None, -1.0),
-    ("<think>x<answer>C</answer>", False, None, -1.0),
-    ("<think>x</think><answer>C", False, None, -1.0),
-    ("<think>x<answer>C</think></answer>", False, None, -1.0),
-    ("</think>x<think><answer>C</answer>", False, None, -1.0),
-    ("<THINK>x</THINK><ANSWER>C</ANSWER>", False, None, -1.0),
-    (W("C") + "<|endoftext|>junk", False, None, -1.0),
-    (W("C") + "<|endoftext", False, None, -1.0),
-    (W("C") + "<|endo<|im_end|>ftext|>", False, None, -1.0),  # removing a token must not glue a new one
-    (W("C") + "<|im_<|endoftext|>end|>", False, None, -1.0),
-]
-
+# reward.py: the format and answer rules, the behaviour classifier
+# ================================================================================================================
 
 @pytest.mark.parametrize("text,valid,letter,expected", CASES)
 def test_reward_parse_and_score_table(text, valid, letter, expected):
@@ -621,14 +775,6 @@ def test_reward_bad_gold_answer_raises(gold):
         score(W("C"), gold)
 
 
-def _reference_valid(text):
-    """Independent formulation of the format rule: one regex over the whole text (fine for short texts)."""
-    tags = "<think>|</think>|<answer>|</answer>"
-    inner = rf"(?:(?!{tags}).)*"  # any text that contains no tag
-    blank = r"(?:\s|<\|endoftext\|>|<\|im_end\|>)*"
-    return re.fullmatch(rf"{blank}<think>{inner}</think>{blank}<answer>{inner}</answer>{blank}", text, re.S) is not None
-
-
 def test_reward_format_matches_reference_on_random_texts():
     pieces = ["<think>", "</think>", "<answer>", "</answer>", "<|endoftext|>", "<|im_end|>", "<|endo", "ftext|>",
               "<thi", "nk>", " ", "\n", "C", "x", "(A)"]
@@ -642,23 +788,6 @@ def test_reward_format_matches_reference_on_random_texts():
         assert parse(text)[0] == _reference_valid(text), repr(text)
         seen_valid += _reference_valid(text)
     assert 100 < seen_valid < 2900  # the sample exercised both valid and invalid texts
-
-
-ADVERSARIAL = [  # ~1 MB each, with the outcome for gold "C" worked out by hand
-    ("<think>" * 150_000, -1.0),
-    ("<think>" + "<answer>" * 120_000, -1.0),
-    ("<think>" + "</think" * 150_000 + "</think><answer>C</answer>", 1.0),
-    ("<think>" + "<" * 1_000_000 + "</think><answer>C</answer>", 1.0),
-    ("<think>x</think><answer>" + "A " * 500_000 + "</answer>", 0.0),
-    ("<think>x</think><answer>" + "C" * 1_000_000 + "</answer>", 0.0),
-    ("<think>x</think><answer>C. " + "or " * 300_000 + "</answer>", 0.0),
-    ("<think>x</think><answer>C. Drug" + " or" * 300_000 + "</answer>", 1.0),
-    ("<think>x</think><answer>(C)" + " " * 1_000_000 + "or (A)</answer>", 0.0),
-    ("<think>x</think><answer>(C)" + "." * 1_000_000 + "</answer>", 1.0),
-    ("<think>x</think><answer>C</answer>" + "<|endoftext|>" * 80_000, 1.0),
-    ("<think>x</think><answer>C</answer>" + "<|endoftext" * 90_000, -1.0),
-    ("\n" * 1_000_000 + "<think>x</think>" + " " * 1_000_000 + "<answer>C</answer>", 1.0),
-]
 
 
 @pytest.mark.parametrize("i", range(len(ADVERSARIAL)))
@@ -686,262 +815,62 @@ def test_reward_real_option_texts_read_as_their_letter():
         assert read_letter(f"({letter}) {text}") == letter, text
 
 
-# ================================================================================================================
-# data.py
-
-def need(path):
-    if not path.exists():
-        pytest.skip(f"../shared not found: {path} is needed for this test")
+@pytest.mark.parametrize("response,options,expected,why", CLASSIFY_CASES, ids=[c[3][:40] for c in CLASSIFY_CASES])
+def test_reward_classify_hand_labelled(response, options, expected, why):
+    assert classify(response, options) == expected, why
 
 
-def raw_rows(path):
-    """Independent reference: the file's rows as plain dicts."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def test_reward_classify_every_label_has_two_examples():
+    counts = {lab: sum(c[2] == lab for c in CLASSIFY_CASES) for lab in LABELS}
+    assert all(n >= 2 for n in counts.values()), counts
 
 
-# -----------------------------------------------------------------------------
-# MedQA
-
-@pytest.mark.parametrize("split, n", [("dev", 1272), ("test", 1273)])
-def test_data_medqa_real_split(split, n):
-    need(MEDQA)
-    path = MEDQA / f"{split}.jsonl"
-    examples, raw = data.load_medqa(path), raw_rows(path)
-    assert len(examples) == n == len(raw)
-    for ex, row in zip(examples, raw):
-        assert list(ex.options) == ["A", "B", "C", "D"]
-        assert ex.answer in ex.options
-        assert ex.options[ex.answer] == row["answer"]  # the letter points at the released answer text
-        assert ex.question == row["question"]
-        assert ex.category == row["meta_info"]
-    assert {ex.category for ex in examples} >= {"step1", "step2&3"}
+def test_reward_classify_labels_agree_with_reward_format():
+    """Only reasoning_outside may cross the reward's format line; the other labels sit on one side of it."""
+    for response, options, expected, _ in CLASSIFY_CASES:
+        valid = parse(response)[0]
+        label = classify(response, options)
+        if label == FORMAT_FAILURE:
+            assert not valid
+        elif label != REASONING_OUTSIDE:
+            assert valid
+    # text outside the tags: invalid under the reward, yet labelled reasoning_outside (checked first)
+    assert parse(CLASSIFY_CASES[0][0])[0] is False and classify(CLASSIFY_CASES[0][0]) == REASONING_OUTSIDE
+    # reasoning in the answer block: a valid format, still reasoning_outside
+    assert parse(CLASSIFY_CASES[1][0])[0] is True and classify(CLASSIFY_CASES[1][0]) == REASONING_OUTSIDE
 
 
-# -----------------------------------------------------------------------------
-# MMLU-Pro
-
-def test_data_mmlu_pro_health_file():
-    need(MMLU_PRO)
-    path = MMLU_PRO / "health_test.jsonl"
-    examples, raw = data.load_mmlu_pro(path), raw_rows(path)
-    assert len(examples) == 818 == len(raw)
-    for ex, row in zip(examples, raw):
-        n = len(row["options"])
-        assert list(ex.options) == [chr(ord("A") + i) for i in range(n)]  # contiguous from A
-        assert list(ex.options.values()) == row["options"]  # same order as released
-        assert ex.answer == row["answer"] and ex.category == row["src"]
+def test_reward_classify_long_option_text_discounted_only_when_options_given():
+    resp = r("Penicillins act here.", "C. Inhibition of bacterial cell wall synthesis by binding D-Ala-D-Ala")
+    # think has 3 words (<= 3) -> a bare think, so with the option text discounted it is direct_answer
+    assert classify(resp, LONG_OPTION) == DIRECT_ANSWER
+    assert classify(resp) == REASONING_OUTSIDE
+    resp = r("Penicillins bind transpeptidases in the wall.", "C. Inhibition of bacterial cell wall synthesis by "
+             "binding D-Ala-D-Ala")
+    assert classify(resp, LONG_OPTION) == CONCISE  # 6 think words, no letter early; answer 10 - 9 = 1 word
 
 
-def test_data_mmlu_pro_category_filter_matches_health_file():
-    need(MMLU_PRO)
-    everything = data.load_mmlu_pro(MMLU_PRO / "test.jsonl")
-    health = data.load_mmlu_pro(MMLU_PRO / "test.jsonl", category="health")
-    assert len(everything) == 12032 and len(health) == 818
-    reference = data.load_mmlu_pro(MMLU_PRO / "health_test.jsonl")
-    assert [(e.question, e.options, e.answer) for e in health] == \
-           [(e.question, e.options, e.answer) for e in reference]
+def test_reward_direct_answer_rate():
+    responses = [r("C"), r(SENTENCE * 25), r("Koplik spots mean measles."), "<think>truncated"]
+    assert direct_answer_rate(responses) == 1 / 4  # only the bare one
+    assert direct_answer_rate([r("(D)")]) == 1.0
+    with pytest.raises(ValueError):
+        direct_answer_rate([])
 
 
-def test_data_mmlu_pro_uses_answer_letter_not_answer_index():
-    need(MMLU_PRO)
-    path = MMLU_PRO / "test.jsonl"
-    examples, raw = data.load_mmlu_pro(path), raw_rows(path)
-    assert [ex.answer for ex in examples] == [row["answer"] for row in raw]
-    # the known quirk exists in the file (else this test checks nothing) and did not crash the loader
-    disagree = [row["question_id"] for row in raw if row["answer"] != "ABCDEFGHIJ"[row["answer_index"]]]
-    assert disagree == [3983]
-
-
-def test_data_mmlu_pro_drops_na_padding():
-    need(MMLU_PRO)
-    path = MMLU_PRO / "validation.jsonl"
-    for ex, row in zip(data.load_mmlu_pro(path), raw_rows(path)):
-        real = [o for o in row["options"] if o != "N/A"]
-        assert list(ex.options.values()) == real
-        assert ex.options[ex.answer] == row["options"][row["answer_index"]]
-
-
-# -----------------------------------------------------------------------------
-# bad input (synthetic files, no ../shared needed)
-
-MEDQA_ROW = {"question": "Q?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer": "b",
-             "answer_idx": "B", "meta_info": "step1"}
-MMLU_ROW = {"question_id": 1, "question": "Q?", "options": ["a", "b", "c"], "answer": "C", "answer_index": 2,
-            "category": "health", "src": "ori_mmlu-x"}
-
-
-def write_lines(path, lines):
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
-
-@pytest.mark.parametrize("loader, good, bad_line", [
-    (data.load_medqa, MEDQA_ROW, '{"question": "Q?", "options": {"A": "a"'),                      # bad JSON
-    (data.load_medqa, MEDQA_ROW, json.dumps({k: v for k, v in MEDQA_ROW.items() if k != "options"})),
-    (data.load_medqa, MEDQA_ROW, json.dumps({**MEDQA_ROW, "answer_idx": "E"})),                    # not an option
-    (data.load_medqa, MEDQA_ROW, json.dumps({**MEDQA_ROW, "options": {"A": "a", "C": "c"}})),      # gap in letters
-    (data.load_mmlu_pro, MMLU_ROW, "not json"),
-    (data.load_mmlu_pro, MMLU_ROW, json.dumps({k: v for k, v in MMLU_ROW.items() if k != "answer"})),
-    (data.load_mmlu_pro, MMLU_ROW, json.dumps({**MMLU_ROW, "answer": "D"})),                       # 3 options only
-])
-def test_data_corrupt_line_names_file_and_line(tmp_path, loader, good, bad_line):
-    # line 1 good, line 2 blank (still counts as a line), line 3 corrupt, line 4 good
-    path = write_lines(tmp_path / "rows.jsonl", [json.dumps(good), "", bad_line, json.dumps(good)])
-    with pytest.raises(ValueError, match=r"rows\.jsonl line 3\b"):
-        loader(path)
-    write_lines(path, [json.dumps(good), "", json.dumps(good)])  # the same file without it loads
-    assert len(loader(path)) == 2
-
-
-def test_data_encodings_empty_files_and_option_counts(tmp_path):
-    row = json.dumps(MEDQA_ROW)
-    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (row + "\n").encode() * 2)
-    assert len(data.load_medqa(tmp_path / "bom.jsonl")) == 2             # a byte-order mark is fine
-    latin = json.dumps({**MEDQA_ROW, "question": "Qu\u00e9?"}, ensure_ascii=False).encode("latin-1")
-    (tmp_path / "latin.jsonl").write_bytes((row + "\n").encode() * 2 + latin + b"\n")
-    with pytest.raises(ValueError, match=r"latin\.jsonl line 3: not UTF-8"):
-        data.load_medqa(tmp_path / "latin.jsonl")
-    (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(ValueError, match=r"empty\.jsonl: no examples"):
-        data.load_medqa(tmp_path / "empty.jsonl")
-    eleven = {**MEDQA_ROW, "options": {k: k.lower() for k in "ABCDEFGHIJK"}}
-    write_lines(tmp_path / "k.jsonl", [row, json.dumps(eleven)])
-    with pytest.raises(ValueError, match=r"k\.jsonl line 2: 11 options"):
-        data.load_medqa(tmp_path / "k.jsonl")
-
-
-def test_data_medqa_options_out_of_order_are_sorted(tmp_path):
-    row = {**MEDQA_ROW, "options": {"C": "c", "A": "a", "D": "d", "B": "b"}}
-    [ex] = data.load_medqa(write_lines(tmp_path / "rows.jsonl", [json.dumps(row)]))
-    assert list(ex.options.items()) == [("A", "a"), ("B", "b"), ("C", "c"), ("D", "d")]
-
-
-def test_data_schemas_are_detected(tmp_path):
-    """One question in every schema we read (jind11's 4- and 5-option MedQA, GBaker's copy, the -hf form, MMLU-Pro)
-    comes out as the same Example; the letter of the other MedQA release, and an unknown schema, are one error."""
-    q, texts = "Which drug?", ["aspirin", "heparin", "warfarin", "insulin"]
-    rows = {"jind11-4": {"question": q, "options": dict(zip("ABCD", texts)), "answer": "warfarin",
-                         "answer_idx": "C", "meta_info": "step1"},
-            "jind11-5": {"question": q, "options": dict(zip("ABCDE", ["statin"] + texts)), "answer": "warfarin",
-                         "answer_idx": "D", "meta_info": "step1"},
-            "gbaker": {"question": q, "answer": "warfarin", "options": dict(zip("ABCD", texts)),
-                       "meta_info": "step1", "answer_idx": "C", "metamap_phrases": ["drug"]},
-            "hf": {"id": 0, "sent1": q, "sent2": "", "ending0": texts[0], "ending1": texts[1], "ending2": texts[2],
-                   "ending3": texts[3], "label": 2},
-            "mmlu-pro": {"question_id": 1, "question": q, "options": texts, "answer": "C", "answer_index": 2,
-                         "cot_content": "", "category": "health", "src": "ori_mmlu-clinical_knowledge"}}
-    for name, row in rows.items():
-        [ex] = data.load_questions(write_lines(tmp_path / f"{name}.jsonl", [json.dumps(row)]))
-        assert ex.question == q and ex.options[ex.answer] == "warfarin", name
-        assert list(ex.options.values()) == (["statin"] + texts if name == "jind11-5" else texts), name
-    mixed = {**rows["jind11-4"], "answer_idx": "D"}                # the 5-option file's letter in the 4-option one
-    with pytest.raises(ValueError, match=r"mixed\.jsonl line 1: .*answer_idx 'D' is option 'insulin'"):
-        data.load_questions(write_lines(tmp_path / "mixed.jsonl", [json.dumps(mixed)]))
-    with pytest.raises(ValueError, match=r"odd\.jsonl: unknown schema \(fields \['prompt', 'target'\]\); known: "
-                                         r"MedQA \(jind11, GBaker\).*MMLU-Pro"):
-        data.load_questions(write_lines(tmp_path / "odd.jsonl", [json.dumps({"prompt": q, "target": "C"})]))
-
-
-@pytest.mark.parametrize("loader", [data.load_medqa, data.load_mmlu_pro])
-def test_data_missing_file(tmp_path, loader):
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        loader(tmp_path / "nope.jsonl")
-
-
-def test_data_parquet_needs_pyarrow(tmp_path):
-    path = tmp_path / "test.parquet"
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        path.write_bytes(b"PAR1 not really parquet")
-        with pytest.raises(ImportError, match="pip install pyarrow"):
-            data.load_mmlu_pro(path)
-        return
-    pq.write_table(pa.Table.from_pylist([MMLU_ROW, {**MMLU_ROW, "category": "law"}]), path)
-    examples = data.load_mmlu_pro(path, category="health")
-    assert len(examples) == 1 and examples[0].options == {"A": "a", "B": "b", "C": "c"}
-
-
-def test_data_missing_tokenizer(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-        data.load_tokenizer(tmp_path)
-
-
-# -----------------------------------------------------------------------------
-# prompt
-
-def test_data_build_prompt():
-    ex = data.Example("Which drug blocks cell wall synthesis?",
-                      {"A": "Gentamicin", "B": "Ciprofloxacin", "C": "Ceftriaxone"}, "C", "step1")
-    prompt = data.build_prompt(ex)
-    assert "Which drug blocks cell wall synthesis?" in prompt
-    assert "\nA. Gentamicin\nB. Ciprofloxacin\nC. Ceftriaxone\n" in prompt
-    assert prompt.endswith("Assistant: <think>") and prompt.endswith(data.PROMPT_PREFILL)
-    assert "Ceftriaxone" not in data.PROMPT_TEMPLATE and "{question}" in data.PROMPT_TEMPLATE
-
-
-def test_data_build_prompt_mmlu_pro_ten_options():
-    need(MMLU_PRO)
-    ex = next(e for e in data.load_mmlu_pro(MMLU_PRO / "health_test.jsonl") if len(e.options) == 10)
-    lines = data.build_prompt(ex).split("\n")
-    option_lines = [line for line in lines if len(line) > 2 and line[1:3] == ". " and line[0] in "ABCDEFGHIJ"]
-    assert [line[0] for line in option_lines] == list("ABCDEFGHIJ")
-    assert [line[3:] for line in option_lines] == list(ex.options.values())
-
-
-# -----------------------------------------------------------------------------
-# tokenizer
-
-def read_llamacpp_vectors(folder):
-    """llama.cpp's format: each test string is followed by "\\n__ggml_vocab_test__\\n" in the .inp file
-    (so the string loses exactly the newline before the separator line); the .out file has one line of
-    space-separated expected ids per string (empty line for the empty string)."""
-    inp = (folder / "ggml-vocab-qwen2.gguf.inp").read_text(encoding="utf-8")
-    out = (folder / "ggml-vocab-qwen2.gguf.out").read_text(encoding="utf-8")
-    texts = inp.split("\n__ggml_vocab_test__\n")
-    assert texts[-1] == ""  # the file ends with a separator
-    ids = [[int(t) for t in line.split()] for line in out.split("\n")]
-    assert ids[-1] == []  # trailing newline
-    return list(zip(texts[:-1], ids[:-1], strict=True))
-
-
-def test_data_tokenizer_matches_llamacpp_vectors():
-    need(QWEN)
-    tok = data.load_tokenizer(QWEN)  # the folder form
-    cases = read_llamacpp_vectors(QWEN / "llamacpp-vectors")
-    assert len(cases) == 46
-    # sanity on the splitting: whitespace-only strings are kept exactly
-    assert ("", []) in cases and ("\n", [198]) in cases and ("\t\n", [1572]) in cases
-    failures = [(text, tok.encode(text).ids, want) for text, want in cases if tok.encode(text).ids != want]
-    assert failures == []
-
-
-def test_data_tokenizer_special_tokens_and_decode():
-    need(QWEN)
-    tok = data.load_tokenizer(QWEN / "tokenizer.json")  # the file form
-    ids = tok.encode("Hello world<|endoftext|>").ids
-    assert ids == [9707, 1879, 151643]
-    assert data.eos_token_id(tok) == 151643 == ids[-1]
-    assert data.decode(tok, ids) == "Hello world<|endoftext|>"  # kept by default, for the reward
-    assert data.decode(tok, ids, skip_special_tokens=True) == "Hello world"
-    assert tok.decode(ids) == "Hello world"  # why data.decode exists: the library default drops it
+@pytest.mark.parametrize("name", list(HUGE))
+def test_reward_classify_linear_time(name):
+    response = HUGE[name]()
+    assert len(response) >= 1_000_000
+    for options in (None, MEASLES):
+        t = time.perf_counter()
+        classify(response, options)
+        assert time.perf_counter() - t < 0.5, name
 
 
 # ================================================================================================================
-# ppo.py
-
-GARBAGE = 123.0  # written into padding; every function must ignore it
-
-
-def ragged(lengths, T, seed=0):
-    """Random [B, T] float tensors with right padding filled with garbage, plus the mask."""
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.tensor([[1.0] * n + [0.0] * (T - n) for n in lengths])
-    x = torch.randn(len(lengths), T, generator=g, dtype=torch.float64)
-    return torch.where(mask.bool(), x, torch.full_like(x, GARBAGE)), mask
-
+# ppo.py: the PPO math against hand computations and OpenRLHF 0.5.9
+# ================================================================================================================
 
 # ----------------------------------------------------------------------------- masked statistics
 
@@ -1041,19 +970,6 @@ def test_ppo_token_rewards_rejects_empty_row():
 
 
 # ----------------------------------------------------------------------------- GAE
-
-def naive_gae(rewards, values, n, gamma, lam):
-    """Per-row GAE over the first n entries, pure Python floats."""
-    adv = [0.0] * n
-    last = 0.0
-    for t in reversed(range(n)):
-        next_v = values[t + 1] if t + 1 < n else 0.0
-        delta = rewards[t] + gamma * next_v - values[t]
-        last = delta + gamma * lam * last
-        adv[t] = last
-    return adv, [a + v for a, v in zip(adv, values[:n])]
-
-
 @pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (1.0, 0.9), (0.5, 0.0)])
 def test_ppo_gae_matches_naive_loop(gamma, lam):
     lengths, T = [6, 1, 3, 4], 6
@@ -1240,354 +1156,8 @@ def test_ppo_entropy_matches_categorical():
 
 
 # ================================================================================================================
-# reward.py's behaviour classifier, and evaluate.py's training-dynamics table
-
-END = "<|endoftext|>"
-MEASLES = {"A": "Rubella", "B": "Roseola", "C": "Measles", "D": "Scarlet fever"}
-LONG_OPTION = {"A": "Penicillin binding", "C": "Inhibition of bacterial cell wall synthesis by binding D-Ala-D-Ala"}
-
-
-def r(think, answer="C", between="\n", after=END):
-    """A response as samples.jsonl stores it: the pre-filled <think> is already prepended."""
-    return f"<think>{think}</think>{between}<answer>{answer}</answer>{after}"
-
-
-SENTENCE = "The patient has fever and rash. "  # 6 words, no option letter in it
-
-# (response, options, expected label, why: the hand computation)
-CLASSIFY_CASES = [
-    # reasoning_outside
-    (r("Short.", between="\nThe patient has fever and a rash, so step by step we conclude\n"), None,
-     REASONING_OUTSIDE, "13 words between </think> and <answer> (>= 8)"),
-    (r("Let me reason about this case.", "C because the patient has fever, rash and joint pain"), None,
-     REASONING_OUTSIDE, "valid format, but 10 words in the answer block (>= 8)"),
-    (r("", "C because of rash", between="\nStep 1: fever. Step 2: rash.\n"), None,
-     REASONING_OUTSIDE, "think 0 words (< 3); 6 outside + 4 in answer = 10 (>= 8), each alone < 8"),
-    (r("Penicillins act here.", "C. Inhibition of bacterial cell wall synthesis by binding D-Ala-D-Ala"), None,
-     REASONING_OUTSIDE, "10 answer words (>= 8), no options to discount"),
-    ("<think>ok</think>\n<answer>C</answer>\nExplanation: the fever, rash and cough all point to measles.", None,
-     REASONING_OUTSIDE, "think 1 word; 10 words after </answer>"),
-    # format_failure
-    ("<think>The patient has fever and rash, pointing to measles.</think>\n<answer>C" + END, None,
-     FORMAT_FAILURE, "missing </answer>: invalid; answer 'C' is 1 word, nothing outside"),
-    ("<think>The patient has fever", None, FORMAT_FAILURE, "truncated: no </think>; 4 think words, nothing else"),
-    (r("Fever and rash suggest measles.", "C</answer><answer>D"), None,
-     FORMAT_FAILURE, "two answer blocks: invalid; the second one is 1 word outside"),
-    (r("We weigh the options carefully.", between=" one two three four five six seven "), None,
-     FORMAT_FAILURE, "7 words outside (< 8) and think has 5 words (>= 3): not reasoning_outside"),
-    # direct_answer
-    (r("C"), None, DIRECT_ANSWER, "bare: think is 1 word (<= 3)"),
-    (r(""), None, DIRECT_ANSWER, "empty think: 0 words (<= 3)"),
-    (r("Koplik spots, measles."), None, DIRECT_ANSWER, "3 think words (<= 3)"),
-    (r("The answer is C. The patient has fever, rash and cough, which fits measles well."), None,
-     DIRECT_ANSWER, "'C.' is word 4, after the cue word 'is'"),
-    (r("The child with fever, rash and cough: answer is C. Measles fits the fever, the rash and the dry cough."),
-     None, DIRECT_ANSWER, "'C.' is word 10 (the last early word) of 20, after 'is'"),
-    (r("The child with fever, rash and cough: answer is C. Measles fits."), None,
-     CONCISE, "'C.' is word 10 of 12: past the first half of the think block, so not early"),
-    (r(" 9 * 7 = 63 mg, option A."), None, CONCISE, "the demo's worked solution: 'A.' is word 8 of 8, not early"),
-    (r("C. Measles fits the fever and rash in this child best."), None, DIRECT_ANSWER, "'C.' is the first word"),
-    (r("Looking at this, (B) seems right because of the fever pattern."), None, DIRECT_ANSWER, "'(B)' is word 4"),
-    (r("Answer: A. Rubella gives a milder rash than the one described here."), None,
-     DIRECT_ANSWER, "'A.' after the cue 'Answer:' (a bare first-word 'A' would not count)"),
-    (r("Measles explains the fever, rash and cough in this unvaccinated child."), MEASLES,
-     DIRECT_ANSWER, "option C's text 'Measles' is word 1"),
-    (r("The answer is C. " + SENTENCE * 30), None, DIRECT_ANSWER, "184 think words, but 'C' early: before verbose"),
-    # verbose
-    (r(SENTENCE * 25), None, VERBOSE, "150 think words (> 120), no letter, no option"),
-    (r(SENTENCE * 20 + "Measles."), None, VERBOSE, "121 think words (> 120)"),
-    (r(SENTENCE * 25 + "So the answer is C."), MEASLES, VERBOSE, "letter at word 155, not early; no option text early"),
-    # concise
-    (r(SENTENCE * 20), None, CONCISE, "120 think words: not > 120"),
-    (r("Fever, rash, cough and Koplik spots point to measles, which is option C."), None,
-     CONCISE, "'C.' is word 13: late"),
-    (r("The child with fever, rash, and bad cough: answer is C. Measles fits."), None,
-     CONCISE, "'C.' is word 11: one past the early window"),
-    (r("Koplik spots mean measles."), None, CONCISE, "4 think words: not bare, no letter"),
-    (r("Measles explains the fever, rash and cough in this unvaccinated child."), None,
-     CONCISE, "same as the option case, but without options nothing names an option"),
-    (r("A 5-year-old boy has fever and rash after travel abroad recently."), None,
-     CONCISE, "first word 'A' is the article, not a cue"),
-    (r("C. difficile colitis follows antibiotics; here the rash fits measles instead."), None,
-     CONCISE, "'C.' followed by lowercase 'difficile' is an abbreviation"),
-    (r("Hepatitis B is unlikely since the rash and cough fit measles better."), None,
-     CONCISE, "bare 'B' after 'Hepatitis', not a cue word"),
-]
-
-
-@pytest.mark.parametrize("response,options,expected,why", CLASSIFY_CASES, ids=[c[3][:40] for c in CLASSIFY_CASES])
-def test_reward_classify_hand_labelled(response, options, expected, why):
-    assert classify(response, options) == expected, why
-
-
-def test_reward_classify_every_label_has_two_examples():
-    counts = {lab: sum(c[2] == lab for c in CLASSIFY_CASES) for lab in LABELS}
-    assert all(n >= 2 for n in counts.values()), counts
-
-
-def test_reward_classify_labels_agree_with_reward_format():
-    """Only reasoning_outside may cross the reward's format line; the other labels sit on one side of it."""
-    for response, options, expected, _ in CLASSIFY_CASES:
-        valid = parse(response)[0]
-        label = classify(response, options)
-        if label == FORMAT_FAILURE:
-            assert not valid
-        elif label != REASONING_OUTSIDE:
-            assert valid
-    # text outside the tags: invalid under the reward, yet labelled reasoning_outside (checked first)
-    assert parse(CLASSIFY_CASES[0][0])[0] is False and classify(CLASSIFY_CASES[0][0]) == REASONING_OUTSIDE
-    # reasoning in the answer block: a valid format, still reasoning_outside
-    assert parse(CLASSIFY_CASES[1][0])[0] is True and classify(CLASSIFY_CASES[1][0]) == REASONING_OUTSIDE
-
-
-def test_reward_classify_long_option_text_discounted_only_when_options_given():
-    resp = r("Penicillins act here.", "C. Inhibition of bacterial cell wall synthesis by binding D-Ala-D-Ala")
-    # think has 3 words (<= 3) -> a bare think, so with the option text discounted it is direct_answer
-    assert classify(resp, LONG_OPTION) == DIRECT_ANSWER
-    assert classify(resp) == REASONING_OUTSIDE
-    resp = r("Penicillins bind transpeptidases in the wall.", "C. Inhibition of bacterial cell wall synthesis by "
-             "binding D-Ala-D-Ala")
-    assert classify(resp, LONG_OPTION) == CONCISE  # 6 think words, no letter early; answer 10 - 9 = 1 word
-
-
-def test_reward_direct_answer_rate():
-    responses = [r("C"), r(SENTENCE * 25), r("Koplik spots mean measles."), "<think>truncated"]
-    assert direct_answer_rate(responses) == 1 / 4  # only the bare one
-    assert direct_answer_rate([r("(D)")]) == 1.0
-    with pytest.raises(ValueError):
-        direct_answer_rate([])
-
-
-# samples.jsonl fixture: (step, response, score, hand label, think words by hand)
-ROWS = [
-    (1, "<think>fever and rash</think>\n<answer>C" + END, -1.0, FORMAT_FAILURE, 3),
-    (1, "<think>the patient is", -1.0, FORMAT_FAILURE, 3),
-    (1, r("the patient has fever and rash " * 21), 0.0, VERBOSE, 126),
-    (2, r("Koplik spots mean measles here."), 1.0, CONCISE, 5),
-    (2, r("Fever and rash suggest a viral illness.", "B"), 0.0, CONCISE, 7),
-    (2, r("C"), 1.0, DIRECT_ANSWER, 1),
-    (3, r("ok", between="\nStep 1: fever. Step 2: rash. Step 3: measles.\n"), -1.0, REASONING_OUTSIDE, 1),
-    (3, r("The answer is C since measles fits the fever and the rash."), 1.0, DIRECT_ANSWER, 12),
-]
-
-
-@pytest.fixture
-def samples(tmp_path):
-    path = tmp_path / "samples.jsonl"
-    with open(path, "w") as f:
-        for step, response, value, _, _ in ROWS:
-            f.write(json.dumps({"step": step, "question": "Q?", "answer": "C", "response": response,
-                                "score": value}) + "\n")
-        f.write("\n")  # a trailing blank line is tolerated
-    return path
-
-
-def test_evaluate_fixture_rows_labelled_by_hand(samples):
-    rows = read_samples(samples)
-    assert len(rows) == len(ROWS)
-    for row, (_, _, _, label, _) in zip(rows, ROWS):
-        assert classify(row["response"]) == label
-
-
-def test_evaluate_dynamics_table_per_step(samples):
-    table = dynamics_table(read_samples(samples))
-    zero = dict.fromkeys(LABELS, 0.0)
-    expected = [
-        {"step": 1, "n": 3, **zero, FORMAT_FAILURE: 2 / 3, VERBOSE: 1 / 3, "score": -2 / 3, "think_words": 132 / 3},
-        {"step": 2, "n": 3, **zero, CONCISE: 2 / 3, DIRECT_ANSWER: 1 / 3, "score": 2 / 3, "think_words": 13 / 3},
-        {"step": 3, "n": 2, **zero, REASONING_OUTSIDE: 0.5, DIRECT_ANSWER: 0.5, "score": 0.0, "think_words": 6.5},
-    ]
-    assert len(table) == 3
-    for got, want in zip(table, expected):
-        assert got.keys() == want.keys()
-        assert got == pytest.approx(want)
-
-
-def test_evaluate_dynamics_table_buckets(samples):
-    table = dynamics_table(read_samples(samples), every=2)
-    assert [(t["step"], t["n"]) for t in table] == [(2, 6), (3, 2)]  # steps 1-2 -> labelled 2; step 3 alone
-    assert table[0][FORMAT_FAILURE] == pytest.approx(2 / 6) and table[0][CONCISE] == pytest.approx(2 / 6)
-    assert table[0]["score"] == pytest.approx(0.0) and table[0]["think_words"] == pytest.approx(145 / 6)
-    with pytest.raises(ValueError):
-        dynamics_table([], every=0)
-
-
-def test_evaluate_format_table(samples):
-    text = format_table(dynamics_table(read_samples(samples)))
-    lines = text.splitlines()
-    assert lines[0] == ("| step | n | format failure | reasoning outside | direct answer | verbose | concise "
-                        "| score | think words |")
-    assert lines[2] == "| 1 | 3 | 67% | 0% | 0% | 33% | 0% | -0.667 | 44.0 |"
-    assert lines[4] == "| 3 | 2 | 0% | 50% | 50% | 0% | 0% | 0.000 | 6.5 |"
-    assert len(lines) == 5
-
-
-def test_evaluate_dynamics_bad_input(tmp_path):
-    with pytest.raises(ValueError, match="row 1"):
-        dynamics_table([{"step": 1, "response": "x", "score": 0.0}, {"step": 2, "score": 1.0}])
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"step": 1}\n{oops\n')
-    with pytest.raises(ValueError, match="line 2"):
-        read_samples(bad)
-    with pytest.raises(FileNotFoundError):
-        read_samples(tmp_path / "missing.jsonl")
-
-
-def test_evaluate_plot_dynamics(samples, tmp_path):
-    table = dynamics_table(read_samples(samples))
-    out = tmp_path / "dynamics.png"
-    if importlib.util.find_spec("matplotlib") is None:
-        with pytest.raises(ImportError, match="pip install matplotlib"):
-            plot_dynamics(table, out)
-    else:
-        plot_dynamics(table, out)
-        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-HUGE = {  # 1 MB adversarial responses, built on demand
-    "long think": lambda: r("word " * 200_000),
-    "no spaces": lambda: "<think>" + "x" * 1_000_000,
-    "tag fragments": lambda: "<think" * 170_000 + "</answer" * 10,
-    "letters": lambda: r("(C " * 340_000),
-    "outside": lambda: r("fine", between="C. " * 340_000),
-    "answer": lambda: r("a b c d", "C. " + "y" * 1_000_000),
-}
-
-
-@pytest.mark.parametrize("name", list(HUGE))
-def test_reward_classify_linear_time(name):
-    response = HUGE[name]()
-    assert len(response) >= 1_000_000
-    for options in (None, MEASLES):
-        t = time.perf_counter()
-        classify(response, options)
-        assert time.perf_counter() - t < 0.5, name
-
-
+# train.py (with checkpoint.py, memory.py): FSDP = one process, resume = uninterrupted, learning
 # ================================================================================================================
-# sft.py and train.py: the loss masks, FSDP = one process, resume = uninterrupted, and learning
-
-
-def make_demo_like_checkpoint(path, seed=0):
-    """A tiny random policy with a small tokenizer trained on dose-question text (seconds to make)."""
-    questions = demo.make_questions(200, seed=1)
-    texts = [data.build_prompt(q) + demo.solution(q, True) for q in questions]
-    tok = demo.train_tokenizer(texts)
-    config = model.Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               tie_word_embeddings=True, torch_dtype="float32")
-    model.save_model(model.init_model(config, seed), path)
-    tok.save(str(Path(path) / "tokenizer.json"))
-    return tok
-
-
-def test_sft_loss_counts_response_tokens_only():
-    """Hand-built batch: changing a prompt token's target logit must not change the loss; the loss equals a
-    naive sum of -log p over the response tokens."""
-    torch.manual_seed(0)
-    config = model.Qwen2Config(vocab_size=11, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                               num_attention_heads=2, num_key_value_heads=1)
-    net = model.init_model(config)
-    pairs = [([1, 2, 3], [4, 5]), ([6], [7, 8, 9])]
-    input_ids, loss_mask = sft.collate(pairs, "cpu")
-    assert loss_mask.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0]]
-    got = sft.response_loss_sum(net, input_ids, loss_mask)
-    want = 0.0
-    for p, r in pairs:
-        logp = torch.log_softmax(net(torch.tensor([p + r]))[0], -1)
-        want -= sum(logp[len(p) - 1 + j, tok] for j, tok in enumerate(r))
-    assert abs(got.item() - want.item()) <= 1e-4
-
-
-def _fixed_experience(vocab, n=6, seed=0):
-    """A fixed batch of PPO experience: prompts and responses of unequal lengths, random advantages etc."""
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(0, vocab, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(n)]
-    responses = [torch.randint(0, vocab, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
-                 for _ in range(n)]
-    rows = [dict(old_logprobs=-3 + 0.3 * torch.randn(len(r), generator=g), values=torch.randn(len(r), generator=g),
-                 advantages=torch.randn(len(r), generator=g), returns=torch.randn(len(r), generator=g),
-                 ref_logprobs=-3 + 0.3 * torch.randn(len(r), generator=g))
-            for r in responses]
-    return prompts, responses, rows
-
-
-def _experience_for(prompts, responses, rows):
-    input_ids, attn, mask, P = train.pack(prompts, responses, "cpu")
-    per_token = {}
-    for k in rows[0]:
-        per_token[k] = torch.zeros_like(mask)
-        for i, row in enumerate(rows):
-            per_token[k][i, :len(row[k])] = row[k]
-    return train.Experience(input_ids, attn, mask, P, **per_token, texts=[""] * len(rows), scores=[0.0] * len(rows))
-
-
-def _worker(kind, ckpt, out):
-    """Run under torchrun (or plain python): one optimizer step on fixed data; rank 0 saves the weights."""
-    rank, world, device = common.init_distributed()
-    torch.manual_seed(0)
-    actor = common.shard(model.load_model(ckpt).train(), world)
-    vocab = actor.config.vocab_size
-    if kind == "ppo":
-        critic = common.shard(model.load_model(ckpt, value_head=True).train(), world)
-        prompts, responses, rows = _fixed_experience(vocab)
-        mine = list(range(rank, len(prompts), world))
-        exp = _experience_for([prompts[i] for i in mine], [responses[i] for i in mine], [rows[i] for i in mine])
-        # SGD, not Adam: Adam turns the ~1e-9 rounding noise of a zero gradient (k_proj.bias) into a full step
-        opts = [torch.optim.SGD(net.parameters(), lr=0.5) for net in (actor, critic)]
-        hyper = dict(micro_batch=2, temperature=0.7, clip=0.2, value_clip=0.2, grad_clip=1.0, loss_agg="token",
-                     world=world)
-        assert train.ppo_update(actor, critic, *opts, exp, list(range(len(mine))), **hyper)["skipped"] == 0.0
-        for agg in ("seq", "fixed"):          # the other averagings, weighted across micro-batches and ranks alike
-            assert train.ppo_update(actor, critic, *opts, exp, list(range(len(mine))),
-                                    **{**hyper, "loss_agg": agg}, horizon=5)["skipped"] == 0.0
-        # the critic-free update: the actor alone, with the KL to the reference as a loss term (GRPO's k3)
-        assert train.ppo_update(actor, None, opts[0], None, exp, list(range(len(mine))), kl_coef=0.1,
-                                kl_estimator="k3", **hyper)["skipped"] == 0.0
-        # a NaN in rank 0's advantages only: every rank must skip the step (the weights stay as they are)
-        if rank == 0:
-            exp.advantages[0, 0] = float("nan")
-        skipped = train.ppo_update(actor, critic, *opts, exp, list(range(len(mine))), **hyper)["skipped"]
-        state = {**common.full_state_dict(actor, world),
-                 **{"critic." + k: v for k, v in common.full_state_dict(critic, world).items()},
-                 "nan_step_skipped": torch.tensor([skipped])}
-        # cross-rank whitening equals one process's, also for advantages that are all equal (65,536 tokens of 0.7,
-        # where E[x^2] - mean^2 comes out negative)
-        g = torch.Generator().manual_seed(3)
-        for name, x in (("const", torch.full((8, 8192), 0.7)), ("random", torch.randn(8, 16, generator=g))):
-            mask = (torch.arange(x.shape[1]) < torch.arange(8, 0, -1)[:, None] * x.shape[1] // 8).float()
-            shares = [train.whiten(x[rank::world], mask[rank::world], world)]
-            if world > 1:
-                shares = [None] * world
-                torch.distributed.all_gather_object(shares, train.whiten(x[rank::world], mask[rank::world], world))
-            state["whiten." + name] = torch.stack([shares[i % world][i // world] for i in range(8)])
-    elif kind == "rollout":
-        # ranks decode different prompts for different numbers of steps (each row stops at its own EOS):
-        # under full_weights that needs no collective, so nothing may hang, and the tokens equal one process's
-        g = torch.Generator().manual_seed(2)
-        prompts = [torch.randint(0, vocab, (1 + i % 5,), generator=g).tolist() for i in range(6)]
-        with common.full_weights(actor) as plain:
-            assert not common.is_sharded(plain)                  # decoding runs no FSDP hooks
-            result = rollout.generate(plain, prompts[rank::world], 12, temperature=0, eos_token_id=[3, 10, 20, 40])
-        shares = [result.responses]
-        if world > 1:
-            shares = [None] * world
-            torch.distributed.all_gather_object(shares, result.responses)
-        responses = [shares[i % world][i // world] for i in range(len(prompts))]
-        state = {"responses": torch.tensor([r + [-1] * (12 - len(r)) for r in responses])}
-    else:
-        g = torch.Generator().manual_seed(1)
-        pairs = [(torch.randint(0, vocab, (3 + i % 3,), generator=g).tolist(),
-                  torch.randint(0, vocab, (1 + i % 4,), generator=g).tolist()) for i in range(8)]
-        sft.train(actor, pairs, epochs=1, batch=8, micro_batch=3, lr=1e-2, warmup=1, rank=rank, world=world)
-        state = common.full_state_dict(actor, world)
-    if rank == 0:
-        save_file({k: v.detach().clone() for k, v in state.items()}, out)
-    if world > 1:
-        torch.distributed.destroy_process_group()
-        os._exit(0)              # as common.cli: skip the interpreter teardown, where gloo now and then aborts
-
 
 @pytest.mark.parametrize("kind", ["ppo", "sft", "rollout"])
 def test_train_fsdp_two_ranks_equal_one_process(tmp_path, kind):
@@ -1613,52 +1183,6 @@ def test_train_fsdp_two_ranks_equal_one_process(tmp_path, kind):
     assert any(not torch.equal(a[k], before[k]) for k in before)          # the step did change the weights
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-5, k
-
-
-def _ppo_argv(base, out, steps, *extra):
-    return ["--model", str(base), "--out", str(out), "--steps", str(steps), "--rollout-batch", "8",
-            "--train-batch", "4", "--micro-batch", "4", "--max-new-tokens", "16", "--eval-limit", "8",
-            "--save-every", "2", "--sample-every", "1", "--actor-lr", "1e-2", "--critic-lr", "1e-2", *extra]
-
-
-def _run_train(argv, world):
-    if world == 1:
-        return train.main(argv)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-                        "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def taught_base(tmp_path_factory):
-    """The demo's base in miniature: a tiny model fine-tuned for a moment on worked dose calculations, most of
-    them adding where they should multiply. Its responses earn different rewards, which critic-free estimators
-    need (a random model's are all -1, so every group baseline cancels every score)."""
-    path = tmp_path_factory.mktemp("taught") / "base"
-    questions = demo.make_questions(1024, seed=1)
-    rng = random.Random(0)
-    texts = [(data.build_prompt(q), demo.solution(q, correct=rng.random() < 0.4)) for q in questions]
-    tok = demo.train_tokenizer([p + r for p, r in texts])
-    config = model.Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=192,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               tie_word_embeddings=True, torch_dtype="float32")
-    net = model.init_model(config)
-    sft.train(net, data.tokenize_pairs(tok, texts, 512), epochs=1, batch=16, micro_batch=16, lr=3e-3, warmup=5,
-              log=lambda msg: None)
-    model.save_model(net, path)
-    tok.save(str(path / "tokenizer.json"))
-    return path
-
-
-ESTIMATOR_ARGV = {"gae": [], "grpo": ["--advantage", "grpo", "--samples-per-prompt", "2", "--cuda-graphs",
-                                      "--loss-agg", "fixed"],
-                  "rloo": ["--advantage", "rloo", "--samples-per-prompt", "4", "--kl-in", "loss", "--kl-estimator", "k2"],
-                  "reinforce++": ["--advantage", "reinforce++", "--gamma", "0.99", "--rollout-chunk", "3",
-                                  "--eval-every", "2"],       # an evaluation at the checkpoint's step, redone
-                  # the GPU's precision on a CPU: bf16 compute, fp32 masters, bf16 reference, the chunked head in bf16;
-                  # the one-GPU recipe's offload (masters, gradients and AdamW in host memory, a CPU step); and the
-                  # preset's activation checkpointing (each block recomputed in backward), all under FSDP2
-                  "gae-bf16-offload": ["--precision", "bf16", "--offload", "--grad-checkpoint"]}
 
 
 @pytest.mark.parametrize("world, advantage", [(1, "gae"), (2, "gae-bf16-offload"), (1, "grpo"), (2, "grpo"),
@@ -1705,42 +1229,6 @@ def test_train_resume_equals_uninterrupted_run(tmp_path, world, advantage, taugh
     assert not (tmp_path / "resumed" / "checkpoint.tmp").exists()
 
 
-# OpenRLHF 0.5.9, transcribed: openrlhf/models/utils.py masked_mean, openrlhf/models/loss.py PolicyLoss and
-# ValueLoss, and the lr_lambda of transformers 4.48.2's cosine_with_min_lr (optimization.py), which 0.5.9's
-# train_ppo.py schedules over ceil(num_episodes * len(prompts) * n_samples // train_batch * max_epochs) optimizer
-# steps with num_warmup_steps = ceil(max_steps * lr_warmup_ratio) and min_lr = 0.1 * lr.
-def _059_masked_mean(tensor, mask, dim=None):
-    if dim is not None:
-        return (tensor * mask).sum(axis=dim) / mask.sum(axis=dim)
-    return (tensor * mask).sum() / mask.sum()
-
-
-def _059_policy_loss(log_probs, old_log_probs, advantages, action_mask, clip_eps=0.2):
-    ratio = (log_probs - old_log_probs).exp()
-    surr1 = ratio * advantages
-    surr2 = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
-    loss = -torch.min(surr1, surr2)
-    return _059_masked_mean(loss, action_mask, dim=-1).mean()
-
-
-def _059_value_loss(values, old_values, returns, action_mask, clip_eps=0.2):
-    values_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
-    surr1 = (values_clipped - returns) ** 2
-    surr2 = (values - returns) ** 2
-    loss = torch.max(surr1, surr2)
-    loss = _059_masked_mean(loss, action_mask, dim=-1).mean()
-    return 0.5 * loss
-
-
-def _059_lr_lambda(current_step, *, num_warmup_steps, num_training_steps, num_cycles=0.5, min_lr_rate=0.0):
-    if current_step < num_warmup_steps:
-        return float(current_step) / float(max(1, num_warmup_steps))
-    progress = float(current_step - num_warmup_steps) / float(max(1, num_training_steps - num_warmup_steps))
-    factor = 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress))
-    factor = factor * (1 - min_lr_rate) + min_lr_rate
-    return max(0, factor)
-
-
 def test_train_preset_update_and_schedule_equal_openrlhf_059(tmp_path):
     """--preset med-rlvr against the transcription above: its learning rate at every optimizer step of a one-pass
     MedQA run (19 full rollout steps of 512, 4 updates each, as 0.5.9's loader, which drops the partial last batch;
@@ -1780,16 +1268,6 @@ def test_train_preset_update_and_schedule_equal_openrlhf_059(tmp_path):
     assert moved > 1e-3
 
 
-def test_evaluate_pass_at_k_against_enumeration():
-    """The unbiased estimator equals the share of all k-subsets of the n responses that hold a right one."""
-    import itertools
-    for n, c in ((5, 0), (5, 2), (6, 3), (4, 4)):
-        answers = [1] * c + [0] * (n - c)
-        for k in range(1, n + 1):
-            subsets = list(itertools.combinations(answers, k))
-            assert evaluate.pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
-
-
 def test_train_reward_controls_against_hand_computation():
     """--reward format / random: the controls keep the format's -1 and drop the answer's check; the verifiable one is
     reward.score's; the random coin comes from the step's generator (a resumed run draws the same)."""
@@ -1814,65 +1292,6 @@ def test_train_presets_grpo_and_dr_grpo_are_the_published_forms():
                                                                                            0.04)
     assert (dr.group_std, dr.loss_agg, dr.kl_coef) == (False, "fixed", 0.0)
     assert train.parse_args(["--preset", "grpo", "--kl-coef", "0.0"]).kl_coef == 0.0        # a flag still wins
-
-
-def test_bench_gpu_report_runs_in_miniature_on_cpu(tmp_path):
-    """`bench.py --device cpu --tiny`: the GPU report's four sections run on a CPU and their numbers land in the JSON
-    report; the training smoke run passes its three checks (finite, resume exact, graph tokens equal)."""
-    report = bench.main(["--device", "cpu", "--tiny", "--report", str(tmp_path / "gpu.json")])
-    assert json.loads((tmp_path / "gpu.json").read_text()) == json.loads(json.dumps(report))
-    assert list(report) == ["machine", "parity", "rollout", "ppo", "training", "verdict"]
-    assert not [k for k, v in report.items() if "error" in v]
-    assert report["parity"]["twins_fp32_max_err"] <= 1e-4 and report["parity"]["bf16_head"]["logprob_err"] <= 1e-5
-    assert report["parity"]["bf16_head"]["ok"] and report["parity"]["ok"]
-    assert "cudnn" not in str(report["parity"]["attention_kernels"])
-    assert report["rollout"]["graph_ok"] and report["rollout"]["graph_logprob_err"] <= bench.BF16_LOGPROB_TOL
-    for run in ("default", "--cuda-graphs"):
-        assert report["training"][run]["finite"] and report["training"][run]["resume_exact"]
-    assert report["verdict"] == {"parity": True, "rollout": True, "ppo": True, "training": True}
-
-
-def test_bench_graph_divergence_tells_a_near_tie_from_a_wrong_path():
-    """Two paths fed the same uniforms may differ at a near tie of the inverse CDF, never by more: the check passes
-    the static step against the default one, and fails a path that decodes from the wrong distribution."""
-    _, ours = bench.twin_models("tiny", 1000, torch.bfloat16, "cpu")
-    prompts = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(1)).tolist()
-
-    def run(static=False, temperature=1.0):
-        return rollout.generate(ours, prompts, 12, temperature=temperature, eos_token_id=1001,
-                                generator=torch.Generator().manual_seed(0), static=static)
-    uniforms = rollout.draw_uniforms(12, 4, torch.Generator().manual_seed(0), "cpu")
-    same = bench.graph_divergence(ours, prompts, run(), run(static=True), uniforms)
-    assert same["ok"] and same["mass_moved"] <= bench.BF16_MASS_TOL
-    wrong = bench.graph_divergence(ours, prompts, run(), run(temperature=0.3), uniforms)   # another distribution
-    assert not wrong["ok"] and wrong["logprob_err"] > bench.BF16_LOGPROB_TOL
-    # a token far from the draw, with the log-prob p gives it: consistent log-probs, but no near tie
-    a = run()
-    far = (a.responses[0][0] + 500) % 1000
-    with torch.no_grad():
-        lp = torch.log_softmax(ours(torch.tensor([prompts[0]]), logits_from=-1)[0, -1].double(), -1)[far]
-    forged = rollout.Rollout(responses=[[far]] + a.responses[1:], logprobs=[lp[None].float()] + a.logprobs[1:],
-                             finished=a.finished)
-    moved = bench.graph_divergence(ours, prompts, a, forged, uniforms)
-    assert moved["logprob_err"] <= bench.BF16_LOGPROB_TOL and moved["mass_moved"] > bench.BF16_MASS_TOL
-
-
-def _hub_cache(home: Path, repo: str, files: dict, repo_type="model") -> Path:
-    """Lay out files in a Hugging Face cache under `home` (HF_HOME) as a download would: a snapshot folder per
-    commit, refs/main naming it. -> the snapshot folder."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    root = home / "hub" / f"{repo_type}s--{repo.replace('/', '--')}"
-    for name, src in files.items():              # each file a blob named by its hash, the snapshot a symlink to it
-        content = src.read_bytes() if isinstance(src, Path) else src.encode()
-        blob = root / "blobs" / hashlib.sha256(content).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(content)
-        dest = root / "snapshots" / commit / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.symlink_to(os.path.relpath(blob, dest.parent))
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "refs" / "main").write_text(commit)
-    return root / "snapshots" / commit
 
 
 def test_train_takes_hub_ids_offline_from_the_cache(tmp_path):
@@ -1903,35 +1322,6 @@ def test_train_takes_hub_ids_offline_from_the_cache(tmp_path):
     assert re.fullmatch(r"error: org/missing: not in the Hugging Face cache .*give a local path\n", r.stderr), r.stderr
 
 
-def test_common_from_hub_reads_the_cache_before_the_network(tmp_path, monkeypatch):
-    """A cached id is used without asking the network (with HF_HUB_OFFLINE unset, on a machine that has none); an id
-    missing from the cache is fetched, and one that can be neither is one line naming it."""
-    import huggingface_hub as hub
-    from huggingface_hub import constants
-    make_demo_like_checkpoint(tmp_path / "tiny")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    snapshot = _hub_cache(tmp_path / "hf", "org/tiny", {f.name: f for f in (tmp_path / "tiny").iterdir()})
-    data_snap = _hub_cache(tmp_path / "hf", "org/qa", {"data/test-0.jsonl": json.dumps(MEDQA_ROW)}, "dataset")
-    asked, real = [], hub.snapshot_download
-
-    def snapshot_download(repo, local_files_only=False, **kw):
-        if not local_files_only:
-            asked.append(repo)
-            raise OSError("no network here")
-        return real(repo, local_files_only=True, cache_dir=constants.HF_HUB_CACHE, **kw)
-    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
-    assert common.from_hub("org/tiny", "model") == str(snapshot)
-    assert common.from_hub("org/qa", "data", "test") == str(data_snap / "data" / "test-0.jsonl")
-    assert asked == []                                                     # the cache answered: no network asked
-    with pytest.raises(ValueError, match=r"^org/qa: no files for split 'train' .*not fetched: no network here"):
-        common.from_hub("org/qa", "data", "train")                          # another split: fetched, and it fails
-    with pytest.raises(ValueError, match=r"^org/none: not in the Hugging Face cache .*no network here"):
-        common.from_hub("org/none", "model")
-    assert asked == ["org/qa", "org/none"]
-
-
 def test_train_logs_out_of_distribution_accuracy(tmp_path, monkeypatch):
     """--ood-data: MMLU-Pro's --ood-category rows (the 6 health ones of 9) evaluated beside --eval-data (its first 8)
     before the first step and after the last, as ood_accuracy / ood_format in the same rows."""
@@ -1954,26 +1344,6 @@ def test_train_logs_out_of_distribution_accuracy(tmp_path, monkeypatch):
     assert evals[1] == {"step": 1, **evaluate.held_out_row(final, tok, held, samples=2, max_new_tokens=8, batch=64)}
     ran = json.loads((tmp_path / "run" / "args.json").read_text())["machine"]     # what ran it, recorded once
     assert ran["torch"] == torch.__version__ and ran["cpu"] and ran["cores"] == len(os.sched_getaffinity(0))
-
-
-def _wandb_history(run_file: Path) -> list[dict]:
-    """The history rows of an offline W&B run file (a LevelDB-style log of 32 KiB blocks, 7-byte record headers,
-    holding protobuf Records), as {key: value} with JSON-decoded values."""
-    from wandb.proto import wandb_internal_pb2
-    raw, pos, block, part, rows = run_file.read_bytes(), 7, 32768, b"", []
-    while pos + 7 <= len(raw):
-        if block - pos % block < 7:                     # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
-        part, pos = part + raw[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind in (1, 4):                              # a whole record, or the last piece of one
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(part)
-            if record.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
-            part = b""
-    return rows
 
 
 def test_train_sends_metrics_to_tensorboard_and_wandb(tmp_path, monkeypatch):
@@ -2043,29 +1413,6 @@ def test_train_sft_evaluate_bench_bad_flags_one_line(script, argv, flag, capsys)
     assert len(err.splitlines()) == 1 and f"argument {flag}" in err, err
 
 
-def _mistake(fn, match, out=None):
-    """fn must fail with a one-line message matching `match`, and (when given) create nothing in `out`."""
-    with pytest.raises((ValueError, FileNotFoundError), match=match) as e:
-        fn()
-    assert "\n" not in str(e.value)
-    if out is not None:
-        assert not Path(out).exists(), f"{out} was written before the mistake was found"
-
-
-def test_evaluate_demo_study_of_another_base_needs_its_runs(tmp_path, monkeypatch):
-    """--base-seed 1 with runs trained from base 0 (the default --sft / --rlvr) would compare models of two bases:
-    refused, from the base build each run's args.json records."""
-    monkeypatch.chdir(tmp_path)
-    for run, seed in (("runs/demo-sft", 0), ("runs/demo", 0), ("runs/b1-sft", 1), ("runs/b1", 1)):
-        Path(run).mkdir(parents=True)
-        Path(run, "args.json").write_text(json.dumps({"base_seed": seed}))
-    _mistake(lambda: evaluate.main(["--base-seed", "1", "--rlvr", "runs/b1"]),
-             "--sft runs/demo-sft was trained from base build 0, not --base-seed 1")
-    _mistake(lambda: evaluate.main(["--base-seed", "1", "--sft", "runs/b1-sft"]), "--rlvr runs/demo was trained from")
-    _mistake(lambda: evaluate.main(["--base-seed", "1", "--sft", "runs/b1-sft", "--rlvr", "runs/b1"]),
-             "runs/demo-base-seed1: no base model")                   # past the check, to the missing base
-
-
 def test_train_bad_inputs_found_before_any_work(tmp_path):
     make_demo_like_checkpoint(tmp_path / "base")
     out = tmp_path / "out"
@@ -2098,30 +1445,6 @@ def test_train_bad_inputs_found_before_any_work(tmp_path):
     _mistake(lambda: sft.main(["--model", str(tmp_path / "base"), "--train-data", str(tmp_path / "four.jsonl"), "--out",
                                str(tmp_path / "sft"), "--batch", "8"]), "4 examples, fewer than --batch 8",
              tmp_path / "sft")
-
-
-def test_sft_old_flag_name_is_refused_in_one_line(capsys):
-    """sft.py's --train is --train-data, as in train.py: the old name stops with one line naming the new one."""
-    with pytest.raises(SystemExit):
-        sft.parse_args(["--model", "m", "--train", "t"])
-    err = capsys.readouterr().err.strip()
-    assert "--train is now --train-data" in err and "\n" not in err
-    assert "--train " not in sft.make_parser().format_help()                 # hidden from --help
-
-
-def _metrics(run):
-    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-
-
-def _unlocked(out):
-    """True when no process holds <out>/.lock (a lock that nobody holds can be taken at once)."""
-    import fcntl
-    with open(Path(out) / ".lock") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
 
 
 def test_train_protects_an_existing_run_and_locks_it(tmp_path):
@@ -2209,18 +1532,6 @@ def test_train_diverging_run_stops_and_writes_nothing_non_finite(tmp_path):
     with pytest.raises(common.Abort, match="non-finite"):
         sft.train(net, pairs, epochs=1, batch=8, micro_batch=8, lr=1e6, warmup=1, log=lambda msg: None)
     assert all(torch.isfinite(p).all() for p in net.parameters())
-
-
-def _children(pid):
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
 
 
 def test_train_sigterm_to_one_rank_checkpoints_and_stops_all(tmp_path):
@@ -2361,16 +1672,260 @@ def test_train_memory_plan_refuses_3b_on_one_gpu(tmp_path, capsys):
     assert printed[:-2] == table[:-3] and not (tmp_path / "out").exists()        # (the last: this machine's GPUs)
 
 
-def test_train_ppo_raises_the_reward_of_a_tiny_model(tmp_path, taught_base):
-    """The demo, fast: the taught base, then PPO. The reward must rise, from the reward alone."""
-    train.main(["--model", str(taught_base), "--out", str(tmp_path / "ppo"), "--steps", "40",
-                "--rollout-batch", "32", "--train-batch", "16", "--micro-batch", "16", "--max-new-tokens", "24",
-                "--eval-limit", "8", "--save-every", "0", "--actor-lr", "5e-4", "--critic-lr", "1e-3"])
+def test_train_ppo_raises_the_reward_of_the_demo_base(tmp_path):
+    """The demo, fast: the shipped base, then PPO with the demo's settings on half its rollout batch for 8 steps.
+    The reward must rise, from the reward alone (measured: -0.26 over the first 3 steps, +0.13 over steps 4-6)."""
+    train.main(["--out", str(tmp_path / "ppo"), "--steps", "8", "--rollout-batch", "32", "--train-batch", "16",
+                "--micro-batch", "16", "--eval-limit", "8", "--save-every", "0", "--sample-every", "0"])
     rows = [json.loads(l) for l in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward"] for r in rows if "reward" in r]
-    first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.15, rewards
 
+
+# ================================================================================================================
+# common.py: processes, hub ids
+# ================================================================================================================
+
+def test_common_from_hub_reads_the_cache_before_the_network(tmp_path, monkeypatch):
+    """A cached id is used without asking the network (with HF_HUB_OFFLINE unset, on a machine that has none); an id
+    missing from the cache is fetched, and one that can be neither is one line naming it."""
+    import huggingface_hub as hub
+    from huggingface_hub import constants
+    make_demo_like_checkpoint(tmp_path / "tiny")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    snapshot = _hub_cache(tmp_path / "hf", "org/tiny", {f.name: f for f in (tmp_path / "tiny").iterdir()})
+    data_snap = _hub_cache(tmp_path / "hf", "org/qa", {"data/test-0.jsonl": json.dumps(MEDQA_ROW)}, "dataset")
+    asked, real = [], hub.snapshot_download
+
+    def snapshot_download(repo, local_files_only=False, **kw):
+        if not local_files_only:
+            asked.append(repo)
+            raise OSError("no network here")
+        return real(repo, local_files_only=True, cache_dir=constants.HF_HUB_CACHE, **kw)
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    assert common.from_hub("org/tiny", "model") == str(snapshot)
+    assert common.from_hub("org/qa", "data", "test") == str(data_snap / "data" / "test-0.jsonl")
+    assert asked == []                                                     # the cache answered: no network asked
+    with pytest.raises(ValueError, match=r"^org/qa: no files for split 'train' .*not fetched: no network here"):
+        common.from_hub("org/qa", "data", "train")                          # another split: fetched, and it fails
+    with pytest.raises(ValueError, match=r"^org/none: not in the Hugging Face cache .*no network here"):
+        common.from_hub("org/none", "model")
+    assert asked == ["org/qa", "org/none"]
+
+
+# ================================================================================================================
+# data.py: MedQA / MMLU-Pro files, bad rows, the prompt, the tokenizer
+# ================================================================================================================
+
+# -----------------------------------------------------------------------------
+# MedQA
+
+@pytest.mark.parametrize("split, n", [("dev", 1272), ("test", 1273)])
+def test_data_medqa_real_split(split, n):
+    need(MEDQA)
+    path = MEDQA / f"{split}.jsonl"
+    examples, raw = data.load_medqa(path), raw_rows(path)
+    assert len(examples) == n == len(raw)
+    for ex, row in zip(examples, raw):
+        assert list(ex.options) == ["A", "B", "C", "D"]
+        assert ex.answer in ex.options
+        assert ex.options[ex.answer] == row["answer"]  # the letter points at the released answer text
+        assert ex.question == row["question"]
+        assert ex.category == row["meta_info"]
+    assert {ex.category for ex in examples} >= {"step1", "step2&3"}
+
+
+# -----------------------------------------------------------------------------
+# MMLU-Pro
+
+def test_data_mmlu_pro_health_file():
+    need(MMLU_PRO)
+    path = MMLU_PRO / "health_test.jsonl"
+    examples, raw = data.load_mmlu_pro(path), raw_rows(path)
+    assert len(examples) == 818 == len(raw)
+    for ex, row in zip(examples, raw):
+        n = len(row["options"])
+        assert list(ex.options) == [chr(ord("A") + i) for i in range(n)]  # contiguous from A
+        assert list(ex.options.values()) == row["options"]  # same order as released
+        assert ex.answer == row["answer"] and ex.category == row["src"]
+
+
+def test_data_mmlu_pro_category_filter_matches_health_file():
+    need(MMLU_PRO)
+    everything = data.load_mmlu_pro(MMLU_PRO / "test.jsonl")
+    health = data.load_mmlu_pro(MMLU_PRO / "test.jsonl", category="health")
+    assert len(everything) == 12032 and len(health) == 818
+    reference = data.load_mmlu_pro(MMLU_PRO / "health_test.jsonl")
+    assert [(e.question, e.options, e.answer) for e in health] == \
+           [(e.question, e.options, e.answer) for e in reference]
+
+
+def test_data_mmlu_pro_uses_answer_letter_not_answer_index():
+    need(MMLU_PRO)
+    path = MMLU_PRO / "test.jsonl"
+    examples, raw = data.load_mmlu_pro(path), raw_rows(path)
+    assert [ex.answer for ex in examples] == [row["answer"] for row in raw]
+    # the known quirk exists in the file (else this test checks nothing) and did not crash the loader
+    disagree = [row["question_id"] for row in raw if row["answer"] != "ABCDEFGHIJ"[row["answer_index"]]]
+    assert disagree == [3983]
+
+
+def test_data_mmlu_pro_drops_na_padding():
+    need(MMLU_PRO)
+    path = MMLU_PRO / "validation.jsonl"
+    for ex, row in zip(data.load_mmlu_pro(path), raw_rows(path)):
+        real = [o for o in row["options"] if o != "N/A"]
+        assert list(ex.options.values()) == real
+        assert ex.options[ex.answer] == row["options"][row["answer_index"]]
+
+
+# -----------------------------------------------------------------------------
+# bad input (synthetic files, no ../shared needed)
+@pytest.mark.parametrize("loader, good, bad_line", [
+    (data.load_medqa, MEDQA_ROW, '{"question": "Q?", "options": {"A": "a"'),                      # bad JSON
+    (data.load_medqa, MEDQA_ROW, json.dumps({k: v for k, v in MEDQA_ROW.items() if k != "options"})),
+    (data.load_medqa, MEDQA_ROW, json.dumps({**MEDQA_ROW, "answer_idx": "E"})),                    # not an option
+    (data.load_medqa, MEDQA_ROW, json.dumps({**MEDQA_ROW, "options": {"A": "a", "C": "c"}})),      # gap in letters
+    (data.load_mmlu_pro, MMLU_ROW, "not json"),
+    (data.load_mmlu_pro, MMLU_ROW, json.dumps({k: v for k, v in MMLU_ROW.items() if k != "answer"})),
+    (data.load_mmlu_pro, MMLU_ROW, json.dumps({**MMLU_ROW, "answer": "D"})),                       # 3 options only
+])
+def test_data_corrupt_line_names_file_and_line(tmp_path, loader, good, bad_line):
+    # line 1 good, line 2 blank (still counts as a line), line 3 corrupt, line 4 good
+    path = write_lines(tmp_path / "rows.jsonl", [json.dumps(good), "", bad_line, json.dumps(good)])
+    with pytest.raises(ValueError, match=r"rows\.jsonl line 3\b"):
+        loader(path)
+    write_lines(path, [json.dumps(good), "", json.dumps(good)])  # the same file without it loads
+    assert len(loader(path)) == 2
+
+
+def test_data_encodings_empty_files_and_option_counts(tmp_path):
+    row = json.dumps(MEDQA_ROW)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (row + "\n").encode() * 2)
+    assert len(data.load_medqa(tmp_path / "bom.jsonl")) == 2             # a byte-order mark is fine
+    latin = json.dumps({**MEDQA_ROW, "question": "Qu\u00e9?"}, ensure_ascii=False).encode("latin-1")
+    (tmp_path / "latin.jsonl").write_bytes((row + "\n").encode() * 2 + latin + b"\n")
+    with pytest.raises(ValueError, match=r"latin\.jsonl line 3: not UTF-8"):
+        data.load_medqa(tmp_path / "latin.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"empty\.jsonl: no examples"):
+        data.load_medqa(tmp_path / "empty.jsonl")
+    eleven = {**MEDQA_ROW, "options": {k: k.lower() for k in "ABCDEFGHIJK"}}
+    write_lines(tmp_path / "k.jsonl", [row, json.dumps(eleven)])
+    with pytest.raises(ValueError, match=r"k\.jsonl line 2: 11 options"):
+        data.load_medqa(tmp_path / "k.jsonl")
+
+
+def test_data_medqa_options_out_of_order_are_sorted(tmp_path):
+    row = {**MEDQA_ROW, "options": {"C": "c", "A": "a", "D": "d", "B": "b"}}
+    [ex] = data.load_medqa(write_lines(tmp_path / "rows.jsonl", [json.dumps(row)]))
+    assert list(ex.options.items()) == [("A", "a"), ("B", "b"), ("C", "c"), ("D", "d")]
+
+
+def test_data_schemas_are_detected(tmp_path):
+    """One question in every schema we read (jind11's 4- and 5-option MedQA, GBaker's copy, the -hf form, MMLU-Pro)
+    comes out as the same Example; the letter of the other MedQA release, and an unknown schema, are one error."""
+    q, texts = "Which drug?", ["aspirin", "heparin", "warfarin", "insulin"]
+    rows = {"jind11-4": {"question": q, "options": dict(zip("ABCD", texts)), "answer": "warfarin",
+                         "answer_idx": "C", "meta_info": "step1"},
+            "jind11-5": {"question": q, "options": dict(zip("ABCDE", ["statin"] + texts)), "answer": "warfarin",
+                         "answer_idx": "D", "meta_info": "step1"},
+            "gbaker": {"question": q, "answer": "warfarin", "options": dict(zip("ABCD", texts)),
+                       "meta_info": "step1", "answer_idx": "C", "metamap_phrases": ["drug"]},
+            "hf": {"id": 0, "sent1": q, "sent2": "", "ending0": texts[0], "ending1": texts[1], "ending2": texts[2],
+                   "ending3": texts[3], "label": 2},
+            "mmlu-pro": {"question_id": 1, "question": q, "options": texts, "answer": "C", "answer_index": 2,
+                         "cot_content": "", "category": "health", "src": "ori_mmlu-clinical_knowledge"}}
+    for name, row in rows.items():
+        [ex] = data.load_questions(write_lines(tmp_path / f"{name}.jsonl", [json.dumps(row)]))
+        assert ex.question == q and ex.options[ex.answer] == "warfarin", name
+        assert list(ex.options.values()) == (["statin"] + texts if name == "jind11-5" else texts), name
+    mixed = {**rows["jind11-4"], "answer_idx": "D"}                # the 5-option file's letter in the 4-option one
+    with pytest.raises(ValueError, match=r"mixed\.jsonl line 1: .*answer_idx 'D' is option 'insulin'"):
+        data.load_questions(write_lines(tmp_path / "mixed.jsonl", [json.dumps(mixed)]))
+    with pytest.raises(ValueError, match=r"odd\.jsonl: unknown schema \(fields \['prompt', 'target'\]\); known: "
+                                         r"MedQA \(jind11, GBaker\).*MMLU-Pro"):
+        data.load_questions(write_lines(tmp_path / "odd.jsonl", [json.dumps({"prompt": q, "target": "C"})]))
+
+
+@pytest.mark.parametrize("loader", [data.load_medqa, data.load_mmlu_pro])
+def test_data_missing_file(tmp_path, loader):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        loader(tmp_path / "nope.jsonl")
+
+
+def test_data_parquet_needs_pyarrow(tmp_path):
+    path = tmp_path / "test.parquet"
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        path.write_bytes(b"PAR1 not really parquet")
+        with pytest.raises(ImportError, match="pip install pyarrow"):
+            data.load_mmlu_pro(path)
+        return
+    pq.write_table(pa.Table.from_pylist([MMLU_ROW, {**MMLU_ROW, "category": "law"}]), path)
+    examples = data.load_mmlu_pro(path, category="health")
+    assert len(examples) == 1 and examples[0].options == {"A": "a", "B": "b", "C": "c"}
+
+
+def test_data_missing_tokenizer(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        data.load_tokenizer(tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# prompt
+
+def test_data_build_prompt():
+    ex = data.Example("Which drug blocks cell wall synthesis?",
+                      {"A": "Gentamicin", "B": "Ciprofloxacin", "C": "Ceftriaxone"}, "C", "step1")
+    prompt = data.build_prompt(ex)
+    assert "Which drug blocks cell wall synthesis?" in prompt
+    assert "\nA. Gentamicin\nB. Ciprofloxacin\nC. Ceftriaxone\n" in prompt
+    assert prompt.endswith("Assistant: <think>") and prompt.endswith(data.PROMPT_PREFILL)
+    assert "Ceftriaxone" not in data.PROMPT_TEMPLATE and "{question}" in data.PROMPT_TEMPLATE
+
+
+def test_data_build_prompt_mmlu_pro_ten_options():
+    need(MMLU_PRO)
+    ex = next(e for e in data.load_mmlu_pro(MMLU_PRO / "health_test.jsonl") if len(e.options) == 10)
+    lines = data.build_prompt(ex).split("\n")
+    option_lines = [line for line in lines if len(line) > 2 and line[1:3] == ". " and line[0] in "ABCDEFGHIJ"]
+    assert [line[0] for line in option_lines] == list("ABCDEFGHIJ")
+    assert [line[3:] for line in option_lines] == list(ex.options.values())
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+def test_data_tokenizer_matches_llamacpp_vectors():
+    need(QWEN)
+    tok = data.load_tokenizer(QWEN)  # the folder form
+    cases = read_llamacpp_vectors(QWEN / "llamacpp-vectors")
+    assert len(cases) == 46
+    # sanity on the splitting: whitespace-only strings are kept exactly
+    assert ("", []) in cases and ("\n", [198]) in cases and ("\t\n", [1572]) in cases
+    failures = [(text, tok.encode(text).ids, want) for text, want in cases if tok.encode(text).ids != want]
+    assert failures == []
+
+
+def test_data_tokenizer_special_tokens_and_decode():
+    need(QWEN)
+    tok = data.load_tokenizer(QWEN / "tokenizer.json")  # the file form
+    ids = tok.encode("Hello world<|endoftext|>").ids
+    assert ids == [9707, 1879, 151643]
+    assert data.eos_token_id(tok) == 151643 == ids[-1]
+    assert data.decode(tok, ids) == "Hello world<|endoftext|>"  # kept by default, for the reward
+    assert data.decode(tok, ids, skip_special_tokens=True) == "Hello world"
+    assert tok.decode(ids) == "Hello world"  # why data.decode exists: the library default drops it
+
+
+# ================================================================================================================
+# demo.py: the miniature's task, rules, corpus, tokenizer and base
+# ================================================================================================================
 
 def test_demo_corpus_has_the_documented_mix():
     """The demo base model's corpus: each form in its documented share, labelled by reward.classify as documented
@@ -2566,6 +2121,37 @@ def test_demo_study_three_commands_end_to_end(tmp_path, taught_base, monkeypatch
     assert [p["questions"] for p in points.values()] == [[0], [16], [4096]]     # 2 steps of 8; 16 batches of 256
 
 
+# ================================================================================================================
+# sft.py: the response-only loss, learning, the HF export
+# ================================================================================================================
+
+def test_sft_loss_counts_response_tokens_only():
+    """Hand-built batch: changing a prompt token's target logit must not change the loss; the loss equals a
+    naive sum of -log p over the response tokens."""
+    torch.manual_seed(0)
+    config = model.Qwen2Config(vocab_size=11, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1)
+    net = model.init_model(config)
+    pairs = [([1, 2, 3], [4, 5]), ([6], [7, 8, 9])]
+    input_ids, loss_mask = sft.collate(pairs, "cpu")
+    assert loss_mask.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0]]
+    got = sft.response_loss_sum(net, input_ids, loss_mask)
+    want = 0.0
+    for p, r in pairs:
+        logp = torch.log_softmax(net(torch.tensor([p + r]))[0], -1)
+        want -= sum(logp[len(p) - 1 + j, tok] for j, tok in enumerate(r))
+    assert abs(got.item() - want.item()) <= 1e-4
+
+
+def test_sft_old_flag_name_is_refused_in_one_line(capsys):
+    """sft.py's --train is --train-data, as in train.py: the old name stops with one line naming the new one."""
+    with pytest.raises(SystemExit):
+        sft.parse_args(["--model", "m", "--train", "t"])
+    err = capsys.readouterr().err.strip()
+    assert "--train is now --train-data" in err and "\n" not in err
+    assert "--train " not in sft.make_parser().format_help()                 # hidden from --help
+
+
 def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path):
     make_demo_like_checkpoint(tmp_path / "base")
     rows = [{"question": f"Which dose is right for case {i}?", "options": {"A": "1 mg", "B": "2 mg", "C": "3 mg",
@@ -2620,6 +2206,96 @@ def test_sft_after_epoch_e_is_the_model_of_an_e_epoch_run(tmp_path):
     assert counts == [(24, tokens[0]), (48, tokens[0] + tokens[1])]
     assert all(torch.equal(seen[1][k], v) for k, v in short.state_dict().items())
     assert not all(torch.equal(seen[2][k], v) for k, v in short.state_dict().items())
+
+
+# ================================================================================================================
+# evaluate.py and study.py: scoring, pass@k, the stages, runs compared
+# ================================================================================================================
+
+def test_evaluate_fixture_rows_labelled_by_hand(samples):
+    rows = read_samples(samples)
+    assert len(rows) == len(ROWS)
+    for row, (_, _, _, label, _) in zip(rows, ROWS):
+        assert classify(row["response"]) == label
+
+
+def test_evaluate_dynamics_table_per_step(samples):
+    table = dynamics_table(read_samples(samples))
+    zero = dict.fromkeys(LABELS, 0.0)
+    expected = [
+        {"step": 1, "n": 3, **zero, FORMAT_FAILURE: 2 / 3, VERBOSE: 1 / 3, "score": -2 / 3, "think_words": 132 / 3},
+        {"step": 2, "n": 3, **zero, CONCISE: 2 / 3, DIRECT_ANSWER: 1 / 3, "score": 2 / 3, "think_words": 13 / 3},
+        {"step": 3, "n": 2, **zero, REASONING_OUTSIDE: 0.5, DIRECT_ANSWER: 0.5, "score": 0.0, "think_words": 6.5},
+    ]
+    assert len(table) == 3
+    for got, want in zip(table, expected):
+        assert got.keys() == want.keys()
+        assert got == pytest.approx(want)
+
+
+def test_evaluate_dynamics_table_buckets(samples):
+    table = dynamics_table(read_samples(samples), every=2)
+    assert [(t["step"], t["n"]) for t in table] == [(2, 6), (3, 2)]  # steps 1-2 -> labelled 2; step 3 alone
+    assert table[0][FORMAT_FAILURE] == pytest.approx(2 / 6) and table[0][CONCISE] == pytest.approx(2 / 6)
+    assert table[0]["score"] == pytest.approx(0.0) and table[0]["think_words"] == pytest.approx(145 / 6)
+    with pytest.raises(ValueError):
+        dynamics_table([], every=0)
+
+
+def test_evaluate_format_table(samples):
+    text = format_table(dynamics_table(read_samples(samples)))
+    lines = text.splitlines()
+    assert lines[0] == ("| step | n | format failure | reasoning outside | direct answer | verbose | concise "
+                        "| score | think words |")
+    assert lines[2] == "| 1 | 3 | 67% | 0% | 0% | 33% | 0% | -0.667 | 44.0 |"
+    assert lines[4] == "| 3 | 2 | 0% | 50% | 50% | 0% | 0% | 0.000 | 6.5 |"
+    assert len(lines) == 5
+
+
+def test_evaluate_dynamics_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="row 1"):
+        dynamics_table([{"step": 1, "response": "x", "score": 0.0}, {"step": 2, "score": 1.0}])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1}\n{oops\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_samples(bad)
+    with pytest.raises(FileNotFoundError):
+        read_samples(tmp_path / "missing.jsonl")
+
+
+def test_evaluate_plot_dynamics(samples, tmp_path):
+    table = dynamics_table(read_samples(samples))
+    out = tmp_path / "dynamics.png"
+    if importlib.util.find_spec("matplotlib") is None:
+        with pytest.raises(ImportError, match="pip install matplotlib"):
+            plot_dynamics(table, out)
+    else:
+        plot_dynamics(table, out)
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_pass_at_k_against_enumeration():
+    """The unbiased estimator equals the share of all k-subsets of the n responses that hold a right one."""
+    import itertools
+    for n, c in ((5, 0), (5, 2), (6, 3), (4, 4)):
+        answers = [1] * c + [0] * (n - c)
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(answers, k))
+            assert evaluate.pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+
+
+def test_evaluate_demo_study_of_another_base_needs_its_runs(tmp_path, monkeypatch):
+    """--base-seed 1 with runs trained from base 0 (the default --sft / --rlvr) would compare models of two bases:
+    refused, from the base build each run's args.json records."""
+    monkeypatch.chdir(tmp_path)
+    for run, seed in (("runs/demo-sft", 0), ("runs/demo", 0), ("runs/b1-sft", 1), ("runs/b1", 1)):
+        Path(run).mkdir(parents=True)
+        Path(run, "args.json").write_text(json.dumps({"base_seed": seed}))
+    _mistake(lambda: evaluate.main(["--base-seed", "1", "--rlvr", "runs/b1"]),
+             "--sft runs/demo-sft was trained from base build 0, not --base-seed 1")
+    _mistake(lambda: evaluate.main(["--base-seed", "1", "--sft", "runs/b1-sft"]), "--rlvr runs/demo was trained from")
+    _mistake(lambda: evaluate.main(["--base-seed", "1", "--sft", "runs/b1-sft", "--rlvr", "runs/b1"]),
+             "runs/demo-base-seed1: no base model")                   # past the check, to the missing base
 
 
 def test_evaluate_under_torchrun_equals_one_process(tmp_path):
@@ -2735,6 +2411,372 @@ def test_evaluate_two_models_on_real_questions(tmp_path):
             assert r["n"] == 3 and 0 <= r["accuracy"] <= r["format_rate"] <= 1 and 1 <= r["response_length"] <= 6
     table = (tmp_path / "results.md").read_text()
     assert "| | base | rl |" in table and "MMLU-Pro-Health accuracy (greedy)" in table
+
+
+# ================================================================================================================
+# bench.py: the GPU report in miniature
+# ================================================================================================================
+
+def test_bench_twin_models_are_one_model():
+    """bench's transformers / ours twins are built from one config (Qwen2.5's rope theta included) and agree in
+    fp32: the GPU report's bf16 gap is then bf16's alone."""
+    hf, ours = bench.twin_models("tiny", 1000, torch.float32, "cpu")
+    assert ours.config.rope_theta == 1e6 == hf.config.rope_parameters["rope_theta"]
+    x = torch.randint(0, 1000, (2, 40))
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
+
+
+def test_bench_gpu_report_runs_in_miniature_on_cpu(tmp_path):
+    """`bench.py --device cpu --tiny`: the GPU report's four sections run on a CPU and their numbers land in the JSON
+    report; the training smoke run passes its three checks (finite, resume exact, graph tokens equal)."""
+    report = bench.main(["--device", "cpu", "--tiny", "--report", str(tmp_path / "gpu.json")])
+    assert json.loads((tmp_path / "gpu.json").read_text()) == json.loads(json.dumps(report))
+    assert list(report) == ["machine", "parity", "rollout", "ppo", "training", "verdict"]
+    assert not [k for k, v in report.items() if "error" in v]
+    assert report["parity"]["twins_fp32_max_err"] <= 1e-4 and report["parity"]["bf16_head"]["logprob_err"] <= 1e-5
+    assert report["parity"]["bf16_head"]["ok"] and report["parity"]["ok"]
+    assert "cudnn" not in str(report["parity"]["attention_kernels"])
+    assert report["rollout"]["graph_ok"] and report["rollout"]["graph_logprob_err"] <= bench.BF16_LOGPROB_TOL
+    for run in ("default", "--cuda-graphs"):
+        assert report["training"][run]["finite"] and report["training"][run]["resume_exact"]
+    assert report["verdict"] == {"parity": True, "rollout": True, "ppo": True, "training": True}
+
+
+def test_bench_graph_divergence_tells_a_near_tie_from_a_wrong_path():
+    """Two paths fed the same uniforms may differ at a near tie of the inverse CDF, never by more: the check passes
+    the static step against the default one, and fails a path that decodes from the wrong distribution."""
+    _, ours = bench.twin_models("tiny", 1000, torch.bfloat16, "cpu")
+    prompts = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def run(static=False, temperature=1.0):
+        return rollout.generate(ours, prompts, 12, temperature=temperature, eos_token_id=1001,
+                                generator=torch.Generator().manual_seed(0), static=static)
+    uniforms = rollout.draw_uniforms(12, 4, torch.Generator().manual_seed(0), "cpu")
+    same = bench.graph_divergence(ours, prompts, run(), run(static=True), uniforms)
+    assert same["ok"] and same["mass_moved"] <= bench.BF16_MASS_TOL
+    wrong = bench.graph_divergence(ours, prompts, run(), run(temperature=0.3), uniforms)   # another distribution
+    assert not wrong["ok"] and wrong["logprob_err"] > bench.BF16_LOGPROB_TOL
+    # a token far from the draw, with the log-prob p gives it: consistent log-probs, but no near tie
+    a = run()
+    far = (a.responses[0][0] + 500) % 1000
+    with torch.no_grad():
+        lp = torch.log_softmax(ours(torch.tensor([prompts[0]]), logits_from=-1)[0, -1].double(), -1)[far]
+    forged = rollout.Rollout(responses=[[far]] + a.responses[1:], logprobs=[lp[None].float()] + a.logprobs[1:],
+                             finished=a.finished)
+    moved = bench.graph_divergence(ours, prompts, a, forged, uniforms)
+    assert moved["logprob_err"] <= bench.BF16_LOGPROB_TOL and moved["mass_moved"] > bench.BF16_MASS_TOL
+
+
+# ================================================================================================================
+# helpers
+# ================================================================================================================
+
+def make_checkpoint(path, *, tied=True, heads=4, kv_heads=2, hidden=56, layers=2, vocab=97, sharded=False,
+                    legacy_config=False, seed=0):
+    """A tiny random Qwen2 saved by transformers. Every tensor is randomised (biases and norms too), so a
+    forgotten bias or a norm applied in the wrong place shows. legacy_config rewrites config.json in the
+    released Qwen2.5 spelling (rope_theta, torch_dtype) instead of transformers 5's (rope_parameters, dtype)."""
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 8,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      tie_word_embeddings=tied, rms_norm_eps=1e-5, max_position_embeddings=512,
+                      rope_parameters={"rope_type": "default", "rope_theta": 5000.0})   # not the default theta
+    ref = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+    ref.save_pretrained(path, max_shard_size="30KB" if sharded else "5GB")
+    if legacy_config:
+        c = json.loads((Path(path) / "config.json").read_text())
+        c["rope_theta"] = c.pop("rope_parameters")["rope_theta"]
+        c["torch_dtype"] = c.pop("dtype", "float32")
+        (Path(path) / "config.json").write_text(json.dumps(c))
+    return transformers.Qwen2ForCausalLM.from_pretrained(path).eval()   # the reference reads the files we will read
+
+
+def _reference_valid(text):
+    """Independent formulation of the format rule: one regex over the whole text (fine for short texts)."""
+    tags = "<think>|</think>|<answer>|</answer>"
+    inner = rf"(?:(?!{tags}).)*"  # any text that contains no tag
+    blank = r"(?:\s|<\|endoftext\|>|<\|im_end\|>)*"
+    return re.fullmatch(rf"{blank}<think>{inner}</think>{blank}<answer>{inner}</answer>{blank}", text, re.S) is not None
+
+
+def need(path):
+    if not path.exists():
+        pytest.skip(f"../shared not found: {path} is needed for this test")
+
+
+def raw_rows(path):
+    """Independent reference: the file's rows as plain dicts."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def read_llamacpp_vectors(folder):
+    """llama.cpp's format: each test string is followed by "\\n__ggml_vocab_test__\\n" in the .inp file
+    (so the string loses exactly the newline before the separator line); the .out file has one line of
+    space-separated expected ids per string (empty line for the empty string)."""
+    inp = (folder / "ggml-vocab-qwen2.gguf.inp").read_text(encoding="utf-8")
+    out = (folder / "ggml-vocab-qwen2.gguf.out").read_text(encoding="utf-8")
+    texts = inp.split("\n__ggml_vocab_test__\n")
+    assert texts[-1] == ""  # the file ends with a separator
+    ids = [[int(t) for t in line.split()] for line in out.split("\n")]
+    assert ids[-1] == []  # trailing newline
+    return list(zip(texts[:-1], ids[:-1], strict=True))
+
+
+def ragged(lengths, T, seed=0):
+    """Random [B, T] float tensors with right padding filled with garbage, plus the mask."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.tensor([[1.0] * n + [0.0] * (T - n) for n in lengths])
+    x = torch.randn(len(lengths), T, generator=g, dtype=torch.float64)
+    return torch.where(mask.bool(), x, torch.full_like(x, GARBAGE)), mask
+
+
+def naive_gae(rewards, values, n, gamma, lam):
+    """Per-row GAE over the first n entries, pure Python floats."""
+    adv = [0.0] * n
+    last = 0.0
+    for t in reversed(range(n)):
+        next_v = values[t + 1] if t + 1 < n else 0.0
+        delta = rewards[t] + gamma * next_v - values[t]
+        last = delta + gamma * lam * last
+        adv[t] = last
+    return adv, [a + v for a, v in zip(adv, values[:n])]
+
+
+def make_demo_like_checkpoint(path, seed=0):
+    """A tiny random policy with a small tokenizer trained on dose-question text (seconds to make)."""
+    questions = demo.make_questions(200, seed=1)
+    texts = [data.build_prompt(q) + demo.solution(q, True) for q in questions]
+    tok = demo.train_tokenizer(texts)
+    config = model.Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               tie_word_embeddings=True, torch_dtype="float32")
+    model.save_model(model.init_model(config, seed), path)
+    tok.save(str(Path(path) / "tokenizer.json"))
+    return tok
+
+
+def _fixed_experience(vocab, n=6, seed=0):
+    """A fixed batch of PPO experience: prompts and responses of unequal lengths, random advantages etc."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, vocab, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(n)]
+    responses = [torch.randint(0, vocab, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+                 for _ in range(n)]
+    rows = [dict(old_logprobs=-3 + 0.3 * torch.randn(len(r), generator=g), values=torch.randn(len(r), generator=g),
+                 advantages=torch.randn(len(r), generator=g), returns=torch.randn(len(r), generator=g),
+                 ref_logprobs=-3 + 0.3 * torch.randn(len(r), generator=g))
+            for r in responses]
+    return prompts, responses, rows
+
+
+def _experience_for(prompts, responses, rows):
+    input_ids, attn, mask, P = train.pack(prompts, responses, "cpu")
+    per_token = {}
+    for k in rows[0]:
+        per_token[k] = torch.zeros_like(mask)
+        for i, row in enumerate(rows):
+            per_token[k][i, :len(row[k])] = row[k]
+    return train.Experience(input_ids, attn, mask, P, **per_token, texts=[""] * len(rows), scores=[0.0] * len(rows))
+
+
+def _worker(kind, ckpt, out):
+    """Run under torchrun (or plain python): one optimizer step on fixed data; rank 0 saves the weights."""
+    rank, world, device = common.init_distributed()
+    torch.manual_seed(0)
+    actor = common.shard(model.load_model(ckpt).train(), world)
+    vocab = actor.config.vocab_size
+    if kind == "ppo":
+        critic = common.shard(model.load_model(ckpt, value_head=True).train(), world)
+        prompts, responses, rows = _fixed_experience(vocab)
+        mine = list(range(rank, len(prompts), world))
+        exp = _experience_for([prompts[i] for i in mine], [responses[i] for i in mine], [rows[i] for i in mine])
+        # SGD, not Adam: Adam turns the ~1e-9 rounding noise of a zero gradient (k_proj.bias) into a full step
+        opts = [torch.optim.SGD(net.parameters(), lr=0.5) for net in (actor, critic)]
+        hyper = dict(micro_batch=2, temperature=0.7, clip=0.2, value_clip=0.2, grad_clip=1.0, loss_agg="token",
+                     world=world)
+        assert train.ppo_update(actor, critic, *opts, exp, list(range(len(mine))), **hyper)["skipped"] == 0.0
+        for agg in ("seq", "fixed"):          # the other averagings, weighted across micro-batches and ranks alike
+            assert train.ppo_update(actor, critic, *opts, exp, list(range(len(mine))),
+                                    **{**hyper, "loss_agg": agg}, horizon=5)["skipped"] == 0.0
+        # the critic-free update: the actor alone, with the KL to the reference as a loss term (GRPO's k3)
+        assert train.ppo_update(actor, None, opts[0], None, exp, list(range(len(mine))), kl_coef=0.1,
+                                kl_estimator="k3", **hyper)["skipped"] == 0.0
+        # a NaN in rank 0's advantages only: every rank must skip the step (the weights stay as they are)
+        if rank == 0:
+            exp.advantages[0, 0] = float("nan")
+        skipped = train.ppo_update(actor, critic, *opts, exp, list(range(len(mine))), **hyper)["skipped"]
+        state = {**common.full_state_dict(actor, world),
+                 **{"critic." + k: v for k, v in common.full_state_dict(critic, world).items()},
+                 "nan_step_skipped": torch.tensor([skipped])}
+        # cross-rank whitening equals one process's, also for advantages that are all equal (65,536 tokens of 0.7,
+        # where E[x^2] - mean^2 comes out negative)
+        g = torch.Generator().manual_seed(3)
+        for name, x in (("const", torch.full((8, 8192), 0.7)), ("random", torch.randn(8, 16, generator=g))):
+            mask = (torch.arange(x.shape[1]) < torch.arange(8, 0, -1)[:, None] * x.shape[1] // 8).float()
+            shares = [train.whiten(x[rank::world], mask[rank::world], world)]
+            if world > 1:
+                shares = [None] * world
+                torch.distributed.all_gather_object(shares, train.whiten(x[rank::world], mask[rank::world], world))
+            state["whiten." + name] = torch.stack([shares[i % world][i // world] for i in range(8)])
+    elif kind == "rollout":
+        # ranks decode different prompts for different numbers of steps (each row stops at its own EOS):
+        # under full_weights that needs no collective, so nothing may hang, and the tokens equal one process's
+        g = torch.Generator().manual_seed(2)
+        prompts = [torch.randint(0, vocab, (1 + i % 5,), generator=g).tolist() for i in range(6)]
+        with common.full_weights(actor) as plain:
+            assert not common.is_sharded(plain)                  # decoding runs no FSDP hooks
+            result = rollout.generate(plain, prompts[rank::world], 12, temperature=0, eos_token_id=[3, 10, 20, 40])
+        shares = [result.responses]
+        if world > 1:
+            shares = [None] * world
+            torch.distributed.all_gather_object(shares, result.responses)
+        responses = [shares[i % world][i // world] for i in range(len(prompts))]
+        state = {"responses": torch.tensor([r + [-1] * (12 - len(r)) for r in responses])}
+    else:
+        g = torch.Generator().manual_seed(1)
+        pairs = [(torch.randint(0, vocab, (3 + i % 3,), generator=g).tolist(),
+                  torch.randint(0, vocab, (1 + i % 4,), generator=g).tolist()) for i in range(8)]
+        sft.train(actor, pairs, epochs=1, batch=8, micro_batch=3, lr=1e-2, warmup=1, rank=rank, world=world)
+        state = common.full_state_dict(actor, world)
+    if rank == 0:
+        save_file({k: v.detach().clone() for k, v in state.items()}, out)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        os._exit(0)              # as common.cli: skip the interpreter teardown, where gloo now and then aborts
+
+
+def _ppo_argv(base, out, steps, *extra):
+    return ["--model", str(base), "--out", str(out), "--steps", str(steps), "--rollout-batch", "8",
+            "--train-batch", "4", "--micro-batch", "4", "--max-new-tokens", "16", "--eval-limit", "8",
+            "--save-every", "2", "--sample-every", "1", "--actor-lr", "1e-2", "--critic-lr", "1e-2", *extra]
+
+
+def _run_train(argv, world):
+    if world == 1:
+        return train.main(argv)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                        "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+# OpenRLHF 0.5.9, transcribed: openrlhf/models/utils.py masked_mean, openrlhf/models/loss.py PolicyLoss and
+# ValueLoss, and the lr_lambda of transformers 4.48.2's cosine_with_min_lr (optimization.py), which 0.5.9's
+# train_ppo.py schedules over ceil(num_episodes * len(prompts) * n_samples // train_batch * max_epochs) optimizer
+# steps with num_warmup_steps = ceil(max_steps * lr_warmup_ratio) and min_lr = 0.1 * lr.
+def _059_masked_mean(tensor, mask, dim=None):
+    if dim is not None:
+        return (tensor * mask).sum(axis=dim) / mask.sum(axis=dim)
+    return (tensor * mask).sum() / mask.sum()
+
+
+def _059_policy_loss(log_probs, old_log_probs, advantages, action_mask, clip_eps=0.2):
+    ratio = (log_probs - old_log_probs).exp()
+    surr1 = ratio * advantages
+    surr2 = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
+    loss = -torch.min(surr1, surr2)
+    return _059_masked_mean(loss, action_mask, dim=-1).mean()
+
+
+def _059_value_loss(values, old_values, returns, action_mask, clip_eps=0.2):
+    values_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    surr1 = (values_clipped - returns) ** 2
+    surr2 = (values - returns) ** 2
+    loss = torch.max(surr1, surr2)
+    loss = _059_masked_mean(loss, action_mask, dim=-1).mean()
+    return 0.5 * loss
+
+
+def _059_lr_lambda(current_step, *, num_warmup_steps, num_training_steps, num_cycles=0.5, min_lr_rate=0.0):
+    if current_step < num_warmup_steps:
+        return float(current_step) / float(max(1, num_warmup_steps))
+    progress = float(current_step - num_warmup_steps) / float(max(1, num_training_steps - num_warmup_steps))
+    factor = 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress))
+    factor = factor * (1 - min_lr_rate) + min_lr_rate
+    return max(0, factor)
+
+
+def _hub_cache(home: Path, repo: str, files: dict, repo_type="model") -> Path:
+    """Lay out files in a Hugging Face cache under `home` (HF_HOME) as a download would: a snapshot folder per
+    commit, refs/main naming it. -> the snapshot folder."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = home / "hub" / f"{repo_type}s--{repo.replace('/', '--')}"
+    for name, src in files.items():              # each file a blob named by its hash, the snapshot a symlink to it
+        content = src.read_bytes() if isinstance(src, Path) else src.encode()
+        blob = root / "blobs" / hashlib.sha256(content).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(content)
+        dest = root / "snapshots" / commit / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.symlink_to(os.path.relpath(blob, dest.parent))
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    return root / "snapshots" / commit
+
+
+def _wandb_history(run_file: Path) -> list[dict]:
+    """The history rows of an offline W&B run file (a LevelDB-style log of 32 KiB blocks, 7-byte record headers,
+    holding protobuf Records), as {key: value} with JSON-decoded values."""
+    from wandb.proto import wandb_internal_pb2
+    raw, pos, block, part, rows = run_file.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:                     # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        part, pos = part + raw[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):                              # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+            part = b""
+    return rows
+
+
+def _mistake(fn, match, out=None):
+    """fn must fail with a one-line message matching `match`, and (when given) create nothing in `out`."""
+    with pytest.raises((ValueError, FileNotFoundError), match=match) as e:
+        fn()
+    assert "\n" not in str(e.value)
+    if out is not None:
+        assert not Path(out).exists(), f"{out} was written before the mistake was found"
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _unlocked(out):
+    """True when no process holds <out>/.lock (a lock that nobody holds can be taken at once)."""
+    import fcntl
+    with open(Path(out) / ".lock") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+
+def _children(pid):
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
 
 
 if __name__ == "__main__":       # the FSDP test's worker: python test_all.py {ppo,sft} CKPT OUT (or under torchrun)
