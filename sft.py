@@ -60,6 +60,8 @@ def make_parser():
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each block's activations in backward")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help=common.PRECISION_HELP)
+    p.add_argument("--offload", action="store_true", help="weights, gradients and AdamW states in host memory, the "
+                                                          "optimizer step on the CPU (FSDP2's CPUOffloadPolicy)")
     p.add_argument("--base-seed", type=int, default=0, help="the demo: which base build (0: the shipped demo_base/; N: "
                                                            "runs/demo-base-seed<N>, made by --build-base)")
     p.add_argument("--build-base", metavar="DIR", help="instead of fine-tuning: build the demo's base model of "
@@ -171,7 +173,7 @@ def medqa_pair(example) -> tuple[str, str]:
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = common.init_distributed(group=args.precision == "bf16")
+    rank, world, device = common.init_distributed(group=args.precision == "bf16" or args.offload)
     if args.build_base:                                      # the demo's base: pre-trained by the same loop
         demo.build_base(args.build_base, train, rank, world, device, seed=args.base_seed)
         return common.finish(world)
@@ -206,7 +208,7 @@ def fine_tune(args, rank, world, device):
     try:
         policy = M.load_model(args.model, device=device, dtype=torch.float32)   # fp32 master weights (common.shard)
         policy.model.gradient_checkpointing = args.grad_checkpoint
-        policy = common.shard(policy.train(), world, common.compute_dtype(args.precision, device))
+        policy = common.shard(policy.train(), world, common.compute_dtype(args.precision, device), args.offload)
         run.begin(args, world, files=("metrics.jsonl",))     # --overwrite: the old records go; args.json
 
         def held_out(epoch, questions, response_tokens):  # one row per epoch: what it has trained on, then

@@ -2152,7 +2152,7 @@ def test_sft_old_flag_name_is_refused_in_one_line(capsys):
     assert "--train " not in sft.make_parser().format_help()                 # hidden from --help
 
 
-def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path):
+def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path, monkeypatch):
     make_demo_like_checkpoint(tmp_path / "base")
     rows = [{"question": f"Which dose is right for case {i}?", "options": {"A": "1 mg", "B": "2 mg", "C": "3 mg",
              "D": "4 mg"}, "answer": f"{i % 4 + 1} mg", "answer_idx": "ABCD"[i % 4], "meta_info": "step1"}
@@ -2180,6 +2180,16 @@ def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path):
     with torch.no_grad():
         assert (theirs(x).logits - ours(x)).abs().max() <= 1e-4
     assert data.load_tokenizer(tmp_path / "sft").get_vocab_size() == tok.get_vocab_size()
+    # --offload (FSDP2 with its weights, gradients and AdamW states in host memory, a one-process group here) makes
+    # the same model
+    shard, offloads = common.shard, []
+    monkeypatch.setattr(common, "shard", lambda net, *a: offloads.append(a[-1]) or shard(net, *a))
+    sft.main(["--model", str(tmp_path / "base"), "--train-data", str(tmp_path / "train.jsonl"), "--out",
+              str(tmp_path / "sft-offload"), "--epochs", "1", "--batch", "8", "--lr", "1e-3", "--offload"])
+    offloaded = load_file(tmp_path / "sft-offload" / "model.safetensors")
+    assert offloads == [True]                                                    # the flag reached FSDP2
+    assert all((offloaded[k] - v).abs().max() <= 1e-5 for k, v in load_file(tmp_path / "sft" / "model.safetensors")
+               .items())
 
 
 def test_sft_after_epoch_e_is_the_model_of_an_e_epoch_run(tmp_path):
