@@ -2,13 +2,14 @@
 A run's folder (--out) and everything written into it or read back from it: train.py's and sft.py's housekeeping,
 so that their loops hold only the learning.
 
-    run = checkpoint.RunFolder(args, rank, world, start, log)   # claims --out: another run's folder is refused, locked
     ckpt, start = checkpoint.find(args, world, TRAJECTORY_FLAGS)  # --resume: the checkpoint and its step
+    run = checkpoint.RunFolder(args, rank, world, start, log)   # claims --out: another run's folder is refused, locked
     run.begin(args, world)                # args.json; metrics.jsonl / samples.jsonl cut back to the checkpoint's step;
                                           # --wandb / --tensorboard; SIGTERM / SIGINT now mean "checkpoint, then stop"
     run.write("metrics.jsonl", row)       # one JSON line (NaN as null), also to the trackers
     run.save(step, models, tokenizer, args)           # <out>/checkpoint, swapped in whole
     run.stop_if_asked(step, saved, models, tokenizer, args)   # a signal: checkpoint (if not just saved) and exit
+    run.steps_done()                      # past the steps: a signal stops at once again
     run.close()                           # trackers flushed, the lock released (also after an error)
 
 The folder: args.json (the flags, the world size, the machine), metrics.jsonl (one row per step or epoch, and one
@@ -42,13 +43,16 @@ class RunFolder:
         self.lock = claim_out(self.out, args.resume, args.overwrite, start, rank, world)
         self.track, self.signals = (lambda file, row: None), None
 
-    def begin(self, args, world: int, files=("metrics.jsonl", "samples.jsonl")):
+    def begin(self, args, world: int, files=("metrics.jsonl", "samples.jsonl"), stop_signals: bool = True):
         """Called once the models are built (a failure before leaves the folder as it was): --overwrite deletes the
-        old run's outputs, a resumed run cuts its files back to the checkpoint's step, a fresh one writes args.json."""
+        old run's outputs, a resumed run cuts its files back to the checkpoint's step, a fresh one writes args.json.
+        stop_signals: from now on SIGTERM / SIGINT wait for stop_if_asked (for a loop that calls it between steps)."""
         if self.rank == 0:
-            if args.overwrite:
+            if args.overwrite:                  # the old run's outputs (train.py's folders, sft.py's model) go
                 for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "final"):
                     shutil.rmtree(self.out / d, ignore_errors=True)
+                for f in ("config.json", "model.safetensors", "tokenizer.json", "args.json"):
+                    (self.out / f).unlink(missing_ok=True)
             for f in files:
                 (truncate_jsonl(self.out / f, self.start, self.log) if self.start
                  else (self.out / f).unlink(missing_ok=True))
@@ -56,7 +60,7 @@ class RunFolder:
                 (self.out / "args.json").write_text(json.dumps({**vars(args), "world": world,
                                                                 "machine": common.machine()}, indent=1))
         self.track = trackers(getattr(args, "wandb", None), getattr(args, "tensorboard", None), vars(args), self.rank)
-        self.signals = StopSignal()
+        self.signals = StopSignal() if stop_signals else None
 
     def write(self, name: str, row: dict):
         """Append a row to <out>/<name> (rank 0; NaN / inf written as null: valid JSON) and send it to the trackers."""
@@ -83,12 +87,17 @@ class RunFolder:
                                f"{self.out / 'checkpoint'}; continue with the same command and --resume",
                                code=128 + sig)
 
+    def steps_done(self):
+        """Past the last step (the final evaluation and export): a signal stops the process at once again."""
+        if self.signals:
+            self.signals.restore()
+            self.signals = None
+
     def close(self):
         """The trackers keep what they got, the signal handlers and the lock are released; safe after an error."""
         self.track(None, None)
         self.track = lambda file, row: None
-        if self.signals:
-            self.signals.restore()
+        self.steps_done()
         unlock(self.lock)
         self.lock = None
 

@@ -439,7 +439,7 @@ def machine() -> dict:
 
 
 def peak_memory_mb(device) -> float:
-    """Peak memory: CUDA memory allocated since the run began on a GPU (run() resets it: a process may run several),
+    """Peak memory: CUDA memory allocated since the run began on a GPU (train.main resets it: a process may run several),
     the process's peak resident set size (RSS) on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20

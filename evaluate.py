@@ -152,11 +152,12 @@ def held_out_row(policy, tok, held: dict, *, samples, max_new_tokens, batch, ran
     """The held-out columns of train.py's and sft.py's metrics rows, for each set name in `held` ("eval", "ood"):
     name_accuracy and name_format (greedy), and with `samples` name_sampled_accuracy and name_sampled_format.
     A sharded policy decodes from its full weights, gathered once (common.full_weights)."""
-    row = {}
-    for name, examples in held.items():
-        with common.full_weights(policy) as plain:
-            r = evaluate_one(plain, tok, examples, samples=samples, max_new_tokens=max_new_tokens, batch=batch,
-                             rank=rank, world=world)
+    row, results = {}, {}
+    with common.full_weights(policy) as plain:
+        for name, examples in held.items():
+            results[name] = evaluate_one(plain, tok, examples, samples=samples, max_new_tokens=max_new_tokens,
+                                         batch=batch, rank=rank, world=world)
+    for name, r in results.items():
         row[f"{name}_accuracy"], row[f"{name}_format"] = r["accuracy"], r["format_rate"]
         if samples:
             row[f"{name}_sampled_accuracy"], row[f"{name}_sampled_format"] = r["sampled_accuracy"], \

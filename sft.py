@@ -209,7 +209,7 @@ def fine_tune(args, rank, world, device):
         policy = M.load_model(args.model, device=device, dtype=torch.float32)   # fp32 master weights (common.shard)
         policy.model.gradient_checkpointing = args.grad_checkpoint
         policy = common.shard(policy.train(), world, common.compute_dtype(args.precision, device), args.offload)
-        run.begin(args, world, files=("metrics.jsonl",))     # --overwrite: the old records go; args.json
+        run.begin(args, world, files=("metrics.jsonl",), stop_signals=False)   # --overwrite: the old model goes
 
         def held_out(epoch, questions, response_tokens):  # one row per epoch: what it has trained on, then
             row = evaluate.held_out_row(policy, tokenizer, held, samples=args.eval_samples, batch=args.eval_batch,

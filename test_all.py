@@ -1419,6 +1419,8 @@ def test_train_bad_inputs_found_before_any_work(tmp_path):
     argv = lambda *extra: _ppo_argv(tmp_path / "base", out, 1, *extra)          # noqa: E731
     (tmp_path / "empty.jsonl").write_text("")
     _mistake(lambda: train.main(argv("--train-data", str(tmp_path / "empty.jsonl"))), "empty.jsonl: no examples", out)
+    for script in (train, sft):                  # a demo base that is not built: before --out is claimed
+        _mistake(lambda: script.main(["--base-seed", "97", "--out", str(out)]), "base build 97 is not built yet", out)
     write_lines(tmp_path / "four.jsonl", [json.dumps(MEDQA_ROW)] * 4)
     _mistake(lambda: train.main(argv("--train-data", str(tmp_path / "four.jsonl"))),
              "4 examples, fewer than --rollout-batch 8", out)

@@ -351,6 +351,7 @@ def train(args, run: checkpoint.RunFolder, trained: dict, ref, tok, train_set, t
         if saved:
             run.save(step + 1, trained, tok, args)
         run.stop_if_asked(step + 1, saved, trained, tok, args)      # SIGTERM: a checkpoint, then every rank stops
+    run.steps_done()                                                # from here a signal stops at once
     held_out(run, actor, tok, held, steps, args, rank, world, log)
     common.export(actor, tok, Path(args.out) / "final", rank, world, args.export_dtype)
     log(f"final policy: {Path(args.out) / 'final'}")
@@ -530,17 +531,15 @@ def main(argv=None):
         memory.check_fits(M.Qwen2Config.from_json(args.model), args, world,
                           torch.cuda.get_device_properties(device).total_memory / 1e9)
     train_set, held = load_examples(args)
-    prompts = encode_all(args, train_set, held) if args.model is not None else None
+    if args.model is None:                       # the CPU demo: its base (shipped, or built by sft.py) and tokenizer
+        args.model = str(demo.base(args.base_seed).resolve())
+    tok, train_prompts = encode_all(args, train_set, held)
     run = checkpoint.RunFolder(args, rank, world, start, log)    # --out is ours now (refused if another run's)
     try:
-        if prompts is None:                      # the CPU demo: its base (shipped, or built by sft.py) and tokenizer
-            args.model = str(demo.base(args.base_seed).resolve())
-            prompts = encode_all(args, train_set, held)
-        tok, train_prompts = prompts
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        torch.manual_seed(args.seed)    # the critic's fresh value head (every other draw uses seed_for), seeded here:
-        trained, ref = build_models(args, ckpt, rank, world, device)   # the same whether the demo base was built now
+        torch.manual_seed(args.seed)    # the critic's fresh value head (every other draw uses seed_for), seeded here
+        trained, ref = build_models(args, ckpt, rank, world, device)
         run.begin(args, world)
         log(f"PPO: {args.model}, {M.num_params(trained['actor'][0]) / 1e6:.2f}M params, world {world}, "
             f"steps {start}..{args.steps or len(train_set) // args.rollout_batch}")
