@@ -16,12 +16,17 @@ import common
 import model as M
 
 
+def _block_params(config) -> int:
+    """One decoder block's parameters: norms, q, k+v, o, mlp, biases."""
+    H, I = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (H // config.num_attention_heads)
+    return 2 * H + H * H + 2 * H * kv + H * H + 3 * H * I + H + 2 * kv
+
+
 def _policy_params(config) -> int:
     """The policy's parameter count, from its config (transformers' count: tested)."""
-    L, H, I, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
-    kv = config.num_key_value_heads * (H // config.num_attention_heads)
-    block = 2 * H + H * H + 2 * H * kv + H * H + 3 * H * I + H + 2 * kv     # norms, q, k+v, o, mlp, biases
-    return L * block + V * H * (1 if config.tie_word_embeddings else 2) + H
+    H, V = config.hidden_size, config.vocab_size
+    return config.num_hidden_layers * _block_params(config) + V * H * (1 if config.tie_word_embeddings else 2) + H
 
 
 def memory_plan(config, args, world: int, offload: bool) -> tuple[dict, float]:
@@ -36,8 +41,7 @@ def memory_plan(config, args, world: int, offload: bool) -> tuple[dict, float]:
     fp32 temporary; in host memory with --offload). The allocator's fragmentation is the 10% check_fits leaves."""
     L, H, I, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
     kv = config.num_key_value_heads * (H // config.num_attention_heads)
-    block = 2 * H + H * H + 2 * H * kv + H * H + 3 * H * I + H + 2 * kv     # one decoder block's parameters
-    n = _policy_params(config)
+    block, n = _block_params(config), _policy_params(config)
     gb, seq, b = 1e9, args.max_prompt_len + args.max_new_tokens, 4 if args.precision == "fp32" else 2
     per_rank = args.rollout_batch * args.samples_per_prompt // world
     trained = {"actor (fp32 weights, grads, AdamW)": 16 * n / world / gb}
@@ -134,8 +138,9 @@ def plan_table(args, gpus: tuple[int, float] | None = None) -> str:
         gpus = (torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / 1e9) \
             if torch.cuda.is_available() else (0, 0.0)
     n, capacity = gpus
-    fitting = [offload for offload in (False, True) if n and sum(memory_plan(config, args, n, offload)[0].values())
-               <= 0.9 * capacity and memory_plan(config, args, n, offload)[1] <= 0.9 * ram]
+    plans = {offload: memory_plan(config, args, n, offload) for offload in (False, True)} if n else {}
+    fitting = [offload for offload, (plan, host) in plans.items()
+               if sum(plan.values()) <= 0.9 * capacity and host <= 0.9 * ram]
     if not n:
         lines += ["", "this machine: no GPU (the plan above is for GPUs)"]
     elif not fitting:

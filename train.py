@@ -96,6 +96,7 @@ class Experience:
     returns: torch.Tensor | None # [B, R]   advantages (raw GAE) + values: the critic's target; gae only
     texts: list[str]             # "<think>" + decoded response, as scored
     scores: list[float]          # the verifiable reward of each response
+    kl: torch.Tensor | None = None   # [B, R] the per-token KL estimate (--kl-estimator) between old and reference
 
 
 def pack(prompts, responses, device):
@@ -202,7 +203,8 @@ def make_experience(actor, critic, ref, prompts, out: rollout.Rollout, texts, sc
         advantages = ppo.discounted_returns(ppo.token_rewards(score, kl, mask, beta), mask, args.gamma)
         if args.advantage == "reinforce++":
             advantages = whiten(advantages, mask, world)
-    return Experience(input_ids, attn, mask, P, old_logprobs, ref_logprobs, advantages, values, returns, texts, scores)
+    return Experience(input_ids, attn, mask, P, old_logprobs, ref_logprobs, advantages, values, returns, texts, scores,
+                      kl)
 
 
 # ------------------------------------------------------------------------------------------------ 4. learn
@@ -362,13 +364,12 @@ TIMING_KEYS = ("time_rollout", "time_experience", "time_train", "time_step", "to
 
 def step_metrics(step, exp: Experience, out, examples, learned, m, t, args, total, world, device) -> dict:
     """A step's row of metrics.jsonl: means over all ranks' responses, the learning's averages (m), timings."""
-    kl = ppo.kl_penalty(exp.old_logprobs, exp.ref_logprobs, args.kl_estimator) * exp.mask     # [B, R]
     sampler = torch.zeros_like(exp.mask)                                                      # [B, R]
     for i, lp in enumerate(out.logprobs):
         sampler[i, :len(lp)] = lp.to(device)
     sums = dict(reward=sum(learned), accuracy=sum(s == 1.0 for s in exp.scores),
                 format=sum(s > -1.0 for s in exp.scores), truncated=sum(not f for f in out.finished),
-                kl=float(ppo.masked_mean(kl, exp.mask, dim=-1).sum()),
+                kl=float(ppo.masked_mean(exp.kl, exp.mask, dim=-1).sum()),
                 # the paper's "direct answer hacker" stage: the answer shows up early in the think block
                 direct_answer=sum(reward.classify(x, ex.options) == reward.DIRECT_ANSWER
                                   for x, ex in zip(exp.texts, examples)),
