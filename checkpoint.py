@@ -166,7 +166,10 @@ def truncate_jsonl(path: Path, last_step: int, log=print):
                 log(f"{path} line {i + 1}: torn by the interruption, dropped")
                 continue
             raise ValueError(f"{path} line {i + 1}: not JSON; repair or delete the line, then resume") from None
-        if row["step"] < last_step or (row["step"] == last_step and "eval_accuracy" not in row):
+        # train.py's rows count steps: its evaluation row at the checkpoint's step ended the interrupted run (the
+        # resumed one redoes it where the whole run has one); sft.py's count epochs, each saved after its row
+        at = row["step"] if "step" in row else row["epoch"]
+        if at < last_step or (at == last_step and ("epoch" in row or "eval_accuracy" not in row)):
             rows.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(r + "\n" for r in rows))

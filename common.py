@@ -310,8 +310,8 @@ def export(model, tokenizer, out, rank: int, world: int, dtype: str = "float32")
         shutil.rmtree(tmp, ignore_errors=True)
         M.save_model(model, tmp, state_dict=state)
         tokenizer.save(str(tmp / "tokenizer.json"))
-        for f in ("args.json", "metrics.jsonl"):                 # sft.py's records beside its model are kept
-            if (out / f).is_file():
+        for f in ("args.json", "metrics.jsonl", "checkpoint"):   # sft.py's records beside its model are kept
+            if (out / f).exists():
                 os.replace(out / f, tmp / f)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)

@@ -70,7 +70,7 @@ def run_model(policy, tok, examples, style, temperature, max_new_tokens, batch, 
     """Generate one response per example -> list of (response ids, text), on every rank. The examples are batched
     by prompt length and rank r decodes batches r, r + world, ...; each batch samples from its own seeded generator,
     so the responses are those of one process whatever the number of ranks."""
-    prompts = [tok.encode(make_prompt(ex, style)).ids for ex in examples]
+    prompts = [e.ids for e in tok.encode_batch([make_prompt(ex, style) for ex in examples])]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     batches = [order[k:k + batch] for k in range(0, len(order), batch)]
     mine = []

@@ -31,7 +31,7 @@ def _policy_params(config) -> int:
 
 def memory_plan(config, args, world: int, offload: bool) -> tuple[dict, float]:
     """Estimated GB per GPU, by part, and GB of host memory per node (a plan, not a measurement) for train.py's flags
-    `args`: fp32 master weights, compute in bf16 (or fp32 with --precision fp32: b bytes a value). Sharded over the
+    `args` (or sft.py's: the policy alone, no reference, its held-out decoding and its --max-len sequences): fp32 master weights, compute in bf16 (or fp32 with --precision fp32: b bytes a value). Sharded over the
     ranks: actor (and, for gae, critic) weights + gradients + AdamW's two moments in fp32, 16 bytes a parameter, on
     the GPU or, with --offload, in host memory; the reference, b. Then the largest of three phases: the rollout or an
     evaluation (the actor's full weights + the KV cache of the sequences decoded together, --rollout-chunk or
@@ -42,25 +42,32 @@ def memory_plan(config, args, world: int, offload: bool) -> tuple[dict, float]:
     L, H, I, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
     kv = config.num_key_value_heads * (H // config.num_attention_heads)
     block, n = _block_params(config), _policy_params(config)
-    gb, seq, b = 1e9, args.max_prompt_len + args.max_new_tokens, 4 if args.precision == "fp32" else 2
-    per_rank = args.rollout_batch * args.samples_per_prompt // world
-    trained = {"actor (fp32 weights, grads, AdamW)": 16 * n / world / gb}
+    sft = not hasattr(args, "rollout_batch")                                  # sft.py's flags
+    prompt = args.max_len if sft else args.max_prompt_len
+    gb, seq, b = 1e9, prompt + args.max_new_tokens, 4 if args.precision == "fp32" else 2
+    gae = getattr(args, "advantage", None) == "gae"
+    trained = {("policy" if sft else "actor") + " (fp32 weights, grads, AdamW)": 16 * n / world / gb}
     n_critic = n - (0 if config.tie_word_embeddings else V * H) + H           # no LM head; a value head
-    if args.advantage == "gae":
+    if gae:
         trained["critic (fp32 weights, grads, AdamW)"] = 16 * n_critic / world / gb
     plan = {} if offload else dict(trained)
-    plan["reference"] = b * n / world / gb
-    decoding = max(min(per_rank, args.rollout_chunk or per_rank), args.eval_batch)   # sequences decoded together
-    prefill = decoding * args.max_prompt_len * (3 * I + 4 * H) * b              # one block's temporaries over prompts
+    if sft:
+        decoding = args.eval_batch                                             # held-out questions decoded together
+    else:
+        plan["reference"] = b * n / world / gb
+        per_rank = args.rollout_batch * args.samples_per_prompt // world
+        decoding = max(min(per_rank, args.rollout_chunk or per_rank), args.eval_batch)
+    prefill = decoding * prompt * (3 * I + 4 * H) * b                          # one block's temporaries over prompts
     rollout = b * n + L * 2 * kv * b * decoding * seq + prefill                 # full weights + K and V + prefill
-    tokens = args.micro_batch * seq
+    tokens = args.micro_batch * (args.max_len if sft else seq)
     acts = tokens * H * b * L if args.grad_checkpoint else tokens * 17 * b * H * L
     head = 3 * min(M.HEAD_CHUNK_BYTES, tokens * V * 4) + 2 * 4 * V * H        # a chunk's fp32 logits; weight grads
     update = acts + tokens * (2 * H + 3 * I) * b + 2 * block * b + head        # + one block's temporaries, two blocks
     # AdamW's step (foreach, as torch runs it on a GPU) makes one fp32 temporary the size of the model's shard,
     # sqrt(v), for the actor's step, then for the critic's: on the GPU, or with --offload in host memory
-    step = 4 * max(n, n_critic if args.advantage == "gae" else 0) / world
-    phases = {"rollout (full weights, KV cache)": rollout, "update (activations)": update}
+    step = 4 * max(n, n_critic if gae else 0) / world
+    phases = {("held-out decoding" if sft else "rollout") + " (full weights, KV cache)": rollout,
+              "update (activations)": update}
     if not offload:
         phases["optimizer step (AdamW's temporary)"] = step
     name = max(phases, key=phases.get)
@@ -89,15 +96,17 @@ def check_fits(config, args, world: int, capacity_gb: float, host_gb: float | No
     more = next((w for w in (2, 4, 8, 16, 32, 64) if w > world and fits(w, args.offload)[0]), None)
     if more:
         fixes.append(f"{more} GPUs (now {world})")
-    fixes.append("--grad-checkpoint, a smaller --micro-batch or --rollout-chunk, or shorter --max-new-tokens")
+    fixes.append("--grad-checkpoint, a smaller --micro-batch or --rollout-chunk, or shorter --max-new-tokens"
+                 if hasattr(args, "rollout_batch") else "--grad-checkpoint, a smaller --micro-batch or --eval-batch")
     parts = ", ".join(f"{k} {v:.1f}" for k, v in plan.items())
     raise ValueError(f"this configuration needs about {sum(plan.values()):.0f} GB per GPU ({parts}) but a GPU "
                      f"has {capacity_gb:.0f} GB: use " + "; or ".join(fixes))
 
 
-# the flags that size memory, which --plan prints as it resolved them
+# the flags that size memory, which --plan prints as it resolved them: train.py's, sft.py's
 SIZING_FLAGS = ("advantage", "rollout_batch", "samples_per_prompt", "rollout_chunk", "eval_batch", "micro_batch",
                 "max_prompt_len", "max_new_tokens", "grad_checkpoint", "precision")
+SFT_SIZING_FLAGS = ("micro_batch", "max_len", "eval_batch", "max_new_tokens", "grad_checkpoint", "precision")
 
 
 def host_memory_gb() -> float:
@@ -105,8 +114,8 @@ def host_memory_gb() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
 
 
-def plan_table(args, gpus: tuple[int, float] | None = None) -> str:
-    """train.py --plan: per-GPU and host memory of --model (its config.json alone, also from a hub id) for 1, 2, 4
+def plan_table(args, gpus: tuple[int, float] | None = None, script: str = "train.py") -> str:
+    """train.py --plan (and sft.py's: `script`): per-GPU and host memory of --model (its config.json alone, also from a hub id) for 1, 2, 4
     and 8 GPUs, with and without --offload, against GPUs of 24 / 48 / 80 / 141 GB (a plan fits in 90% of a GPU), as
     a markdown table; before it the flags as resolved (a 3B-class model without --preset is warned about), after
     it the command for this machine: `gpus` (count, GB each; default: torch's view of this machine)."""
@@ -117,11 +126,14 @@ def plan_table(args, gpus: tuple[int, float] | None = None) -> str:
     sizes, ram = (24, 48, 80, 141), host_memory_gb()
     lines = [f"memory plan of {args.model} ({n_params / 1e9:.1f}B parameters) under these flags (GB; per GPU, and "
              "host memory a node)",
-             "flags: " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in SIZING_FLAGS),
-             "assumes: fp32 master weights, gradients and AdamW moments (16 B a parameter, sharded), a bf16 reference, "
-             "and the largest of the rollout (full weights, KV cache), the update (activations, LM head chunks) "
-             "and AdamW's step (an fp32 temporary of a shard); a plan fits in 90% of a GPU (10% for fragmentation)"]
-    if n_params > 1e9 and not args.preset:
+             "flags: " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}"
+                                  for k in (SIZING_FLAGS if script == "train.py" else SFT_SIZING_FLAGS)),
+             "assumes: fp32 master weights, gradients and AdamW moments (16 B a parameter, sharded), "
+             + ("a bf16 reference, " if script == "train.py" else "")
+             + "and the largest of the rollout or held-out decoding (full weights, KV cache), the update "
+             "(activations, LM head chunks) and AdamW's step (an fp32 temporary of a shard); a plan fits in 90% of a "
+             "GPU (10% for fragmentation)"]
+    if n_params > 1e9 and script == "train.py" and not args.preset:
         lines.append("warning: a billion-parameter model without --preset: these are the CPU demo's flags; the "
                      "paper's recipe is --preset med-rlvr")
     lines += ["", "| GPUs | --offload | per GPU | host | " + " | ".join(f"{s} GB" for s in sizes)
@@ -147,7 +159,7 @@ def plan_table(args, gpus: tuple[int, float] | None = None) -> str:
         lines += ["", f"this machine: {n} x {capacity:.0f} GB GPUs; these flags do not fit them (see the table)"]
     else:
         lines += ["", f"this machine: {n} x {capacity:.0f} GB GPUs; run:",
-                  f"torchrun --standalone --nproc_per_node={n} train.py"
-                  + (f" --preset {args.preset}" if args.preset else "") + f" --model {args.model}"
+                  f"torchrun --standalone --nproc_per_node={n} {script}"
+                  + (f" --preset {args.preset}" if getattr(args, "preset", None) else "") + f" --model {args.model}"
                   + (" --offload" if fitting[0] else "") + " ..."]
     return "\n".join(lines)

@@ -9,7 +9,9 @@ the demo's base model from its corpus (--build-base DIR: demo.build_base).
 
 After every epoch the baseline is evaluated on held-out questions (--eval-data / --ood-data; the demo: its two
 held-out families), greedy and with --eval-samples K sampled, one row per epoch in <out>/metrics.jsonl, as train.py
-logs its steps: `python evaluate.py --budgets` sets the two side by side.
+logs its steps: `python evaluate.py --budgets` sets the two side by side. After the row a checkpoint (weights and
+AdamW states, <out>/checkpoint) is written, so --resume continues a killed run from its last epoch, or a finished
+one to a larger --epochs.
 
     torchrun --standalone --nproc_per_node=2 sft.py                                        # the demo's baseline
     torchrun --standalone --nproc_per_node=8 sft.py --model Qwen2.5-3B --train-data medqa/train.jsonl --out runs/sft
@@ -20,6 +22,7 @@ FSDP averages gradients over ranks. So N processes make exactly the update one p
 """
 import argparse
 import random
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,7 @@ import common
 import data
 import demo
 import evaluate
+import memory
 import model as M
 
 # ------------------------------------------------------------------------------------------------ flags
@@ -45,7 +49,8 @@ def make_parser():
     p.add_argument("--out", help="where the fine-tuned model is written (HF layout); default: runs/demo-sft for the "
                                  "demo, runs/sft with --model")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
-    p.set_defaults(resume=False)                                 # (what checkpoint.RunFolder asks of a run)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (written "
+                                                         "after every epoch); --epochs may grow")
     p.add_argument("--epochs", type=common.positive_int, default=2, help="passes over the train set")
     p.add_argument("--batch", type=common.positive_int, default=64, help="examples per optimizer step, all ranks")
     p.add_argument("--micro-batch", type=common.positive_int, default=8,
@@ -62,6 +67,7 @@ def make_parser():
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help=common.PRECISION_HELP)
     p.add_argument("--offload", action="store_true", help="weights, gradients and AdamW states in host memory, the "
                                                           "optimizer step on the CPU (FSDP2's CPUOffloadPolicy)")
+    p.add_argument("--plan", action="store_true", help="print the memory plan (1-8 GPUs, --offload or not); exit")
     p.add_argument("--base-seed", type=int, default=0, help="the demo: which base build (0: the shipped demo_base/; N: "
                                                            "runs/demo-base-seed<N>, made by --build-base)")
     p.add_argument("--build-base", metavar="DIR", help="instead of fine-tuning: build the demo's base model of "
@@ -85,7 +91,7 @@ def parse_args(argv=None):
     if first.parse_known_args(argv)[0].model is None:             # the demo: its settings, as a preset (--help too)
         p.set_defaults(**DEMO_BASELINE)
     args = p.parse_args(argv)
-    if (args.model is None) != (args.train_data is None):
+    if (args.model is None) != (args.train_data is None) and not args.plan:
         p.error("give both --model DIR and --train-data FILE (MedQA jsonl), or neither (the CPU demo)")
     args.out = args.out or ("runs/demo-sft" if args.model is None else "runs/sft")
     return args
@@ -120,26 +126,37 @@ def response_loss_sum(model, input_ids, loss_mask):
     return (nll * loss_mask[:, 1 + start:]).sum()
 
 
+def make_optimizer(model, lr, weight_decay):
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+
+
 def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=0.0, grad_clip=1.0, seed=0,
-          rank=0, world=1, device="cpu", log=print, after_epoch=None):
+          rank=0, world=1, device="cpu", log=print, after_epoch=None, opt=None, start_epoch=0):
     """AdamW over `epochs` passes of the (prompt ids, response ids) pairs, `batch` pairs per optimizer step
     (split over the ranks, then into micro-batches; a last partial batch of a pass is left out).
     after_epoch(epoch, examples, response_tokens) is called on every rank after each pass, with the examples and
-    response tokens trained on so far; when it returns True, training stops there. The learning rate after warmup is constant and pass e's order depends on
-    seed + e alone, so the model after pass e of a longer run is the model of an --epochs e run. Returns the mean
-    loss of each step."""
+    response tokens trained on so far; when it returns True, training stops there. The learning rate after warmup
+    is constant and pass e's order depends on seed + e alone, so the model after pass e of a longer run is the
+    model of an --epochs e run, and a run resumed after pass e (`start_epoch`, with its optimizer `opt`) goes on
+    as the uninterrupted one. Returns the mean loss of each step."""
     if batch % world:
         raise ValueError(f"--batch {batch} must be divisible by the world size {world}")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    opt = opt or make_optimizer(model, lr, weight_decay)
     steps_per_epoch = len(pairs) // batch
     if steps_per_epoch == 0:
         raise ValueError(f"{len(pairs)} training examples, fewer than --batch {batch}: not one optimizer step")
-    losses, skipped_in_a_row, seen = [], 0, [0, 0]                    # seen: examples, response tokens
-    for step in range(epochs * steps_per_epoch):
+
+    def rows_of(step):                                                              # same order on every rank
         epoch, i = divmod(step, steps_per_epoch)
         order = list(range(len(pairs)))
-        random.Random(seed + epoch).shuffle(order)                                  # same order on every rank
-        rows = order[i * batch:(i + 1) * batch]
+        random.Random(seed + epoch).shuffle(order)
+        return order[i * batch:(i + 1) * batch]
+    first = start_epoch * steps_per_epoch
+    seen = [first * batch, sum(len(pairs[j][1]) for step in range(first) for j in rows_of(step))]  # examples, tokens
+    losses, skipped_in_a_row = [], 0
+    for step in range(first, epochs * steps_per_epoch):
+        epoch, i = divmod(step, steps_per_epoch)
+        rows = rows_of(step)
         seen = [seen[0] + len(rows), seen[1] + sum(len(pairs[j][1]) for j in rows)]
         mine = [pairs[j] for j in rows][rank::world]
         n_tokens = common.all_sum(sum(len(r) for _, r in mine), world)                     # response tokens, all ranks
@@ -173,6 +190,10 @@ def medqa_pair(example) -> tuple[str, str]:
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     args = parse_args(argv)
+    if args.plan:                                 # the memory plan alone: config.json, no weight, no process group
+        return print(memory.plan_table(args, script="sft.py"))
+    if args.resume and (args.overwrite or args.build_base):
+        raise ValueError(f"--resume with {'--overwrite' if args.overwrite else '--build-base'}: choose one")
     rank, world, device = common.init_distributed(group=args.precision == "bf16" or args.offload)
     if args.build_base:                                      # the demo's base: pre-trained by the same loop
         demo.build_base(args.build_base, train, rank, world, device, seed=args.base_seed)
@@ -182,21 +203,31 @@ def main(argv=None):
     common.finish(world)
 
 
+# The flags that decide where a run goes: a resumed run must use its checkpoint's values (--epochs may grow)
+TRAJECTORY_FLAGS = ("batch", "lr", "warmup", "weight_decay", "grad_clip", "seed", "max_len", "precision", "base_seed")
+
+
 def fine_tune(args, rank, world, device):
     """The SFT baseline: data and base checked (before --out is touched), the model sharded, `train` with an
-    evaluation after every epoch, the model exported in HF layout to --out."""
-    held = demo.held_out() if args.model is None and args.eval_data is None else {}   # evaluated every epoch
+    evaluation and a checkpoint after every epoch, the model exported in HF layout to --out."""
+    is_demo = args.model is None
+    if args.model is not None:                                   # a hub id becomes its files in the HF cache
+        args.model = str(Path(common.from_hub(args.model, "model", world=world)).resolve())
+        common.check_checkpoint(args.model)                      # before any work
+        if device.type == "cuda":                                # does it fit? (before any weight is read)
+            memory.check_fits(M.Qwen2Config.from_json(args.model), args, world,
+                              torch.cuda.get_device_properties(device).total_memory / 1e9)
+    ckpt, start = checkpoint.find(args, world, TRAJECTORY_FLAGS)  # resuming: the checkpoint and its epoch
+    held = demo.held_out() if is_demo and args.eval_data is None else {}   # evaluated every epoch
     if args.eval_data:                                           # a hub id becomes its files in the HF cache
         held["eval"] = data.load_medqa(common.from_hub(args.eval_data, "data", "test", world))
     if args.ood_data:
         held["ood"] = data.load_mmlu_pro(common.from_hub(args.ood_data, "data", "test", world), args.ood_category)
     held = {k: v[:args.eval_limit or None] for k, v in held.items()}
-    if args.model is None:                                       # the demo: its base (built once) and questions
-        args.model = str(demo.base(args.base_seed))
+    if is_demo:                                                  # the demo: its base (shipped or built) and questions
+        args.model = args.model or str(demo.base(args.base_seed).resolve())
         examples = demo.questions("train")                       # train.py's training questions
     else:
-        args.model = common.from_hub(args.model, "model", world=world)
-        common.check_checkpoint(args.model)                      # before any work
         examples = data.load_medqa(common.from_hub(args.train_data, "data", "train", world))
     tokenizer = data.load_tokenizer(args.model)
     texts = [medqa_pair(ex) for ex in examples]
@@ -204,24 +235,30 @@ def fine_tune(args, rank, world, device):
         raise ValueError(f"--train-data {args.train_data or 'demo'}: {len(texts)} examples, fewer than --batch {args.batch}: "
                          "not one optimizer step")
     pairs = data.tokenize_pairs(tokenizer, texts, args.max_len)
-    run = checkpoint.RunFolder(args, rank, world)            # --out is ours (refused if it holds a model or a run)
+    run = checkpoint.RunFolder(args, rank, world, start)     # --out is ours (refused if it holds a model or a run)
     try:
         policy = M.load_model(args.model, device=device, dtype=torch.float32)   # fp32 master weights (common.shard)
         policy.model.gradient_checkpointing = args.grad_checkpoint
         policy = common.shard(policy.train(), world, common.compute_dtype(args.precision, device), args.offload)
+        trained = {"policy": (policy, make_optimizer(policy, args.lr, args.weight_decay))}
+        if ckpt:                                                 # resuming: weights, AdamW, after epoch `start`
+            checkpoint.restore(ckpt, trained, rank)
         run.begin(args, world, files=("metrics.jsonl",), stop_signals=False)   # --overwrite: the old model goes
 
-        def held_out(epoch, questions, response_tokens):  # one row per epoch: what it has trained on, then
-            row = evaluate.held_out_row(policy, tokenizer, held, samples=args.eval_samples, batch=args.eval_batch,
-                                        max_new_tokens=args.max_new_tokens, rank=rank, world=world)   # eval_*, ood_*
-            run.write("metrics.jsonl", {"epoch": epoch, "questions": questions, "response_tokens": response_tokens,
-                                        **row})
-            if rank == 0:
-                print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+        def after_epoch(epoch, questions, response_tokens):  # a row: what it has trained on, then held-out results
+            if held:
+                row = evaluate.held_out_row(policy, tokenizer, held, samples=args.eval_samples, batch=args.eval_batch,
+                                            max_new_tokens=args.max_new_tokens, rank=rank, world=world)
+                run.write("metrics.jsonl", {"epoch": epoch, "questions": questions,
+                                            "response_tokens": response_tokens, **row})      # eval_*, ood_*
+                if rank == 0:
+                    print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+            run.save(epoch, trained, tokenizer, args)            # after the row: a resumed run keeps it
 
         train(policy, pairs, epochs=args.epochs, batch=args.batch, micro_batch=args.micro_batch, lr=args.lr,
               warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
-              rank=rank, world=world, device=device, after_epoch=held_out if held else None)
+              rank=rank, world=world, device=device, after_epoch=after_epoch, opt=trained["policy"][1],
+              start_epoch=start)
         run.close()                                          # the lock goes before the folder is swapped in whole
         common.export(policy, tokenizer, args.out, rank, world)
         if rank == 0:

@@ -22,8 +22,8 @@ name starts with the file it tests), helpers at the bottom.
     test_evaluate_*   evaluate.py and study.py: scoring by the reward rules, pass@k, the stages, runs compared
     test_bench_*      bench.py: the GPU report in miniature on the CPU
 
-This file is also the worker those FSDP tests start under torchrun: `python test_all.py {ppo,sft,rollout} CKPT OUT`
-(see _worker at the bottom).
+This file is also the worker of the suite's one torchrun launch (the two_ranks fixture): `python test_all.py
+JOBS.json` runs the 2-rank jobs of several tests one after another in the same two processes (_run_jobs).
 """
 import hashlib
 import importlib.util
@@ -398,19 +398,80 @@ def taught_base(tmp_path_factory):
     return path
 
 
+FSDP_KINDS = ("ppo", "sft", "rollout")                  # _worker's steps, one process against two
+TWO_RANK_RESUMES = ("gae-bf16-offload", "grpo")         # the resume test's configurations under torchrun
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, taught_base):
+    """The suite's 2-rank work, in one torchrun launch: starting two processes that import torch (and torch._dynamo,
+    with the first optimizer) costs ~7 s on 2 cores, more than most of these jobs, so they run one after another in
+    the same two processes (as bench.py runs train.main several times) and each test checks its own job's files.
+    -> {"root": the folder, "hub": the hub test's paths}. In the folder:
+        fsdp/{ppo,sft,rollout}.safetensors   _worker's step on fsdp/m                  test_train_fsdp_*
+        resume-{gae-bf16-offload,grpo}/      the straight, first half and resumed runs   test_train_resume_*
+        hub/run                              train.py on hub ids, offline from hub/hf    test_common_*hub*
+        evaluate/two.json                    evaluate.py on evaluate/m                   test_evaluate_under_torchrun_*"""
+    root = tmp_path_factory.mktemp("two_ranks")
+    make_checkpoint(root / "fsdp" / "m", tied=True, heads=4, kv_heads=2, layers=2)
+    jobs = [["worker", k, str(root / "fsdp" / "m"), str(root / "fsdp" / f"{k}.safetensors")] for k in FSDP_KINDS]
+    for advantage in TWO_RANK_RESUMES:
+        jobs += _resume_jobs(taught_base, root / f"resume-{advantage}", advantage)
+    hub = _hub_setup(root / "hub")
+    jobs.append(["train", *hub["argv"], "--out", str(root / "hub" / "run")])
+    make_demo_like_checkpoint(root / "evaluate" / "m")
+    jobs.append(["evaluate", *_evaluate_argv(root / "evaluate" / "m"), "--out", str(root / "evaluate" / "two.json")])
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "test_all.py", str(root / "jobs.json")], cwd=ROOT, env=hub["env"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, "\n".join(l for l in r.stderr.splitlines()
+                                        if "Warning" not in l and "register_pre" not in l)[-6000:]
+    return {"root": root, "hub": hub}
+
+
 # ================================================================================================================
 # the layout: the four core files copy out alone; every flag of every script explains itself
 # ================================================================================================================
 
-@pytest.mark.parametrize("name", list(STANDALONE_USE))
-def test_layout_core_file_copies_out_alone(tmp_path, name):
-    """model.py, rollout.py, ppo.py and reward.py import nothing from the project: each works alone."""
-    shutil.copy(ROOT / name, tmp_path / name)
+@pytest.fixture(scope="module")
+def copied_out(tmp_path_factory):
+    """Each core file copied alone into a folder of its own and used there, all in one fresh interpreter (one torch
+    import, not four), with the project's modules forgotten between them. -> {name: (folder, traceback or "")}"""
+    root = tmp_path_factory.mktemp("copied_out")
+    jobs = []
+    for name, use in STANDALONE_USE.items():
+        (root / name[:-3]).mkdir()
+        shutil.copy(ROOT / name, root / name[:-3] / name)
+        jobs.append((name, str(root / name[:-3]), use))
+    script = f"""
+import json, os, sys, traceback
+errors = {{}}
+for name, folder, use in {jobs!r}:
+    os.chdir(folder)
+    sys.path[0] = folder
+    for module in {[n[:-3] for n in STANDALONE_USE]!r}:
+        sys.modules.pop(module, None)
+    try:
+        exec(use, {{}})
+        errors[name] = ""
+    except BaseException:
+        errors[name] = traceback.format_exc()
+print(json.dumps(errors))
+"""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-c", STANDALONE_USE[name]], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(p.name for p in tmp_path.glob("*.py")) == [name]       # nothing else was there to import
+    errors = json.loads(r.stdout.splitlines()[-1])
+    return {name: (root / name[:-3], errors[name]) for name in STANDALONE_USE}
+
+
+@pytest.mark.parametrize("name", list(STANDALONE_USE))
+def test_layout_core_file_copies_out_alone(copied_out, name):
+    """model.py, rollout.py, ppo.py and reward.py import nothing from the project: each works alone."""
+    folder, error = copied_out[name]
+    assert not error, error[-2000:]
+    assert sorted(p.name for p in folder.glob("*.py")) == [name]          # nothing else was there to import
 
 
 @pytest.mark.parametrize("script", [train, sft, evaluate, bench], ids=lambda m: m.__name__)
@@ -1159,17 +1220,13 @@ def test_ppo_entropy_matches_categorical():
 # train.py (with checkpoint.py, memory.py): FSDP = one process, resume = uninterrupted, learning
 # ================================================================================================================
 
-@pytest.mark.parametrize("kind", ["ppo", "sft", "rollout"])
-def test_train_fsdp_two_ranks_equal_one_process(tmp_path, kind):
-    make_checkpoint(tmp_path / "m", tied=True, heads=4, kv_heads=2, layers=2)
-    single, double = tmp_path / "single.safetensors", tmp_path / "double.safetensors"
-    run = dict(cwd=ROOT, capture_output=True, text=True, timeout=240)
-    r1 = subprocess.run([sys.executable, "test_all.py", kind, str(tmp_path / "m"), str(single)], **run)
-    assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                         "test_all.py", kind, str(tmp_path / "m"), str(double)], **run)
-    assert r2.returncode == 0, "\n".join(l for l in r2.stderr.splitlines() if "Warning" not in l and "register_pre" not in l)[-6000:]
-    a, b = load_file(single), load_file(double)
+@pytest.mark.parametrize("kind", FSDP_KINDS)
+def test_train_fsdp_two_ranks_equal_one_process(tmp_path, kind, two_ranks):
+    """_worker's step (PPO updates with every loss averaging, whitening, a NaN on one rank; SFT; uneven decoding)
+    sharded over 2 ranks under torchrun, against the same step in this process as one."""
+    ckpt = two_ranks["root"] / "fsdp" / "m"
+    _worker(kind, ckpt, tmp_path / "single.safetensors")
+    a, b = load_file(tmp_path / "single.safetensors"), load_file(two_ranks["root"] / "fsdp" / f"{kind}.safetensors")
     if kind == "rollout":
         assert torch.equal(a["responses"], b["responses"])
         assert (a["responses"] == -1).any(), "no row stopped early: the test would not exercise uneven decoding"
@@ -1178,24 +1235,24 @@ def test_train_fsdp_two_ranks_equal_one_process(tmp_path, kind):
         assert a["nan_step_skipped"].item() == b["nan_step_skipped"].item() == 1.0
         for name in ("whiten.const", "whiten.random"):
             assert torch.isfinite(b[name]).all() and (a[name] - b[name]).abs().max() <= 1e-5, name
-    before = load_file(tmp_path / "m" / "model.safetensors")
+    before = load_file(ckpt / "model.safetensors")
     assert a.keys() == b.keys()
     assert any(not torch.equal(a[k], before[k]) for k in before)          # the step did change the weights
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-5, k
 
 
-@pytest.mark.parametrize("world, advantage", [(1, "gae"), (2, "gae-bf16-offload"), (1, "grpo"), (2, "grpo"),
+@pytest.mark.parametrize("world, advantage", [(1, "gae"), *[(2, a) for a in TWO_RANK_RESUMES], (1, "grpo"),
                                               (1, "rloo"), (1, "reinforce++")])
-def test_train_resume_equals_uninterrupted_run(tmp_path, world, advantage, taught_base):
+def test_train_resume_equals_uninterrupted_run(tmp_path, world, advantage, taught_base, request):
     """Also under torchrun with 2 ranks: sharded optimizer state saved in full, read back by every rank; for every
     estimator (the critic-free ones build, step and save no critic); and in the GPU's bf16 configuration, through
     rollout, experience, update, checkpoint and resume, where everything written must also be finite."""
-    extra = ESTIMATOR_ARGV[advantage] + ["--max-new-tokens", "24"]          # room for a whole worked answer
-    _run_train(_ppo_argv(taught_base, tmp_path / "straight", 4, *extra), world)
-    _run_train(_ppo_argv(taught_base, tmp_path / "resumed", 2, *extra), world)
-    (tmp_path / "resumed" / "final").rename(tmp_path / "first-half")
-    _run_train(_ppo_argv(taught_base, tmp_path / "resumed", 4, "--resume", *extra), world)
+    extra = ESTIMATOR_ARGV[advantage]
+    if world == 1:
+        _run_jobs(_resume_jobs(taught_base, tmp_path, advantage))
+    else:                                                   # run by the suite's one torchrun launch
+        tmp_path = request.getfixturevalue("two_ranks")["root"] / f"resume-{advantage}"
     ckpt = tmp_path / "resumed" / "checkpoint"
     import torch.distributed.checkpoint as dcp
     saved = {k.split(".")[0] for k in dcp.FileSystemReader(ckpt / "weights").read_metadata().state_dict_metadata}
@@ -1208,8 +1265,8 @@ def test_train_resume_equals_uninterrupted_run(tmp_path, world, advantage, taugh
         rows = [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if k not in train.TIMING_KEYS} for r in rows]
     straight, resumed = metrics("straight"), metrics("resumed")
-    evals = [0, 2, 4] if "--eval-every" in extra else [0, 4]            # eval rows, and one row per step
-    assert [r["step"] for r in straight] == sorted([1, 2, 3, 4] + evals)
+    evals = [0, 2, 3] if "--eval-every" in extra else [0, 3]            # eval rows, and one row per step
+    assert [r["step"] for r in straight] == sorted([1, 2, 3] + evals)
     assert all(v is not None for r in straight + resumed for v in r.values())    # a NaN would be written as null
     if "bf16" in advantage:                   # bf16 decoding really ran: its log-probs are off the training forward's
         assert straight[1]["sampler_logprob_err"] > 1e-5
@@ -1222,7 +1279,7 @@ def test_train_resume_equals_uninterrupted_run(tmp_path, world, advantage, taugh
     a, b = load_file(tmp_path / "straight" / "final" / "model.safetensors"), \
         load_file(tmp_path / "resumed" / "final" / "model.safetensors")
     half = load_file(tmp_path / "first-half" / "model.safetensors")
-    assert any(not torch.equal(a[k], half[k]) for k in a)             # steps 3 and 4 did something
+    assert any(not torch.equal(a[k], half[k]) for k in a)             # step 3 did something
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-5, k
     assert common.non_finite(a) is None
@@ -1294,30 +1351,19 @@ def test_train_presets_grpo_and_dr_grpo_are_the_published_forms():
     assert train.parse_args(["--preset", "grpo", "--kl-coef", "0.0"]).kl_coef == 0.0        # a flag still wins
 
 
-def test_train_takes_hub_ids_offline_from_the_cache(tmp_path):
+def test_train_takes_hub_ids_offline_from_the_cache(tmp_path, two_ranks):
     """`--model org/tiny --train-data org/medqa` with HF_HUB_OFFLINE=1 and a hand-built cache: 2 ranks under torchrun
     train from the cached files (the split's file found by name), and record where they came from; an id that is not
     cached stops before anything is written, in one line that names it and what to do."""
-    make_demo_like_checkpoint(tmp_path / "tiny")
-    home = tmp_path / "hf"
-    snapshot = _hub_cache(home, "org/tiny", {f.name: f for f in (tmp_path / "tiny").iterdir()})
-    rows = [json.dumps({**MEDQA_ROW, "question": f"Which dose {i}?"}) for i in range(8)]
-    questions = _hub_cache(home, "org/medqa", {"data/train-00000.jsonl": "\n".join(rows),
-                                               "data/test-00000.jsonl": rows[0]}, "dataset")
-    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    argv = ["--model", "org/tiny", "--train-data", "org/medqa", "--eval-data", "org/medqa", "--out",
-            str(tmp_path / "run"), "--steps", "1", "--rollout-batch", "8", "--train-batch", "4", "--micro-batch", "4",
-            "--max-new-tokens", "8", "--save-every", "0"]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    recorded = json.loads((tmp_path / "run" / "args.json").read_text())
-    assert recorded["model"] == str(snapshot)                       # the files' names, not their blobs' hashes
-    assert recorded["train_data"] == str(questions / "data" / "train-00000.jsonl")
-    assert recorded["eval_data"] == str(questions / "data" / "test-00000.jsonl")
-    assert [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [0, 1, 1]
-    r = subprocess.run([sys.executable, "train.py", *argv[:1], "org/missing", *argv[2:-8], "--out",
-                        str(tmp_path / "never")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    hub, run = two_ranks["hub"], two_ranks["root"] / "hub" / "run"
+    recorded = json.loads((run / "args.json").read_text())
+    assert recorded["model"] == str(hub["snapshot"])                  # the files' names, not their blobs' hashes
+    assert recorded["train_data"] == str(hub["questions"] / "data" / "train-00000.jsonl")
+    assert recorded["eval_data"] == str(hub["questions"] / "data" / "test-00000.jsonl")
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 1]
+    argv = hub["argv"]
+    r = subprocess.run([sys.executable, "train.py", *argv[:1], "org/missing", *argv[2:], "--out",
+                        str(tmp_path / "never")], cwd=ROOT, env=hub["env"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and not (tmp_path / "never").exists()
     assert re.fullmatch(r"error: org/missing: not in the Hugging Face cache .*give a local path\n", r.stderr), r.stderr
 
@@ -1669,15 +1715,26 @@ def test_train_memory_plan_refuses_3b_on_one_gpu(tmp_path, capsys):
     assert memory.plan_table(args, gpus=(0, 0.0)).endswith("this machine: no GPU (the plan above is for GPUs)")
     assert "warning: a billion-parameter model without --preset" in memory.plan_table(
         train.parse_args(["--model", args.model]), gpus=(1, 80.0))
+    # sft.py --plan: the policy alone (no critic, no reference), its --max-len sequences; its command ends the table
+    sft_args = sft.parse_args(["--model", args.model, "--plan"])
+    sft_plan, sft_host = memory.memory_plan(config, sft_args, 1, True)
+    assert list(sft_plan) == ["held-out decoding (full weights, KV cache)"] and sft_host == pytest.approx(20 * n / 1e9)
+    assert "policy (fp32 weights, grads, AdamW)" in memory.memory_plan(config, sft_args, 1, False)[0]
+    sft.main(["--model", args.model, "--plan"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1] == ("flags: --micro-batch 8 --max-len 1024 --eval-batch 64 --max-new-tokens 1024 "
+                          "--grad-checkpoint True --precision auto") and "reference" not in printed[2]
+    assert memory.plan_table(sft_args, gpus=(2, 80.0), script="sft.py").endswith(
+        f"torchrun --standalone --nproc_per_node=2 sft.py --model {args.model} ...")
     train.main(["--preset", "med-rlvr", "--model", str(tmp_path / "3b"), "--plan", "--out", str(tmp_path / "out")])
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[:-2] == table[:-3] and not (tmp_path / "out").exists()        # (the last: this machine's GPUs)
 
 
 def test_train_ppo_raises_the_reward_of_the_demo_base(tmp_path):
-    """The demo, fast: the shipped base, then PPO with the demo's settings on half its rollout batch for 8 steps.
+    """The demo, fast: the shipped base, then PPO with the demo's settings on half its rollout batch for 6 steps.
     The reward must rise, from the reward alone (measured: -0.26 over the first 3 steps, +0.13 over steps 4-6)."""
-    train.main(["--out", str(tmp_path / "ppo"), "--steps", "8", "--rollout-batch", "32", "--train-batch", "16",
+    train.main(["--out", str(tmp_path / "ppo"), "--steps", "6", "--rollout-batch", "32", "--train-batch", "16",
                 "--micro-batch", "16", "--eval-limit", "8", "--save-every", "0", "--sample-every", "0"])
     rows = [json.loads(l) for l in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward"] for r in rows if "reward" in r]
@@ -2194,6 +2251,32 @@ def test_sft_loss_falls_and_the_export_loads_in_transformers(tmp_path, monkeypat
                .items())
 
 
+def test_sft_resume_equals_uninterrupted_run(tmp_path):
+    """sft.py writes a checkpoint after every epoch's row: 1 epoch, then --resume --epochs 2 (through a torn last
+    metrics line), ends with the model and rows of 2 epochs straight; a changed trajectory flag is refused."""
+    make_demo_like_checkpoint(tmp_path / "base")
+    rows = [{**MEDQA_ROW, "question": f"Which dose {i}?", "answer_idx": x, "answer": MEDQA_ROW["options"][x]}
+            for i, x in enumerate("ABCD" * 4)]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = ["--model", str(tmp_path / "base"), "--train-data", str(tmp_path / "q.jsonl"), "--batch", "8",
+             "--lr", "3e-3", "--warmup", "1", "--eval-data", str(tmp_path / "q.jsonl"), "--eval-limit", "4",
+             "--max-new-tokens", "6"]
+    sft.main([*flags, "--epochs", "2", "--out", str(tmp_path / "straight")])
+    sft.main([*flags, "--epochs", "1", "--out", str(tmp_path / "resumed")])
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "quest')                                     # a kill mid-write
+    _mistake(lambda: sft.main([*flags, "--epochs", "2", "--out", str(tmp_path / "resumed"), "--resume", "--lr", "1e-3"]),
+             "made with --lr 0.003, not --lr 0.001")
+    sft.main([*flags, "--epochs", "2", "--out", str(tmp_path / "resumed"), "--resume"])
+    straight, resumed = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+    assert [r["epoch"] for r in resumed] == [1, 2] and resumed == straight
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # resuming the finished run trains nothing more and keeps its rows
+    sft.main([*flags, "--epochs", "2", "--out", str(tmp_path / "resumed"), "--resume"])
+    assert _metrics(tmp_path / "resumed") == straight
+
+
 def test_sft_after_epoch_e_is_the_model_of_an_e_epoch_run(tmp_path):
     """sft.py's per-epoch rows stand for shorter runs: after pass 1 of 2 the weights equal a 1-epoch run's, bitwise
     (constant lr after warmup, pass e shuffled by seed + e alone)."""
@@ -2310,18 +2393,13 @@ def test_evaluate_demo_study_of_another_base_needs_its_runs(tmp_path, monkeypatc
              "runs/demo-base-seed1: no base model")                   # past the check, to the missing base
 
 
-def test_evaluate_under_torchrun_equals_one_process(tmp_path):
+def test_evaluate_under_torchrun_equals_one_process(tmp_path, two_ranks):
     """evaluate.py with 2 ranks, each decoding its share of the batches: the same results file as one process, the
     sampled accuracy included (each batch has its own seeded generator)."""
-    make_demo_like_checkpoint(tmp_path / "m")
-    argv = ["--model", str(tmp_path / "m"), "--dose", "12", "--batch", "4", "--samples", "2", "--max-new-tokens", "12"]
-    one = evaluate.main([*argv, "--out", str(tmp_path / "one.json")])
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "evaluate.py", *argv, "--out", str(tmp_path / "two.json")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((tmp_path / "two.json").read_text()) == json.loads(json.dumps(one))
-    assert one[str(tmp_path / "m")]["Dose (demo)"]["n"] == 12
+    ckpt = two_ranks["root"] / "evaluate" / "m"
+    one = evaluate.main([*_evaluate_argv(ckpt), "--out", str(tmp_path / "one.json")])
+    assert json.loads((two_ranks["root"] / "evaluate" / "two.json").read_text()) == json.loads(json.dumps(one))
+    assert one[str(ckpt)]["Dose (demo)"]["n"] == 12
 
 
 def test_evaluate_budgets_by_hand(tmp_path):
@@ -2602,8 +2680,10 @@ def _experience_for(prompts, responses, rows):
 
 
 def _worker(kind, ckpt, out):
-    """Run under torchrun (or plain python): one optimizer step on fixed data; rank 0 saves the weights."""
-    rank, world, device = common.init_distributed()
+    """One optimizer step on fixed data (in the 2-rank launch, or in pytest's process as one); rank 0 saves the
+    weights."""
+    dist = torch.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(0)
     actor = common.shard(model.load_model(ckpt).train(), world)
     vocab = actor.config.vocab_size
@@ -2662,9 +2742,26 @@ def _worker(kind, ckpt, out):
         state = common.full_state_dict(actor, world)
     if rank == 0:
         save_file({k: v.detach().clone() for k, v in state.items()}, out)
-    if world > 1:
-        torch.distributed.destroy_process_group()
-        os._exit(0)              # as common.cli: skip the interpreter teardown, where gloo now and then aborts
+
+
+def _run_jobs(jobs):
+    """Run jobs one after another in this process: ["train" | "evaluate", *argv], ["worker", kind, ckpt, out], or
+    ["rename", src, dst] (by rank 0, while the others wait). The 2-rank launch's work, and a test's at world 1."""
+    dist = torch.distributed
+    for job, *rest in jobs:
+        if job == "train":
+            train.main(rest)
+        elif job == "evaluate":
+            evaluate.main(rest)
+        elif job == "worker":
+            _worker(*rest)
+        elif job == "rename":
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                Path(rest[0]).rename(rest[1])
+            if dist.is_initialized():
+                dist.barrier()
+        else:
+            raise ValueError(f"unknown job {job}")
 
 
 def _ppo_argv(base, out, steps, *extra):
@@ -2673,12 +2770,14 @@ def _ppo_argv(base, out, steps, *extra):
             "--save-every", "2", "--sample-every", "1", "--actor-lr", "1e-2", "--critic-lr", "1e-2", *extra]
 
 
-def _run_train(argv, world):
-    if world == 1:
-        return train.main(argv)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-                        "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+def _resume_jobs(base, folder, advantage):
+    """The resume test's runs (for _run_jobs): 3 steps straight; 2 steps, their export kept as first-half; then
+    --resume to 3."""
+    extra = [*ESTIMATOR_ARGV[advantage], "--max-new-tokens", "24"]          # room for a whole worked answer
+    return [["train", *_ppo_argv(base, folder / "straight", 3, *extra)],
+            ["train", *_ppo_argv(base, folder / "resumed", 2, *extra)],
+            ["rename", str(folder / "resumed" / "final"), str(folder / "first-half")],
+            ["train", *_ppo_argv(base, folder / "resumed", 3, "--resume", *extra)]]
 
 
 # OpenRLHF 0.5.9, transcribed: openrlhf/models/utils.py masked_mean, openrlhf/models/loss.py PolicyLoss and
@@ -2715,6 +2814,25 @@ def _059_lr_lambda(current_step, *, num_warmup_steps, num_training_steps, num_cy
     factor = 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress))
     factor = factor * (1 - min_lr_rate) + min_lr_rate
     return max(0, factor)
+
+
+def _hub_setup(folder: Path) -> dict:
+    """The hub test's inputs: a tiny model and a MedQA-like dataset laid out in a Hugging Face cache under folder/hf,
+    the environment that points there offline, and train.py's flags naming them by hub id."""
+    make_demo_like_checkpoint(folder / "tiny")
+    snapshot = _hub_cache(folder / "hf", "org/tiny", {f.name: f for f in (folder / "tiny").iterdir()})
+    rows = [json.dumps({**MEDQA_ROW, "question": f"Which dose {i}?"}) for i in range(8)]
+    questions = _hub_cache(folder / "hf", "org/medqa", {"data/train-00000.jsonl": "\n".join(rows),
+                                                        "data/test-00000.jsonl": rows[0]}, "dataset")
+    argv = ["--model", "org/tiny", "--train-data", "org/medqa", "--eval-data", "org/medqa", "--steps", "1",
+            "--rollout-batch", "8", "--train-batch", "4", "--micro-batch", "4", "--max-new-tokens", "8",
+            "--save-every", "0"]
+    return {"snapshot": snapshot, "questions": questions, "argv": argv,
+            "env": {**os.environ, "HF_HOME": str(folder / "hf"), "HF_HUB_OFFLINE": "1"}}
+
+
+def _evaluate_argv(ckpt):
+    return ["--model", str(ckpt), "--dose", "12", "--batch", "4", "--samples", "2", "--max-new-tokens", "12"]
 
 
 def _hub_cache(home: Path, repo: str, files: dict, repo_type="model") -> Path:
@@ -2791,5 +2909,8 @@ def _children(pid):
     return kids
 
 
-if __name__ == "__main__":       # the FSDP test's worker: python test_all.py {ppo,sft} CKPT OUT (or under torchrun)
-    _worker(*sys.argv[1:])
+if __name__ == "__main__":       # the 2-rank launch's worker (the two_ranks fixture): python test_all.py JOBS.json
+    common.init_distributed()    # one process group for all the jobs: each script's own finish() leaves it as it is
+    _run_jobs(json.loads(Path(sys.argv[1]).read_text()))
+    torch.distributed.destroy_process_group()
+    os._exit(0)                  # as common.cli: skip the interpreter teardown, where gloo now and then aborts
