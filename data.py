@@ -49,7 +49,10 @@ def load_tokenizer(path) -> Tokenizer:
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"tokenizer.json not found: {file}")
-    return Tokenizer.from_file(str(file))
+    tok = Tokenizer.from_file(str(file))
+    tok.no_padding()             # a tokenizer.json may ask for either: ids are never padded or cut here (and
+    tok.no_truncation()          # encode_batch's then equal encode's)
+    return tok
 
 
 def eos_token_id(tokenizer: Tokenizer) -> int:

@@ -25,7 +25,6 @@ import random
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import checkpoint
 import common
@@ -118,12 +117,12 @@ def collate(pairs: list[tuple[list[int], list[int]]], device):
 
 
 def response_loss_sum(model, input_ids, loss_mask):
-    """Sum over response tokens of -log p(token | everything before it). Logits at t predict token t+1; the LM
-    head skips the positions before the first response token of the batch (MedQA: ~300 prompt, ~10 response)."""
+    """Sum over response tokens of -log p(token | everything before it). Position t predicts token t+1; the LM
+    head skips the positions before the first response token of the batch (MedQA: ~300 prompt, ~10 response) and
+    runs a chunk of positions at a time (model.head_logprobs, as PPO's): the [B, T, V] logits are never held."""
     start = int(loss_mask[:, 1:].any(0).nonzero()[0])                               # first position with a target
-    logits = model(input_ids[:, :-1], logits_from=start).float()                    # [B, T-1-start, V]
-    nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1 + start:], reduction="none")
-    return (nll * loss_mask[:, 1 + start:]).sum()
+    logprobs, _ = model(input_ids[:, :-1], logits_from=start, logprobs_of=input_ids[:, 1 + start:])  # [B, T-1-start]
+    return -(logprobs * loss_mask[:, 1 + start:]).sum()
 
 
 def make_optimizer(model, lr, weight_decay):
@@ -217,7 +216,10 @@ def fine_tune(args, rank, world, device):
         if device.type == "cuda":                                # does it fit? (before any weight is read)
             memory.check_fits(M.Qwen2Config.from_json(args.model), args, world,
                               torch.cuda.get_device_properties(device).total_memory / 1e9)
+    args.precision = "bf16" if common.compute_dtype(args.precision, device) == torch.bfloat16 else "fp32"  # recorded
     ckpt, start = checkpoint.find(args, world, TRAJECTORY_FLAGS)  # resuming: the checkpoint and its epoch
+    if start > args.epochs:
+        raise ValueError(f"--resume: {ckpt} is after epoch {start}, past --epochs {args.epochs}")
     held = demo.held_out() if is_demo and args.eval_data is None else {}   # evaluated every epoch
     if args.eval_data:                                           # a hub id becomes its files in the HF cache
         held["eval"] = data.load_medqa(common.from_hub(args.eval_data, "data", "test", world))

@@ -424,7 +424,7 @@ def two_ranks(tmp_path_factory, taught_base):
     (root / "jobs.json").write_text(json.dumps(jobs))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "test_all.py", str(root / "jobs.json")], cwd=ROOT, env=hub["env"], capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=900)
     assert r.returncode == 0, "\n".join(l for l in r.stderr.splitlines()
                                         if "Warning" not in l and "register_pre" not in l)[-6000:]
     return {"root": root, "hub": hub}
@@ -1936,6 +1936,19 @@ def test_data_missing_tokenizer(tmp_path):
         data.load_tokenizer(tmp_path)
 
 
+def test_data_tokenizer_never_pads_or_cuts(tmp_path):
+    """A tokenizer.json saved with padding and truncation on: loaded, its batched ids equal one-by-one ids, whole."""
+    tok = data.load_tokenizer(demo.SHIPPED_BASE)
+    texts = ["A child weighing 7 kg is prescribed ibuprofen.", "Dose?", ""]
+    want = [tok.encode(t).ids for t in texts]
+    tok.enable_padding(pad_id=0, length=64)
+    tok.enable_truncation(max_length=3)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    again = data.load_tokenizer(tmp_path)
+    assert [e.ids for e in again.encode_batch(texts)] == want and len(want[0]) > 3
+    assert data.tokenize_pairs(again, [(texts[0], texts[1])], 512) == [(want[0], want[1])]
+
+
 # -----------------------------------------------------------------------------
 # prompt
 
@@ -2275,6 +2288,8 @@ def test_sft_resume_equals_uninterrupted_run(tmp_path):
     # resuming the finished run trains nothing more and keeps its rows
     sft.main([*flags, "--epochs", "2", "--out", str(tmp_path / "resumed"), "--resume"])
     assert _metrics(tmp_path / "resumed") == straight
+    _mistake(lambda: sft.main([*flags, "--epochs", "1", "--out", str(tmp_path / "resumed"), "--resume"]),
+             "after epoch 2, past --epochs 1")
 
 
 def test_sft_after_epoch_e_is_the_model_of_an_e_epoch_run(tmp_path):
