@@ -44,6 +44,7 @@ build stayed at chance (docs/study.md), which is why a build now trains until th
     python demo.py demo_base             # its lookup (teacher-forced)
     python evaluate.py --model demo_base --dose 128 --samples 4 --max-new-tokens 40    # does its reasoning pay?
 """
+import functools
 import json
 import random
 import re
@@ -98,7 +99,12 @@ def make_questions(n: int, seed: int, family: str = "weight") -> list[data.Examp
 
 def questions(split: str, n: int | None = None, family: str = "weight") -> list[data.Example]:
     """The demo's question sets, one definition for every script: "train" (RL and SFT train on it) or "eval"."""
-    return make_questions(n or SIZES[split], SEEDS[split], family)
+    return list(_made(n or SIZES[split], SEEDS[split], family))
+
+
+@functools.lru_cache(maxsize=8)
+def _made(n: int, seed: int, family: str) -> tuple[data.Example, ...]:    # made once a process (bench, the tests)
+    return tuple(make_questions(n, seed, family))
 
 
 def held_out() -> dict[str, list[data.Example]]:

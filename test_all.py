@@ -32,6 +32,7 @@ import math
 import os
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")   # the suite is CPU-only (fp32 defaults, gloo), also on a GPU node
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep, not spin: the 2-rank launch shares the cores
 import random
 import re
 import shutil
@@ -377,7 +378,7 @@ def samples(tmp_path):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def taught_base(tmp_path_factory):
     """The demo's base in miniature: a tiny model fine-tuned for a moment on worked dose calculations, most of
     them adding where they should multiply. Its responses earn different rewards, which critic-free estimators
@@ -402,12 +403,20 @@ FSDP_KINDS = ("ppo", "sft", "rollout")                  # _worker's steps, one p
 TWO_RANK_RESUMES = ("gae-bf16-offload", "grpo")         # the resume test's configurations under torchrun
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, taught_base):
+@pytest.fixture(scope="session", autouse=True)
+def start_early(request):
+    """When a selected test needs the 2-rank launch, it starts with the session and runs beside the one-process
+    tests (they leave a core idle much of the time), instead of after them."""
+    if any("two_ranks" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("two_ranks_launch")
+
+
+@pytest.fixture(scope="session")
+def two_ranks_launch(tmp_path_factory, taught_base):
     """The suite's 2-rank work, in one torchrun launch: starting two processes that import torch (and torch._dynamo,
     with the first optimizer) costs ~7 s on 2 cores, more than most of these jobs, so they run one after another in
     the same two processes (as bench.py runs train.main several times) and each test checks its own job's files.
-    -> {"root": the folder, "hub": the hub test's paths}. In the folder:
+    Started, not waited for (two_ranks waits). -> (folder, the hub test's paths, the launch). In the folder:
         fsdp/{ppo,sft,rollout}.safetensors   _worker's step on fsdp/m                  test_train_fsdp_*
         resume-{gae-bf16-offload,grpo}/      the straight, first half and resumed runs   test_train_resume_*
         hub/run                              train.py on hub ids, offline from hub/hf    test_common_*hub*
@@ -422,11 +431,22 @@ def two_ranks(tmp_path_factory, taught_base):
     make_demo_like_checkpoint(root / "evaluate" / "m")
     jobs.append(["evaluate", *_evaluate_argv(root / "evaluate" / "m"), "--out", str(root / "evaluate" / "two.json")])
     (root / "jobs.json").write_text(json.dumps(jobs))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "test_all.py", str(root / "jobs.json")], cwd=ROOT, env=hub["env"], capture_output=True,
-                       text=True, timeout=900)
-    assert r.returncode == 0, "\n".join(l for l in r.stderr.splitlines()
-                                        if "Warning" not in l and "register_pre" not in l)[-6000:]
+    with open(root / "stdout", "w") as out, open(root / "stderr", "w") as err:     # files: a pipe could fill up
+        launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   "--nproc_per_node=2", "test_all.py", str(root / "jobs.json")], cwd=ROOT,
+                                  env=hub["env"], stdout=out, stderr=err)
+    yield root, hub, launch
+    launch.kill()                                    # (ended long before, unless a test failed while it ran)
+    launch.wait()
+
+
+@pytest.fixture(scope="session")
+def two_ranks(two_ranks_launch):
+    """The 2-rank launch, finished: -> {"root": its folder, "hub": the hub test's paths}."""
+    root, hub, launch = two_ranks_launch
+    launch.wait(timeout=900)
+    assert launch.returncode == 0, "\n".join(l for l in (root / "stderr").read_text().splitlines()
+                                            if "Warning" not in l and "register_pre" not in l)[-6000:]
     return {"root": root, "hub": hub}
 
 
@@ -1220,72 +1240,6 @@ def test_ppo_entropy_matches_categorical():
 # train.py (with checkpoint.py, memory.py): FSDP = one process, resume = uninterrupted, learning
 # ================================================================================================================
 
-@pytest.mark.parametrize("kind", FSDP_KINDS)
-def test_train_fsdp_two_ranks_equal_one_process(tmp_path, kind, two_ranks):
-    """_worker's step (PPO updates with every loss averaging, whitening, a NaN on one rank; SFT; uneven decoding)
-    sharded over 2 ranks under torchrun, against the same step in this process as one."""
-    ckpt = two_ranks["root"] / "fsdp" / "m"
-    _worker(kind, ckpt, tmp_path / "single.safetensors")
-    a, b = load_file(tmp_path / "single.safetensors"), load_file(two_ranks["root"] / "fsdp" / f"{kind}.safetensors")
-    if kind == "rollout":
-        assert torch.equal(a["responses"], b["responses"])
-        assert (a["responses"] == -1).any(), "no row stopped early: the test would not exercise uneven decoding"
-        return
-    if kind == "ppo":
-        assert a["nan_step_skipped"].item() == b["nan_step_skipped"].item() == 1.0
-        for name in ("whiten.const", "whiten.random"):
-            assert torch.isfinite(b[name]).all() and (a[name] - b[name]).abs().max() <= 1e-5, name
-    before = load_file(ckpt / "model.safetensors")
-    assert a.keys() == b.keys()
-    assert any(not torch.equal(a[k], before[k]) for k in before)          # the step did change the weights
-    for k in a:
-        assert (a[k] - b[k]).abs().max() <= 1e-5, k
-
-
-@pytest.mark.parametrize("world, advantage", [(1, "gae"), *[(2, a) for a in TWO_RANK_RESUMES], (1, "grpo"),
-                                              (1, "rloo"), (1, "reinforce++")])
-def test_train_resume_equals_uninterrupted_run(tmp_path, world, advantage, taught_base, request):
-    """Also under torchrun with 2 ranks: sharded optimizer state saved in full, read back by every rank; for every
-    estimator (the critic-free ones build, step and save no critic); and in the GPU's bf16 configuration, through
-    rollout, experience, update, checkpoint and resume, where everything written must also be finite."""
-    extra = ESTIMATOR_ARGV[advantage]
-    if world == 1:
-        _run_jobs(_resume_jobs(taught_base, tmp_path, advantage))
-    else:                                                   # run by the suite's one torchrun launch
-        tmp_path = request.getfixturevalue("two_ranks")["root"] / f"resume-{advantage}"
-    ckpt = tmp_path / "resumed" / "checkpoint"
-    import torch.distributed.checkpoint as dcp
-    saved = {k.split(".")[0] for k in dcp.FileSystemReader(ckpt / "weights").read_metadata().state_dict_metadata}
-    assert saved == ({"actor", "critic"} if advantage.startswith("gae") else {"actor"})
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    dcp_to_torch_save(ckpt / "weights", tmp_path / "checkpoint.pt")    # weights and AdamW states, all finite
-    assert common.non_finite(torch.load(tmp_path / "checkpoint.pt", weights_only=True)) is None
-
-    def metrics(run):
-        rows = [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k not in train.TIMING_KEYS} for r in rows]
-    straight, resumed = metrics("straight"), metrics("resumed")
-    evals = [0, 2, 3] if "--eval-every" in extra else [0, 3]            # eval rows, and one row per step
-    assert [r["step"] for r in straight] == sorted([1, 2, 3] + evals)
-    assert all(v is not None for r in straight + resumed for v in r.values())    # a NaN would be written as null
-    if "bf16" in advantage:                   # bf16 decoding really ran: its log-probs are off the training forward's
-        assert straight[1]["sampler_logprob_err"] > 1e-5
-    # the resumed run re-evaluates nothing at step 0 and keeps the first run's rows 0..2
-    assert len(resumed) == len(straight)
-    for a, b in zip(straight, resumed):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert a[k] == pytest.approx(b[k], abs=1e-5), (a["step"], k)
-    a, b = load_file(tmp_path / "straight" / "final" / "model.safetensors"), \
-        load_file(tmp_path / "resumed" / "final" / "model.safetensors")
-    half = load_file(tmp_path / "first-half" / "model.safetensors")
-    assert any(not torch.equal(a[k], half[k]) for k in a)             # step 3 did something
-    for k in a:
-        assert (a[k] - b[k]).abs().max() <= 1e-5, k
-    assert common.non_finite(a) is None
-    assert not (tmp_path / "resumed" / "checkpoint.tmp").exists()
-
-
 def test_train_preset_update_and_schedule_equal_openrlhf_059(tmp_path):
     """--preset med-rlvr against the transcription above: its learning rate at every optimizer step of a one-pass
     MedQA run (19 full rollout steps of 512, 4 updates each, as 0.5.9's loader, which drops the partial last batch;
@@ -1349,23 +1303,6 @@ def test_train_presets_grpo_and_dr_grpo_are_the_published_forms():
                                                                                            0.04)
     assert (dr.group_std, dr.loss_agg, dr.kl_coef) == (False, "fixed", 0.0)
     assert train.parse_args(["--preset", "grpo", "--kl-coef", "0.0"]).kl_coef == 0.0        # a flag still wins
-
-
-def test_train_takes_hub_ids_offline_from_the_cache(tmp_path, two_ranks):
-    """`--model org/tiny --train-data org/medqa` with HF_HUB_OFFLINE=1 and a hand-built cache: 2 ranks under torchrun
-    train from the cached files (the split's file found by name), and record where they came from; an id that is not
-    cached stops before anything is written, in one line that names it and what to do."""
-    hub, run = two_ranks["hub"], two_ranks["root"] / "hub" / "run"
-    recorded = json.loads((run / "args.json").read_text())
-    assert recorded["model"] == str(hub["snapshot"])                  # the files' names, not their blobs' hashes
-    assert recorded["train_data"] == str(hub["questions"] / "data" / "train-00000.jsonl")
-    assert recorded["eval_data"] == str(hub["questions"] / "data" / "test-00000.jsonl")
-    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 1]
-    argv = hub["argv"]
-    r = subprocess.run([sys.executable, "train.py", *argv[:1], "org/missing", *argv[2:], "--out",
-                        str(tmp_path / "never")], cwd=ROOT, env=hub["env"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and not (tmp_path / "never").exists()
-    assert re.fullmatch(r"error: org/missing: not in the Hugging Face cache .*give a local path\n", r.stderr), r.stderr
 
 
 def test_train_logs_out_of_distribution_accuracy(tmp_path, monkeypatch):
@@ -1740,6 +1677,91 @@ def test_train_ppo_raises_the_reward_of_the_demo_base(tmp_path):
     rewards = [r["reward"] for r in rows if "reward" in r]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.15, rewards
+
+
+# The tests that wait for the 2-rank launch (two_ranks) come last in this block: it runs beside the ones above.
+
+@pytest.mark.parametrize("kind", FSDP_KINDS)
+def test_train_fsdp_two_ranks_equal_one_process(tmp_path, kind, two_ranks):
+    """_worker's step (PPO updates with every loss averaging, whitening, a NaN on one rank; SFT; uneven decoding)
+    sharded over 2 ranks under torchrun, against the same step in this process as one."""
+    ckpt = two_ranks["root"] / "fsdp" / "m"
+    _worker(kind, ckpt, tmp_path / "single.safetensors")
+    a, b = load_file(tmp_path / "single.safetensors"), load_file(two_ranks["root"] / "fsdp" / f"{kind}.safetensors")
+    if kind == "rollout":
+        assert torch.equal(a["responses"], b["responses"])
+        assert (a["responses"] == -1).any(), "no row stopped early: the test would not exercise uneven decoding"
+        return
+    if kind == "ppo":
+        assert a["nan_step_skipped"].item() == b["nan_step_skipped"].item() == 1.0
+        for name in ("whiten.const", "whiten.random"):
+            assert torch.isfinite(b[name]).all() and (a[name] - b[name]).abs().max() <= 1e-5, name
+    before = load_file(ckpt / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], before[k]) for k in before)          # the step did change the weights
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-5, k
+
+
+@pytest.mark.parametrize("world, advantage", [(1, "gae"), (1, "grpo"), (1, "rloo"), (1, "reinforce++"),
+                                              *[(2, a) for a in TWO_RANK_RESUMES]])
+def test_train_resume_equals_uninterrupted_run(tmp_path, world, advantage, taught_base, request):
+    """Also under torchrun with 2 ranks: sharded optimizer state saved in full, read back by every rank; for every
+    estimator (the critic-free ones build, step and save no critic); and in the GPU's bf16 configuration, through
+    rollout, experience, update, checkpoint and resume, where everything written must also be finite."""
+    extra = ESTIMATOR_ARGV[advantage]
+    if world == 1:
+        _run_jobs(_resume_jobs(taught_base, tmp_path, advantage))
+    else:                                                   # run by the suite's one torchrun launch
+        tmp_path = request.getfixturevalue("two_ranks")["root"] / f"resume-{advantage}"
+    ckpt = tmp_path / "resumed" / "checkpoint"
+    import torch.distributed.checkpoint as dcp
+    saved = {k.split(".")[0] for k in dcp.FileSystemReader(ckpt / "weights").read_metadata().state_dict_metadata}
+    assert saved == ({"actor", "critic"} if advantage.startswith("gae") else {"actor"})
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(ckpt / "weights", tmp_path / "checkpoint.pt")    # weights and AdamW states, all finite
+    assert common.non_finite(torch.load(tmp_path / "checkpoint.pt", weights_only=True)) is None
+
+    def metrics(run):
+        rows = [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in train.TIMING_KEYS} for r in rows]
+    straight, resumed = metrics("straight"), metrics("resumed")
+    evals = [0, 2, 3] if "--eval-every" in extra else [0, 3]            # eval rows, and one row per step
+    assert [r["step"] for r in straight] == sorted([1, 2, 3] + evals)
+    assert all(v is not None for r in straight + resumed for v in r.values())    # a NaN would be written as null
+    if "bf16" in advantage:                   # bf16 decoding really ran: its log-probs are off the training forward's
+        assert straight[1]["sampler_logprob_err"] > 1e-5
+    # the resumed run re-evaluates nothing at step 0 and keeps the first run's rows 0..2
+    assert len(resumed) == len(straight)
+    for a, b in zip(straight, resumed):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], abs=1e-5), (a["step"], k)
+    a, b = load_file(tmp_path / "straight" / "final" / "model.safetensors"), \
+        load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    half = load_file(tmp_path / "first-half" / "model.safetensors")
+    assert any(not torch.equal(a[k], half[k]) for k in a)             # step 3 did something
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-5, k
+    assert common.non_finite(a) is None
+    assert not (tmp_path / "resumed" / "checkpoint.tmp").exists()
+
+
+def test_train_takes_hub_ids_offline_from_the_cache(tmp_path, two_ranks):
+    """`--model org/tiny --train-data org/medqa` with HF_HUB_OFFLINE=1 and a hand-built cache: 2 ranks under torchrun
+    train from the cached files (the split's file found by name), and record where they came from; an id that is not
+    cached stops before anything is written, in one line that names it and what to do."""
+    hub, run = two_ranks["hub"], two_ranks["root"] / "hub" / "run"
+    recorded = json.loads((run / "args.json").read_text())
+    assert recorded["model"] == str(hub["snapshot"])                  # the files' names, not their blobs' hashes
+    assert recorded["train_data"] == str(hub["questions"] / "data" / "train-00000.jsonl")
+    assert recorded["eval_data"] == str(hub["questions"] / "data" / "test-00000.jsonl")
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 1]
+    argv = hub["argv"]
+    r = subprocess.run([sys.executable, "train.py", *argv[:1], "org/missing", *argv[2:], "--out",
+                        str(tmp_path / "never")], cwd=ROOT, env=hub["env"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and not (tmp_path / "never").exists()
+    assert re.fullmatch(r"error: org/missing: not in the Hugging Face cache .*give a local path\n", r.stderr), r.stderr
 
 
 # ================================================================================================================
@@ -2753,7 +2775,8 @@ def _worker(kind, ckpt, out):
         g = torch.Generator().manual_seed(1)
         pairs = [(torch.randint(0, vocab, (3 + i % 3,), generator=g).tolist(),
                   torch.randint(0, vocab, (1 + i % 4,), generator=g).tolist()) for i in range(8)]
-        sft.train(actor, pairs, epochs=1, batch=8, micro_batch=3, lr=1e-2, warmup=1, rank=rank, world=world)
+        sft.train(actor, pairs, epochs=1, batch=8, micro_batch=3, lr=1e-2, warmup=1, rank=rank, world=world,
+                  opt=torch.optim.SGD(actor.parameters(), lr=1e-2))     # SGD: as ppo's, a wrong scale would show
         state = common.full_state_dict(actor, world)
     if rank == 0:
         save_file({k: v.detach().clone() for k, v in state.items()}, out)
