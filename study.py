@@ -106,7 +106,7 @@ def show_dynamics(paths, every: int = 1):
 # estimators side by side: train.py runs that differ in --advantage (and --seed), as in the README's comparison
 
 IGNORED_FLAGS = {"seed", "out", "resume", "overwrite", "eval_every", "save_every", "sample_every", "world", "machine",
-                 "micro_batch", "eval_batch", "grad_checkpoint"}
+                 "micro_batch", "eval_batch", "grad_checkpoint", "offload", "plan"}     # where memory goes, not maths
 
 
 def read_runs(paths, flag: str) -> dict:
