@@ -29,10 +29,15 @@ def _policy_params(config) -> int:
     return config.num_hidden_layers * _block_params(config) + V * H * (1 if config.tie_word_embeddings else 2) + H
 
 
+def is_sft(args) -> bool:
+    """Flags of sft.py (the policy alone, no reference; its --max-len sequences), not of train.py."""
+    return not hasattr(args, "rollout_batch")
+
+
 def memory_plan(config, args, world: int, offload: bool) -> tuple[dict, float]:
     """Estimated GB per GPU, by part, and GB of host memory per node (a plan, not a measurement) for train.py's flags
-    `args` (or sft.py's: the policy alone, no reference, its held-out decoding and its --max-len sequences): fp32 master weights, compute in bf16 (or fp32 with --precision fp32: b bytes a value). Sharded over the
-    ranks: actor (and, for gae, critic) weights + gradients + AdamW's two moments in fp32, 16 bytes a parameter, on
+    `args` (or sft.py's: is_sft): fp32 master weights, compute in bf16 (or fp32 with --precision fp32: b bytes a
+    value). Sharded over the ranks: actor (and, for gae, critic) weights + gradients + AdamW's two moments in fp32, 16 bytes a parameter, on
     the GPU or, with --offload, in host memory; the reference, b. Then the largest of three phases: the rollout or an
     evaluation (the actor's full weights + the KV cache of the sequences decoded together, --rollout-chunk or
     --eval-batch, + one block's temporaries over their prompts in the prefill) and the update (one micro-batch's
@@ -42,7 +47,7 @@ def memory_plan(config, args, world: int, offload: bool) -> tuple[dict, float]:
     L, H, I, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
     kv = config.num_key_value_heads * (H // config.num_attention_heads)
     block, n = _block_params(config), _policy_params(config)
-    sft = not hasattr(args, "rollout_batch")                                  # sft.py's flags
+    sft = is_sft(args)
     prompt = args.max_len if sft else args.max_prompt_len
     gb, seq, b = 1e9, prompt + args.max_new_tokens, 4 if args.precision == "fp32" else 2
     gae = getattr(args, "advantage", None) == "gae"
@@ -97,7 +102,7 @@ def check_fits(config, args, world: int, capacity_gb: float, host_gb: float | No
     if more:
         fixes.append(f"{more} GPUs (now {world})")
     fixes.append("--grad-checkpoint, a smaller --micro-batch or --rollout-chunk, or shorter --max-new-tokens"
-                 if hasattr(args, "rollout_batch") else "--grad-checkpoint, a smaller --micro-batch or --eval-batch")
+                 if not is_sft(args) else "--grad-checkpoint, a smaller --micro-batch or --eval-batch")
     parts = ", ".join(f"{k} {v:.1f}" for k, v in plan.items())
     raise ValueError(f"this configuration needs about {sum(plan.values()):.0f} GB per GPU ({parts}) but a GPU "
                      f"has {capacity_gb:.0f} GB: use " + "; or ".join(fixes))
@@ -114,14 +119,15 @@ def host_memory_gb() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
 
 
-def plan_table(args, gpus: tuple[int, float] | None = None, script: str = "train.py") -> str:
-    """train.py --plan (and sft.py's: `script`): per-GPU and host memory of --model (its config.json alone, also from a hub id) for 1, 2, 4
-    and 8 GPUs, with and without --offload, against GPUs of 24 / 48 / 80 / 141 GB (a plan fits in 90% of a GPU), as
+def plan_table(args, gpus: tuple[int, float] | None = None) -> str:
+    """train.py --plan (and sft.py's): per-GPU and host memory of --model (its config.json alone, also from a hub
+    id) for 1, 2, 4 and 8 GPUs, with and without --offload, against GPUs of 24 / 48 / 80 / 141 GB (a plan fits in 90% of a GPU), as
     a markdown table; before it the flags as resolved (a 3B-class model without --preset is warned about), after
     it the command for this machine: `gpus` (count, GB each; default: torch's view of this machine)."""
     if args.model is None:
         raise ValueError("--plan needs --model (a checkpoint folder or a hub id; only its config.json is read)")
     config = M.Qwen2Config.from_json(common.from_hub(args.model, "config"))
+    script = "sft.py" if is_sft(args) else "train.py"
     n_params = _policy_params(config)
     sizes, ram = (24, 48, 80, 141), host_memory_gb()
     lines = [f"memory plan of {args.model} ({n_params / 1e9:.1f}B parameters) under these flags (GB; per GPU, and "

@@ -21,6 +21,7 @@ each rank sums its tokens' losses and divides by the token count of all ranks, t
 FSDP averages gradients over ranks. So N processes make exactly the update one process makes.
 """
 import argparse
+import functools
 import random
 from pathlib import Path
 
@@ -145,17 +146,17 @@ def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=
     if steps_per_epoch == 0:
         raise ValueError(f"{len(pairs)} training examples, fewer than --batch {batch}: not one optimizer step")
 
-    def rows_of(step):                                                              # same order on every rank
-        epoch, i = divmod(step, steps_per_epoch)
-        order = list(range(len(pairs)))
-        random.Random(seed + epoch).shuffle(order)
-        return order[i * batch:(i + 1) * batch]
-    first = start_epoch * steps_per_epoch
-    seen = [first * batch, sum(len(pairs[j][1]) for step in range(first) for j in rows_of(step))]  # examples, tokens
+    @functools.lru_cache(maxsize=1)
+    def order(epoch):                        # pass `epoch`'s rows, in batches: the same on every rank
+        rows = list(range(len(pairs)))
+        random.Random(seed + epoch).shuffle(rows)
+        return rows[:steps_per_epoch * batch]
+    first = start_epoch * steps_per_epoch                                           # resuming: the passes done
+    seen = [first * batch, sum(len(pairs[j][1]) for e in range(start_epoch) for j in order(e))]  # examples, tokens
     losses, skipped_in_a_row = [], 0
     for step in range(first, epochs * steps_per_epoch):
         epoch, i = divmod(step, steps_per_epoch)
-        rows = rows_of(step)
+        rows = order(epoch)[i * batch:(i + 1) * batch]
         seen = [seen[0] + len(rows), seen[1] + sum(len(pairs[j][1]) for j in rows)]
         mine = [pairs[j] for j in rows][rank::world]
         n_tokens = common.all_sum(sum(len(r) for _, r in mine), world)                     # response tokens, all ranks
@@ -190,7 +191,7 @@ def medqa_pair(example) -> tuple[str, str]:
 def main(argv=None):
     args = parse_args(argv)
     if args.plan:                                 # the memory plan alone: config.json, no weight, no process group
-        return print(memory.plan_table(args, script="sft.py"))
+        return print(memory.plan_table(args))
     if args.resume and (args.overwrite or args.build_base):
         raise ValueError(f"--resume with {'--overwrite' if args.overwrite else '--build-base'}: choose one")
     rank, world, device = common.init_distributed(group=args.precision == "bf16" or args.offload)

@@ -1661,7 +1661,7 @@ def test_train_memory_plan_refuses_3b_on_one_gpu(tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[1] == ("flags: --micro-batch 8 --max-len 1024 --eval-batch 64 --max-new-tokens 1024 "
                           "--grad-checkpoint True --precision auto") and "reference" not in printed[2]
-    assert memory.plan_table(sft_args, gpus=(2, 80.0), script="sft.py").endswith(
+    assert memory.plan_table(sft_args, gpus=(2, 80.0)).endswith(
         f"torchrun --standalone --nproc_per_node=2 sft.py --model {args.model} ...")
     train.main(["--preset", "med-rlvr", "--model", str(tmp_path / "3b"), "--plan", "--out", str(tmp_path / "out")])
     printed = capsys.readouterr().out.strip().splitlines()
