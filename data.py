@@ -193,6 +193,16 @@ def build_prompt(example: Example) -> str:
     return PROMPT_TEMPLATE.format(question=example.question.strip(), options=options)
 
 
+def encode_prompts(tokenizer, examples: list[Example], max_len: int, what: str) -> list[list[int]]:
+    """The prompts' ids; a prompt longer than max_len is an error naming `what` (never silently cut)."""
+    ids = [e.ids for e in tokenizer.encode_batch([build_prompt(ex) for ex in examples])]   # batched: 2x faster
+    too_long = [i for i, p in enumerate(ids) if len(p) > max_len]
+    if too_long:
+        raise ValueError(f"{what}: {len(too_long)} prompts exceed --max-prompt-len {max_len} "
+                         f"(the first: example {too_long[0] + 1})")
+    return ids
+
+
 def tokenize_pairs(tokenizer, texts: list[tuple[str, str]], max_len: int):
     """Text pairs -> id pairs; a pair longer than max_len is an error naming it (never silently cut)."""
     prompts = tokenizer.encode_batch([prompt for prompt, _ in texts])      # batched: the same ids, 2x faster

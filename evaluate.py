@@ -148,6 +148,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def held_out_sets(args, world: int, demo_default: bool) -> dict:
+    """The held-out sets train.py and sft.py evaluate, name -> examples: --eval-data (MedQA's schema) as "eval",
+    --ood-data (MMLU-Pro's, its --ood-category rows) as "ood", hub ids read from the HF cache; without --eval-data
+    and with `demo_default` (the demo's questions), the demo's two families; each cut to its first --eval-limit."""
+    held = demo.held_out() if demo_default and args.eval_data is None else {}
+    if args.eval_data is not None:
+        held["eval"] = data.load_medqa(common.from_hub(args.eval_data, "data", "test", world))
+    if args.ood_data is not None:
+        held["ood"] = data.load_mmlu_pro(common.from_hub(args.ood_data, "data", "test", world), args.ood_category)
+    return {k: v[:args.eval_limit or None] for k, v in held.items()}
+
+
 def held_out_row(policy, tok, held: dict, *, samples, max_new_tokens, batch, rank=0, world=1) -> dict:
     """The held-out columns of train.py's and sft.py's metrics rows, for each set name in `held` ("eval", "ood"):
     name_accuracy and name_format (greedy), and with `samples` name_sampled_accuracy and name_sampled_format.

@@ -221,12 +221,7 @@ def fine_tune(args, rank, world, device):
     ckpt, start = checkpoint.find(args, world, TRAJECTORY_FLAGS)  # resuming: the checkpoint and its epoch
     if start > args.epochs:
         raise ValueError(f"--resume: {ckpt} is after epoch {start}, past --epochs {args.epochs}")
-    held = demo.held_out() if is_demo and args.eval_data is None else {}   # evaluated every epoch
-    if args.eval_data:                                           # a hub id becomes its files in the HF cache
-        held["eval"] = data.load_medqa(common.from_hub(args.eval_data, "data", "test", world))
-    if args.ood_data:
-        held["ood"] = data.load_mmlu_pro(common.from_hub(args.ood_data, "data", "test", world), args.ood_category)
-    held = {k: v[:args.eval_limit or None] for k, v in held.items()}
+    held = evaluate.held_out_sets(args, world, demo_default=is_demo)   # evaluated after every epoch
     if is_demo:                                                  # the demo: its base (shipped or built) and questions
         args.model = args.model or str(demo.base(args.base_seed).resolve())
         examples = demo.questions("train")                       # train.py's training questions

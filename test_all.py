@@ -13,14 +13,14 @@ name starts with the file it tests), helpers at the bottom.
     test_rollout_*    rollout.py: greedy = transformers' generate, cached = uncached, log-probs, top-p
     test_reward_*     reward.py: the format and answer rules, linear time, the behaviour classifier
     test_ppo_*        ppo.py: masked statistics, KL, token rewards, GAE, policy and value losses, OpenRLHF 0.5.9
-    test_train_*      train.py with checkpoint.py and memory.py: FSDP with 2 ranks = 1 process, resume =
+    test_train_*      train.py with recipe.py, checkpoint.py and memory.py: FSDP with 2 ranks = 1 process, resume =
                       uninterrupted, bad input, the memory plan against a real step, PPO learns
     test_common_*     common.py: processes, hub ids
     test_data_*       data.py: MedQA / MMLU-Pro files, bad rows, the prompt, the tokenizer
     test_demo_*       demo.py: balanced letters, the families, the rules, the corpus, the tokenizer, the shipped base
     test_sft_*        sft.py: the response-only loss, learning, the HF export
     test_evaluate_*   evaluate.py and study.py: scoring by the reward rules, pass@k, the stages, runs compared
-    test_bench_*      bench.py: the GPU report in miniature on the CPU
+    test_gpu_report_* gpu_report.py (bench.py --device): the GPU report in miniature on the CPU
 
 This file is also the worker of the suite's one torchrun launch (the two_ranks fixture): `python test_all.py
 JOBS.json` runs the 2-rank jobs of several tests one after another in the same two processes (_run_jobs).
@@ -54,9 +54,11 @@ import common
 import data
 import demo
 import evaluate
+import gpu_report
 import memory
 import model
 import ppo
+import recipe
 import rollout
 import sft
 import study
@@ -494,7 +496,7 @@ def test_layout_core_file_copies_out_alone(copied_out, name):
     assert sorted(p.name for p in folder.glob("*.py")) == [name]          # nothing else was there to import
 
 
-@pytest.mark.parametrize("script", [train, sft, evaluate, bench], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("script", [recipe, sft, evaluate, bench], ids=lambda m: m.__name__)  # recipe: train.py's
 def test_layout_every_flag_has_help_and_shows_its_default(script):
     parser = script.make_parser()
     text = parser.format_help()
@@ -505,7 +507,7 @@ def test_layout_every_flag_has_help_and_shows_its_default(script):
         if action.default is not None:
             unwrapped = " ".join(text.split()).replace("- ", "-")             # argparse wraps at hyphens too
             assert f"(default: {action.default})" in unwrapped, action.option_strings[0]
-    enumerations = {"train": ("--kl-estimator", "--loss-agg", "--preset"), "evaluate": ("--prompt",)}
+    enumerations = {"recipe": ("--kl-estimator", "--loss-agg", "--preset"), "evaluate": ("--prompt",)}
     for flag in enumerations.get(script.__name__, ()):                          # are argparse choices
         for action in parser._actions:
             if flag in action.option_strings:
@@ -1237,7 +1239,7 @@ def test_ppo_entropy_matches_categorical():
 
 
 # ================================================================================================================
-# train.py (with checkpoint.py, memory.py): FSDP = one process, resume = uninterrupted, learning
+# train.py (with recipe.py, checkpoint.py, memory.py): FSDP = one process, resume = uninterrupted, learning
 # ================================================================================================================
 
 def test_train_preset_update_and_schedule_equal_openrlhf_059(tmp_path):
@@ -1252,8 +1254,8 @@ def test_train_preset_update_and_schedule_equal_openrlhf_059(tmp_path):
     max_steps = math.ceil(1 * (n_train * 1 // 128 * 1))                          # num_episodes, n_samples, max_epochs
     want = [_059_lr_lambda(u, num_warmup_steps=math.ceil(max_steps * 0.03), num_training_steps=max_steps,
                            min_lr_rate=0.1) for u in range(steps * per_step)]
-    total = train.schedule_length(args, n_train, steps)
-    assert [train.lr_factor(args, u // per_step, u % per_step, total) for u in range(steps * per_step)] == want
+    total = recipe.schedule_length(args, n_train, steps)
+    assert [recipe.lr_factor(args, u // per_step, u % per_step, total) for u in range(steps * per_step)] == want
     assert (max_steps, len(want), want[0], want[3]) == (79, 76, 0.0, 1.0)
 
     make_checkpoint(tmp_path / "m", tied=True, heads=4, kv_heads=2, layers=2)
@@ -2541,20 +2543,20 @@ def test_evaluate_two_models_on_real_questions(tmp_path):
 
 
 # ================================================================================================================
-# bench.py: the GPU report in miniature
+# gpu_report.py (bench.py --device): the GPU report in miniature
 # ================================================================================================================
 
-def test_bench_twin_models_are_one_model():
+def test_gpu_report_twin_models_are_one_model():
     """bench's transformers / ours twins are built from one config (Qwen2.5's rope theta included) and agree in
     fp32: the GPU report's bf16 gap is then bf16's alone."""
-    hf, ours = bench.twin_models("tiny", 1000, torch.float32, "cpu")
+    hf, ours = gpu_report.twin_models("tiny", 1000, torch.float32, "cpu")
     assert ours.config.rope_theta == 1e6 == hf.config.rope_parameters["rope_theta"]
     x = torch.randint(0, 1000, (2, 40))
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
 
 
-def test_bench_gpu_report_runs_in_miniature_on_cpu(tmp_path):
+def test_gpu_report_runs_in_miniature_on_cpu(tmp_path):
     """`bench.py --device cpu --tiny`: the GPU report's four sections run on a CPU and their numbers land in the JSON
     report; the training smoke run passes its three checks (finite, resume exact, graph tokens equal)."""
     report = bench.main(["--device", "cpu", "--tiny", "--report", str(tmp_path / "gpu.json")])
@@ -2564,26 +2566,26 @@ def test_bench_gpu_report_runs_in_miniature_on_cpu(tmp_path):
     assert report["parity"]["twins_fp32_max_err"] <= 1e-4 and report["parity"]["bf16_head"]["logprob_err"] <= 1e-5
     assert report["parity"]["bf16_head"]["ok"] and report["parity"]["ok"]
     assert "cudnn" not in str(report["parity"]["attention_kernels"])
-    assert report["rollout"]["graph_ok"] and report["rollout"]["graph_logprob_err"] <= bench.BF16_LOGPROB_TOL
+    assert report["rollout"]["graph_ok"] and report["rollout"]["graph_logprob_err"] <= gpu_report.BF16_LOGPROB_TOL
     for run in ("default", "--cuda-graphs"):
         assert report["training"][run]["finite"] and report["training"][run]["resume_exact"]
     assert report["verdict"] == {"parity": True, "rollout": True, "ppo": True, "training": True}
 
 
-def test_bench_graph_divergence_tells_a_near_tie_from_a_wrong_path():
+def test_gpu_report_graph_divergence_tells_a_near_tie_from_a_wrong_path():
     """Two paths fed the same uniforms may differ at a near tie of the inverse CDF, never by more: the check passes
     the static step against the default one, and fails a path that decodes from the wrong distribution."""
-    _, ours = bench.twin_models("tiny", 1000, torch.bfloat16, "cpu")
+    _, ours = gpu_report.twin_models("tiny", 1000, torch.bfloat16, "cpu")
     prompts = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(1)).tolist()
 
     def run(static=False, temperature=1.0):
         return rollout.generate(ours, prompts, 12, temperature=temperature, eos_token_id=1001,
                                 generator=torch.Generator().manual_seed(0), static=static)
     uniforms = rollout.draw_uniforms(12, 4, torch.Generator().manual_seed(0), "cpu")
-    same = bench.graph_divergence(ours, prompts, run(), run(static=True), uniforms)
-    assert same["ok"] and same["mass_moved"] <= bench.BF16_MASS_TOL
-    wrong = bench.graph_divergence(ours, prompts, run(), run(temperature=0.3), uniforms)   # another distribution
-    assert not wrong["ok"] and wrong["logprob_err"] > bench.BF16_LOGPROB_TOL
+    same = gpu_report.graph_divergence(ours, prompts, run(), run(static=True), uniforms)
+    assert same["ok"] and same["mass_moved"] <= gpu_report.BF16_MASS_TOL
+    wrong = gpu_report.graph_divergence(ours, prompts, run(), run(temperature=0.3), uniforms)   # another distribution
+    assert not wrong["ok"] and wrong["logprob_err"] > gpu_report.BF16_LOGPROB_TOL
     # a token far from the draw, with the log-prob p gives it: consistent log-probs, but no near tie
     a = run()
     far = (a.responses[0][0] + 500) % 1000
@@ -2591,8 +2593,8 @@ def test_bench_graph_divergence_tells_a_near_tie_from_a_wrong_path():
         lp = torch.log_softmax(ours(torch.tensor([prompts[0]]), logits_from=-1)[0, -1].double(), -1)[far]
     forged = rollout.Rollout(responses=[[far]] + a.responses[1:], logprobs=[lp[None].float()] + a.logprobs[1:],
                              finished=a.finished)
-    moved = bench.graph_divergence(ours, prompts, a, forged, uniforms)
-    assert moved["logprob_err"] <= bench.BF16_LOGPROB_TOL and moved["mass_moved"] > bench.BF16_MASS_TOL
+    moved = gpu_report.graph_divergence(ours, prompts, a, forged, uniforms)
+    assert moved["logprob_err"] <= gpu_report.BF16_LOGPROB_TOL and moved["mass_moved"] > gpu_report.BF16_MASS_TOL
 
 
 # ================================================================================================================
