@@ -16,6 +16,7 @@ no chat template (Med-RLVR trains the *base* model on a plain-text prompt); a ba
 silently skipped. The exact Med-RLVR prompt is not published verbatim, so PROMPT_TEMPLATE is the
 DeepSeek-R1-Zero template (as in TinyZero / Logic-RL) adapted to multiple choice.
 """
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,12 +196,18 @@ def build_prompt(example: Example) -> str:
 
 def encode_prompts(tokenizer, examples: list[Example], max_len: int, what: str) -> list[list[int]]:
     """The prompts' ids; a prompt longer than max_len is an error naming `what` (never silently cut)."""
-    ids = [e.ids for e in tokenizer.encode_batch([build_prompt(ex) for ex in examples])]   # batched: 2x faster
+    ids = [list(p) for p in _encoded(tokenizer.to_str(), tuple(build_prompt(ex) for ex in examples))]
     too_long = [i for i, p in enumerate(ids) if len(p) > max_len]
     if too_long:
         raise ValueError(f"{what}: {len(too_long)} prompts exceed --max-prompt-len {max_len} "
                          f"(the first: example {too_long[0] + 1})")
     return ids
+
+
+@functools.lru_cache(maxsize=4)   # once a process: bench.py and the tests run train.main many times on the same set
+def _encoded(tokenizer_json: str, prompts: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    encodings = Tokenizer.from_str(tokenizer_json).encode_batch(list(prompts))     # batched: 2x faster
+    return tuple(tuple(e.ids) for e in encodings)
 
 
 def tokenize_pairs(tokenizer, texts: list[tuple[str, str]], max_len: int):

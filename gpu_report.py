@@ -312,9 +312,11 @@ def report_training(device, tiny):
             tok = demo.train_tokenizer([data.build_prompt(q) + demo.solution(q, True) for q in qs])
             hf.save_pretrained(f"{d}/base")
             tok.save(f"{d}/base/tokenizer.json")
-            flags = ["--model", f"{d}/base", "--rollout-batch", "8", "--train-batch", "4", "--micro-batch", "4",
-                     "--max-new-tokens", "16", "--eval-limit", "8", "--save-every", "1", "--sample-every", "1",
-                     "--actor-lr", "1e-3", "--critic-lr", "1e-3"]
+            batch = 4 if tiny else 8                                        # responses a step
+            flags = ["--model", f"{d}/base", "--rollout-batch", str(batch), "--train-batch", str(batch // 2),
+                     "--micro-batch", str(batch // 2), "--max-new-tokens", "8" if tiny else "16", "--eval-limit",
+                     "2" if tiny else "8", "--save-every", "1", "--sample-every", "1", "--actor-lr", "1e-3",
+                     "--critic-lr", "1e-3"]
             for graphs in ("", "--cuda-graphs"):
                 run = [*flags, *([graphs] if graphs else [])]
                 for extra in (["--out", f"{d}/straight{graphs}", "--steps", "2"],
@@ -345,7 +347,7 @@ def report_training(device, tiny):
             samples = {g: [json.loads(line)["response"] for line in open(f"{d}/straight{g}/samples.jsonl")]
                        for g in ("", "--cuda-graphs")}
             same = [a == b for a, b in zip(*samples.values())]
-            equal, first = sum(same), same[:8]                              # step 1: the same weights on both sides
+            equal, first = sum(same), same[:batch]                          # step 1: the same weights on both sides
             result["graph_responses_equal"], result["graph_step1_equal"] = f"{equal}/{len(samples[''])}", all(first)
             say(f"   graph tokens equal to default: step 1 {'PASS' if all(first) else 'FAIL'} "
                 f"({sum(first)}/{len(first)} responses); both steps {equal}/{len(samples[''])} responses")

@@ -22,8 +22,9 @@ name starts with the file it tests), helpers at the bottom.
     test_evaluate_*   evaluate.py and study.py: scoring by the reward rules, pass@k, the stages, runs compared
     test_gpu_report_* gpu_report.py (bench.py --device): the GPU report in miniature on the CPU
 
-This file is also the worker of the suite's one torchrun launch (the two_ranks fixture): `python test_all.py
-JOBS.json` runs the 2-rank jobs of several tests one after another in the same two processes (_run_jobs).
+This file is also the worker of the suite's two background launches (the two_ranks and one_rank fixtures): `python
+test_all.py JOBS.json` runs the jobs of several tests one after another in the same processes (_run_jobs): 2 ranks
+under torchrun, or one process.
 """
 import hashlib
 import importlib.util
@@ -36,9 +37,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep, not s
 import random
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -403,14 +406,19 @@ def taught_base(tmp_path_factory):
 
 FSDP_KINDS = ("ppo", "sft", "rollout")                  # _worker's steps, one process against two
 TWO_RANK_RESUMES = ("gae-bf16-offload", "grpo")         # the resume test's configurations under torchrun
+ONE_RANK_RESUMES = ("gae", "grpo", "rloo", "reinforce++")   # ... and in one process
+# the learning test: the demo with its settings on half its rollout batch, 6 steps
+PPO_RAISES_ARGV = ["--steps", "6", "--rollout-batch", "32", "--train-batch", "16", "--micro-batch", "16",
+                   "--eval-limit", "8", "--save-every", "0", "--sample-every", "0"]
 
 
 @pytest.fixture(scope="session", autouse=True)
 def start_early(request):
-    """When a selected test needs the 2-rank launch, it starts with the session and runs beside the one-process
-    tests (they leave a core idle much of the time), instead of after them."""
-    if any("two_ranks" in item.fixturenames for item in request.session.items):
-        request.getfixturevalue("two_ranks_launch")
+    """The background launches the selected tests need start with the session and run beside the tests that run in
+    pytest's process (they leave a core idle much of the time), instead of after them."""
+    for name, launch in (("two_ranks", "two_ranks_launch"), ("one_rank", "one_rank")):
+        if any(name in item.fixturenames for item in request.session.items):
+            request.getfixturevalue(launch)
 
 
 @pytest.fixture(scope="session")
@@ -422,7 +430,8 @@ def two_ranks_launch(tmp_path_factory, taught_base):
         fsdp/{ppo,sft,rollout}.safetensors   _worker's step on fsdp/m                  test_train_fsdp_*
         resume-{gae-bf16-offload,grpo}/      the straight, first half and resumed runs   test_train_resume_*
         hub/run                              train.py on hub ids, offline from hub/hf    test_common_*hub*
-        evaluate/two.json                    evaluate.py on evaluate/m                   test_evaluate_under_torchrun_*"""
+        evaluate/two.json                    evaluate.py on evaluate/m                   test_evaluate_under_torchrun_*
+        sigterm/run                          train.py, rank 1 sent SIGTERM mid-run (last)  test_train_sigterm_*"""
     root = tmp_path_factory.mktemp("two_ranks")
     make_checkpoint(root / "fsdp" / "m", tied=True, heads=4, kv_heads=2, layers=2)
     jobs = [["worker", k, str(root / "fsdp" / "m"), str(root / "fsdp" / f"{k}.safetensors")] for k in FSDP_KINDS]
@@ -432,11 +441,10 @@ def two_ranks_launch(tmp_path_factory, taught_base):
     jobs.append(["train", *hub["argv"], "--out", str(root / "hub" / "run")])
     make_demo_like_checkpoint(root / "evaluate" / "m")
     jobs.append(["evaluate", *_evaluate_argv(root / "evaluate" / "m"), "--out", str(root / "evaluate" / "two.json")])
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    with open(root / "stdout", "w") as out, open(root / "stderr", "w") as err:     # files: a pipe could fill up
-        launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                   "--nproc_per_node=2", "test_all.py", str(root / "jobs.json")], cwd=ROOT,
-                                  env=hub["env"], stdout=out, stderr=err)
+    make_demo_like_checkpoint(root / "sigterm" / "base")         # last: the signal ends the launch's last run
+    jobs.append(["sigterm", *_ppo_argv(root / "sigterm" / "base", root / "sigterm" / "run", 400, "--save-every", "1000",
+                                       "--eval-limit", "2")])
+    launch = _launch(root, jobs, torchrun=True, env=hub["env"])
     yield root, hub, launch
     launch.kill()                                    # (ended long before, unless a test failed while it ran)
     launch.wait()
@@ -446,10 +454,27 @@ def two_ranks_launch(tmp_path_factory, taught_base):
 def two_ranks(two_ranks_launch):
     """The 2-rank launch, finished: -> {"root": its folder, "hub": the hub test's paths}."""
     root, hub, launch = two_ranks_launch
-    launch.wait(timeout=900)
-    assert launch.returncode == 0, "\n".join(l for l in (root / "stderr").read_text().splitlines()
-                                            if "Warning" not in l and "register_pre" not in l)[-6000:]
+    _finished(root, launch)
     return {"root": root, "hub": hub}
+
+
+@pytest.fixture(scope="session")
+def one_rank(tmp_path_factory, taught_base):
+    """The longest one-process runs, in a process of their own beside pytest's (the 2 cores share three streams of
+    work instead of two): the learning test's run, the resume test's runs for each estimator, and last the GPU report
+    in miniature. Started, not waited for: each test waits for its own files (_await). -> (folder, the launch):
+        ppo/                                 the demo's settings, 6 steps              test_train_ppo_raises_*
+        resume-{gae,grpo,rloo,reinforce++}/  the straight, first half and resumed runs   test_train_resume_*
+        gpu.json                             bench.py --device cpu --tiny              test_gpu_report_runs_*"""
+    root = tmp_path_factory.mktemp("one_rank")
+    jobs = [["train", *PPO_RAISES_ARGV, "--out", str(root / "ppo")]]
+    for advantage in ONE_RANK_RESUMES:
+        jobs += _resume_jobs(taught_base, root / f"resume-{advantage}", advantage)
+    jobs.append(["bench", "--device", "cpu", "--tiny", "--report", str(root / "gpu.json")])   # last: it ends the
+    launch = _launch(root, jobs, torchrun=False)                                              # process group
+    yield root, launch
+    launch.kill()
+    launch.wait()
 
 
 # ================================================================================================================
@@ -1521,35 +1546,6 @@ def test_train_diverging_run_stops_and_writes_nothing_non_finite(tmp_path):
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
-def test_train_sigterm_to_one_rank_checkpoints_and_stops_all(tmp_path):
-    """A scheduler's SIGTERM reaching one worker of two: both finish the step, one checkpoint is written, the run
-    exits non-zero saying how to resume, and --resume continues it."""
-    import signal
-    make_demo_like_checkpoint(tmp_path / "base")
-    out = tmp_path / "run"
-    argv = _ppo_argv(tmp_path / "base", out, 400, "--save-every", "1000", "--eval-limit", "2")
-    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not any("reward" in r for r in
-                                                 (_metrics(out) if (out / "metrics.jsonl").exists() else [])):
-            time.sleep(0.2)
-        workers = sorted(_children(agent.pid))
-        assert len(workers) == 2, workers
-        os.kill(workers[1], signal.SIGTERM)                       # rank 1 only (workers start in rank order)
-        _, err = agent.communicate(timeout=120)
-    finally:
-        agent.kill()
-    assert agent.returncode != 0
-    assert "--resume" in err and "SIGTERM" in err
-    steps = [r["step"] for r in _metrics(out) if "reward" in r]
-    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == steps[-1] < 400
-    assert not (out / "final").exists() and _unlocked(out)
-    # resuming needs the same number of processes (the data split and the samplers' seeds follow the rank)
-    _mistake(lambda: train.main(argv + ["--resume"]), "written by 2 processes, this run has 1")
-
-
 def test_train_export_in_bf16_loads_in_transformers(tmp_path):
     tok = make_demo_like_checkpoint(tmp_path / "base")
     net = model.load_model(tmp_path / "base")
@@ -1670,12 +1666,11 @@ def test_train_memory_plan_refuses_3b_on_one_gpu(tmp_path, capsys):
     assert printed[:-2] == table[:-3] and not (tmp_path / "out").exists()        # (the last: this machine's GPUs)
 
 
-def test_train_ppo_raises_the_reward_of_the_demo_base(tmp_path):
-    """The demo, fast: the shipped base, then PPO with the demo's settings on half its rollout batch for 6 steps.
-    The reward must rise, from the reward alone (measured: -0.26 over the first 3 steps, +0.13 over steps 4-6)."""
-    train.main(["--out", str(tmp_path / "ppo"), "--steps", "6", "--rollout-batch", "32", "--train-batch", "16",
-                "--micro-batch", "16", "--eval-limit", "8", "--save-every", "0", "--sample-every", "0"])
-    rows = [json.loads(l) for l in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+def test_train_ppo_raises_the_reward_of_the_demo_base(one_rank):
+    """The demo, fast: the shipped base, then PPO with the demo's settings on half its rollout batch for 6 steps
+    (PPO_RAISES_ARGV, run by the one-process launch). The reward must rise, from the reward alone (measured: -0.26
+    over the first 3 steps, +0.13 over steps 4-6)."""
+    rows = _metrics(_await(one_rank, "ppo/final"))
     rewards = [r["reward"] for r in rows if "reward" in r]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.15, rewards
@@ -1707,14 +1702,15 @@ def test_train_fsdp_two_ranks_equal_one_process(tmp_path, kind, two_ranks):
 
 @pytest.mark.parametrize("world, advantage", [(1, "gae"), (1, "grpo"), (1, "rloo"), (1, "reinforce++"),
                                               *[(2, a) for a in TWO_RANK_RESUMES]])
-def test_train_resume_equals_uninterrupted_run(tmp_path, world, advantage, taught_base, request):
+def test_train_resume_equals_uninterrupted_run(world, advantage, request):
     """Also under torchrun with 2 ranks: sharded optimizer state saved in full, read back by every rank; for every
     estimator (the critic-free ones build, step and save no critic); and in the GPU's bf16 configuration, through
     rollout, experience, update, checkpoint and resume, where everything written must also be finite."""
-    extra = ESTIMATOR_ARGV[advantage]
-    if world == 1:
-        _run_jobs(_resume_jobs(taught_base, tmp_path, advantage))
-    else:                                                   # run by the suite's one torchrun launch
+    extra = ESTIMATOR_ARGV[advantage]                      # the runs: by the one-process or the torchrun launch
+    if world == 1:                                         # done once its first half was kept and it ran to the end
+        tmp_path = _await(request.getfixturevalue("one_rank"), f"resume-{advantage}/first-half",
+                          f"resume-{advantage}/resumed/final")
+    else:
         tmp_path = request.getfixturevalue("two_ranks")["root"] / f"resume-{advantage}"
     ckpt = tmp_path / "resumed" / "checkpoint"
     import torch.distributed.checkpoint as dcp
@@ -1728,12 +1724,13 @@ def test_train_resume_equals_uninterrupted_run(tmp_path, world, advantage, taugh
         rows = [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if k not in train.TIMING_KEYS} for r in rows]
     straight, resumed = metrics("straight"), metrics("resumed")
-    evals = [0, 2, 3] if "--eval-every" in extra else [0, 3]            # eval rows, and one row per step
-    assert [r["step"] for r in straight] == sorted([1, 2, 3] + evals)
+    n = _resume_steps(advantage)
+    evals = [0, 2, n] if "--eval-every" in extra else [0, n]            # eval rows, and one row per step
+    assert [r["step"] for r in straight] == sorted([*range(1, n + 1), *evals])
     assert all(v is not None for r in straight + resumed for v in r.values())    # a NaN would be written as null
     if "bf16" in advantage:                   # bf16 decoding really ran: its log-probs are off the training forward's
         assert straight[1]["sampler_logprob_err"] > 1e-5
-    # the resumed run re-evaluates nothing at step 0 and keeps the first run's rows 0..2
+    # the resumed run re-evaluates nothing at step 0 and keeps the first run's rows up to its checkpoint
     assert len(resumed) == len(straight)
     for a, b in zip(straight, resumed):
         assert a.keys() == b.keys()
@@ -1742,7 +1739,7 @@ def test_train_resume_equals_uninterrupted_run(tmp_path, world, advantage, taugh
     a, b = load_file(tmp_path / "straight" / "final" / "model.safetensors"), \
         load_file(tmp_path / "resumed" / "final" / "model.safetensors")
     half = load_file(tmp_path / "first-half" / "model.safetensors")
-    assert any(not torch.equal(a[k], half[k]) for k in a)             # step 3 did something
+    assert any(not torch.equal(a[k], half[k]) for k in a)             # the last step did something
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-5, k
     assert common.non_finite(a) is None
@@ -1764,6 +1761,27 @@ def test_train_takes_hub_ids_offline_from_the_cache(tmp_path, two_ranks):
                         str(tmp_path / "never")], cwd=ROOT, env=hub["env"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and not (tmp_path / "never").exists()
     assert re.fullmatch(r"error: org/missing: not in the Hugging Face cache .*give a local path\n", r.stderr), r.stderr
+
+
+def test_train_sigterm_to_one_rank_checkpoints_and_stops_all(two_ranks, capsys, monkeypatch):
+    """A scheduler's SIGTERM reaching one worker of two (rank 1, once the first step's metrics are written; the
+    launch's "sigterm" job): both finish the step and stop with the signal's exit code, saying how to resume; one
+    checkpoint is written, at the last step done; --resume continues it, with the same number of processes."""
+    out = two_ranks["root"] / "sigterm" / "run"
+    stops = [json.loads((out.parent / f"stopped-{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(s["code"] == 128 + 15 and "--resume" in s["message"] and "SIGTERM" in s["message"] for s in stops)
+    steps = [r["step"] for r in _metrics(out) if "reward" in r]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == steps[-1] < 400
+    assert not (out / "final").exists() and _unlocked(out)
+    # the command line exits with that code and the message, in one line
+    monkeypatch.delenv("RANK", raising=False)                      # (under torchrun cli would leave by os._exit)
+    with pytest.raises(SystemExit) as stop:
+        common.cli(lambda: (_ for _ in ()).throw(common.Abort(stops[0]["message"], stops[0]["code"])))
+    assert stop.value.code == 143 and capsys.readouterr().err == f"stopped: {stops[0]['message']}\n"
+    # resuming needs the same number of processes (the data split and the samplers' seeds follow the rank)
+    argv = json.loads((out / "args.json").read_text())
+    _mistake(lambda: train.main(_ppo_argv(argv["model"], out, 400, "--save-every", "1000", "--eval-limit", "2",
+                                          "--resume")), "written by 2 processes, this run has 1")
 
 
 # ================================================================================================================
@@ -2151,7 +2169,7 @@ def test_demo_check_prints_the_lookup_and_evaluate_the_reasoning_table(taught_ba
     out = capsys.readouterr().out
     assert f"after product work the letter of the product {found['product']:.1%}" in out
     assert found == demo.lookup(model.load_model(taught_base), data.load_tokenizer(taught_base))
-    evaluate.main(["--model", str(taught_base), "--dose", "8", "--samples", "2", "--max-new-tokens", "40",
+    evaluate.main(["--model", str(taught_base), "--dose", "8", "--samples", "2", "--max-new-tokens", "24",
                    "--out", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
     assert "| right rule | its letter right |" in out
@@ -2184,7 +2202,7 @@ def test_demo_study_three_commands_end_to_end(tmp_path, taught_base, monkeypatch
     sft.main(["--epochs", "1", "--batch", "256", "--micro-batch", "256", "--eval-limit", "8"])   # runs/demo-sft
     train.main(["--steps", "2", "--rollout-batch", "8", "--train-batch", "8", "--eval-limit", "8",
                 "--max-new-tokens", "24", "--sample-every", "1"])            # runs/demo
-    results = evaluate.main(["--dose", "8", "--samples", "3"])
+    results = evaluate.main(["--dose", "8", "--samples", "3", "--max-new-tokens", "24"])
     saved = json.loads(Path("runs/demo/results.json").read_text())
     assert saved == results and set(saved) == {"base", "sft", "rlvr"}
     for r in saved.values():
@@ -2556,11 +2574,13 @@ def test_gpu_report_twin_models_are_one_model():
         assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
 
 
-def test_gpu_report_runs_in_miniature_on_cpu(tmp_path):
-    """`bench.py --device cpu --tiny`: the GPU report's four sections run on a CPU and their numbers land in the JSON
-    report; the training smoke run passes its three checks (finite, resume exact, graph tokens equal)."""
-    report = bench.main(["--device", "cpu", "--tiny", "--report", str(tmp_path / "gpu.json")])
-    assert json.loads((tmp_path / "gpu.json").read_text()) == json.loads(json.dumps(report))
+def test_gpu_report_runs_in_miniature_on_cpu(one_rank):
+    """`bench.py --device cpu --tiny` (run by the one-process launch): the GPU report's four sections run on a CPU
+    and their numbers land in the JSON report; the training smoke run passes its three checks (finite, resume
+    exact, graph tokens equal)."""
+    root, launch = one_rank
+    _finished(root, launch)                                             # the launch's last job
+    report = json.loads((root / "gpu.json").read_text())
     assert list(report) == ["machine", "parity", "rollout", "ppo", "training", "verdict"]
     assert not [k for k, v in report.items() if "error" in v]
     assert report["parity"]["twins_fp32_max_err"] <= 1e-4 and report["parity"]["bf16_head"]["logprob_err"] <= 1e-5
@@ -2784,17 +2804,61 @@ def _worker(kind, ckpt, out):
         save_file({k: v.detach().clone() for k, v in state.items()}, out)
 
 
+def _launch(root: Path, jobs: list, torchrun: bool, env=None) -> subprocess.Popen:
+    """Start `python test_all.py root/jobs.json` (_run_jobs), under torchrun with 2 ranks or as one process; its
+    output goes to files (a pipe could fill up)."""
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    run = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else []
+    with open(root / "stdout", "w") as out, open(root / "stderr", "w") as err:
+        return subprocess.Popen([sys.executable, *run, "test_all.py", str(root / "jobs.json")], cwd=ROOT, env=env,
+                                stdout=out, stderr=err)
+
+
+def _finished(root: Path, launch: subprocess.Popen):
+    """Wait for a launch; it must have succeeded (else its stderr, less the warnings, is the failure)."""
+    launch.wait(timeout=900)
+    assert launch.returncode == 0, "\n".join(l for l in (root / "stderr").read_text().splitlines()
+                                            if "Warning" not in l and "register_pre" not in l)[-6000:]
+
+
+def _await(launch: tuple, *names: str) -> Path:
+    """Wait until a background launch has written every file or folder `names` (under its folder): a job's last
+    output, written whole. A launch that ended without them failed: its error. -> the folder of the first."""
+    root, process = launch
+    while not all((root / n).exists() for n in names) and process.poll() is None:
+        time.sleep(0.2)
+    if not all((root / n).exists() for n in names):
+        _finished(root, process)
+        raise AssertionError(f"the launch in {root} ended without {names}")
+    return (root / names[0]).parent
+
+
 def _run_jobs(jobs):
-    """Run jobs one after another in this process: ["train" | "evaluate", *argv], ["worker", kind, ckpt, out], or
-    ["rename", src, dst] (by rank 0, while the others wait). The 2-rank launch's work, and a test's at world 1."""
+    """Run jobs one after another in this process: ["train" | "evaluate" | "bench", *argv], ["sigterm", *argv]
+    (train.py's, see two_ranks_launch), ["worker", kind, ckpt, out], or ["rename", src, dst] (by rank 0, while the
+    others wait). The background launches' work."""
     dist = torch.distributed
     for job, *rest in jobs:
         if job == "train":
             train.main(rest)
         elif job == "evaluate":
             evaluate.main(rest)
+        elif job == "bench":
+            try:
+                bench.main(rest)
+            except common.Abort:                     # a section failed: the report's verdict says which (the test
+                pass                                 # reads it), and the launch goes on to report success
         elif job == "worker":
             _worker(*rest)
+        elif job == "sigterm":                   # train.main, and rank 1 gets SIGTERM once step 1's row is written
+            rank = dist.get_rank()
+            out = Path(rest[rest.index("--out") + 1])
+            if rank == 1:
+                threading.Thread(target=_sigterm_after_a_step, args=(out / "metrics.jsonl",), daemon=True).start()
+            try:
+                train.main(rest)
+            except common.Abort as e:            # what common.cli would print, and the exit code it would give
+                (out.parent / f"stopped-{rank}.json").write_text(json.dumps({"message": str(e), "code": e.code}))
         elif job == "rename":
             if not dist.is_initialized() or dist.get_rank() == 0:
                 Path(rest[0]).rename(rest[1])
@@ -2804,20 +2868,33 @@ def _run_jobs(jobs):
             raise ValueError(f"unknown job {job}")
 
 
+def _sigterm_after_a_step(metrics: Path):
+    """SIGTERM to this process, as a scheduler sends it, as soon as `metrics` holds a PPO step's row."""
+    while not (metrics.exists() and '"reward"' in metrics.read_text()):
+        time.sleep(0.1)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _ppo_argv(base, out, steps, *extra):
     return ["--model", str(base), "--out", str(out), "--steps", str(steps), "--rollout-batch", "8",
             "--train-batch", "4", "--micro-batch", "4", "--max-new-tokens", "16", "--eval-limit", "8",
             "--save-every", "2", "--sample-every", "1", "--actor-lr", "1e-2", "--critic-lr", "1e-2", *extra]
 
 
+def _resume_steps(advantage) -> int:
+    """The resume test's length: 2 steps (resumed after 1), or 3 with --eval-every 2 (resumed after 2, where the
+    evaluation that the cut dropped must be redone)."""
+    return 3 if "--eval-every" in ESTIMATOR_ARGV[advantage] else 2
+
+
 def _resume_jobs(base, folder, advantage):
-    """The resume test's runs (for _run_jobs): 3 steps straight; 2 steps, their export kept as first-half; then
-    --resume to 3."""
-    extra = [*ESTIMATOR_ARGV[advantage], "--max-new-tokens", "24"]          # room for a whole worked answer
-    return [["train", *_ppo_argv(base, folder / "straight", 3, *extra)],
-            ["train", *_ppo_argv(base, folder / "resumed", 2, *extra)],
+    """The resume test's runs (for _run_jobs): n steps straight; n - 1 steps, their export kept as first-half; then
+    --resume to n."""
+    extra, n = [*ESTIMATOR_ARGV[advantage], "--max-new-tokens", "24"], _resume_steps(advantage)  # 24: a whole answer
+    return [["train", *_ppo_argv(base, folder / "straight", n, *extra)],
+            ["train", *_ppo_argv(base, folder / "resumed", n - 1, *extra)],
             ["rename", str(folder / "resumed" / "final"), str(folder / "first-half")],
-            ["train", *_ppo_argv(base, folder / "resumed", 3, "--resume", *extra)]]
+            ["train", *_ppo_argv(base, folder / "resumed", n, "--resume", *extra)]]
 
 
 # OpenRLHF 0.5.9, transcribed: openrlhf/models/utils.py masked_mean, openrlhf/models/loss.py PolicyLoss and
@@ -2895,22 +2972,33 @@ def _hub_cache(home: Path, repo: str, files: dict, repo_type="model") -> Path:
 
 def _wandb_history(run_file: Path) -> list[dict]:
     """The history rows of an offline W&B run file (a LevelDB-style log of 32 KiB blocks, 7-byte record headers,
-    holding protobuf Records), as {key: value} with JSON-decoded values."""
+    holding protobuf Records), as {key: value} with JSON-decoded values. W&B's service process writes the file and
+    may still be writing it when run.finish() returns (seen on a loaded 2-core machine): read it once it holds the
+    run's last record, "exit"."""
     from wandb.proto import wandb_internal_pb2
-    raw, pos, block, part, rows = run_file.read_bytes(), 7, 32768, b"", []
-    while pos + 7 <= len(raw):
-        if block - pos % block < 7:                     # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
-        part, pos = part + raw[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind in (1, 4):                              # a whole record, or the last piece of one
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(part)
-            if record.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
-            part = b""
-    return rows
+    deadline = time.time() + 60
+    while True:
+        raw, pos, block, part, rows, kinds = run_file.read_bytes(), 7, 32768, b"", [], set()
+        while pos + 7 <= len(raw):
+            if block - pos % block < 7:                     # a block's tail too short for a header is padding
+                pos += block - pos % block
+                continue
+            _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+            if pos + 7 + length > len(raw):                 # a record still being written: read again
+                break
+            part, pos = part + raw[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):                              # a whole record, or the last piece of one
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(part)
+                kinds.add(record.WhichOneof("record_type"))
+                if record.WhichOneof("record_type") == "history":
+                    rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                                 for i in record.history.item})
+                part = b""
+        if "exit" in kinds:
+            return rows
+        assert time.time() < deadline, f"{run_file}: no exit record 60 s after the run finished"
+        time.sleep(0.2)
 
 
 def _mistake(fn, match, out=None):
@@ -2937,20 +3025,9 @@ def _unlocked(out):
             return False
 
 
-def _children(pid):
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-if __name__ == "__main__":       # the 2-rank launch's worker (the two_ranks fixture): python test_all.py JOBS.json
-    common.init_distributed()    # one process group for all the jobs: each script's own finish() leaves it as it is
-    _run_jobs(json.loads(Path(sys.argv[1]).read_text()))
-    torch.distributed.destroy_process_group()
+if __name__ == "__main__":       # a background launch (_launch): python test_all.py JOBS.json
+    common.init_distributed()    # under torchrun one process group for all the jobs: each script's own finish()
+    _run_jobs(json.loads(Path(sys.argv[1]).read_text()))    # leaves it as it is; alone, a world of one, no group
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     os._exit(0)                  # as common.cli: skip the interpreter teardown, where gloo now and then aborts
