@@ -1354,6 +1354,13 @@ def test_train_logs_out_of_distribution_accuracy(tmp_path, monkeypatch):
     assert evals[1] == {"step": 1, **evaluate.held_out_row(final, tok, held, samples=2, max_new_tokens=8, batch=64)}
     ran = json.loads((tmp_path / "run" / "args.json").read_text())["machine"]     # what ran it, recorded once
     assert ran["torch"] == torch.__version__ and ran["cpu"] and ran["cores"] == len(os.sched_getaffinity(0))
+    # its own --train-data without --eval-data: nothing held out (the demo's sets go with the demo's questions only)
+    rows = [json.dumps({**MEDQA_ROW, "question": f"Which dose {i}?"}) for i in range(8)]
+    (tmp_path / "medqa.jsonl").write_text("\n".join(rows))
+    seen.clear()
+    train.main(_ppo_argv(tmp_path / "base", tmp_path / "own", 1, "--train-data", str(tmp_path / "medqa.jsonl"),
+                         "--max-new-tokens", "8"))
+    assert not seen and [r["step"] for r in _metrics(tmp_path / "own")] == [1]
 
 
 def test_train_sends_metrics_to_tensorboard_and_wandb(tmp_path, monkeypatch):
