@@ -39,7 +39,7 @@ PRESETS = {
 
 # The flags that decide a run's trajectory: a resumed run must use the checkpoint's values, or it would not continue
 # the same run (the data position, the seeds, the optimiser, the reward all derive from them).
-TRAJECTORY_FLAGS = ("advantage", "samples_per_prompt", "group_std", "kl_in", "rollout_batch", "train_batch",
+TRAJECTORY_FLAGS = ("advantage", "samples_per_prompt", "group_std", "whiten", "kl_in", "rollout_batch", "train_batch",
                     "ppo_epochs", "actor_lr", "critic_lr", "warmup", "weight_decay", "grad_clip", "kl_coef",
                     "kl_estimator", "gamma", "lam", "clip", "value_clip", "loss_agg", "temperature", "top_p",
                     "max_prompt_len", "max_new_tokens", "incorrect_reward", "reward", "seed", "rollout_chunk",
@@ -137,6 +137,10 @@ def make_parser(doc: str = __doc__):
     g.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default="k1",
                    help="k1 = log pi - log pi_ref (OpenRLHF's default), k2 = k1^2 / 2, k3 = Schulman's positive "
                         "unbiased estimator; as a loss k2's gradient is KL(pi||ref)'s, k3's KL(ref||pi)'s")
+    g.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=True,
+                   help="gae and reinforce++: whiten the advantages over the whole rollout batch (OpenRLHF 0.5.9). When "
+                        "every response of a batch scores the same, that scales the critic's errors up to unit size "
+                        "(docs/study.md); --no-whiten keeps their own scale")
     g.add_argument("--gamma", type=c.prob_float, default=1.0, help="GAE discount")
     g.add_argument("--lam", type=c.prob_float, default=1.0, help="GAE lambda (OpenRLHF 0.5.9's default is 1)")
     g.add_argument("--clip", type=c.positive_float, default=0.2, help="PPO ratio clip epsilon")

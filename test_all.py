@@ -1322,6 +1322,32 @@ def test_train_reward_controls_against_hand_computation():
     assert 0.4 < right.count(1.0) / len(right) < 0.6                                # blind to the answer
 
 
+@pytest.mark.parametrize("advantage", ["gae", "reinforce++"])
+def test_train_whiten_flag_when_every_response_scores_the_same(tmp_path, advantage):
+    """A batch whose responses all score +1 carries no signal in its scores: its GAE advantages are the critic's
+    errors (and the KL), its REINFORCE++ returns the KL alone. --whiten (OpenRLHF's) scales them to unit std over the
+    batch's tokens; --no-whiten keeps them as computed. Both against the estimator computed here from the
+    experience's own log-probs and values."""
+    make_checkpoint(tmp_path / "m", tied=True, heads=4, kv_heads=2, layers=2)
+    actor, critic = model.load_model(tmp_path / "m"), model.load_model(tmp_path / "m", value_head=True)
+    ref = model.init_model(actor.config, seed=1)                                  # so that the KL is not 0
+    prompts, responses, _ = _fixed_experience(actor.config.vocab_size)
+    out = rollout.Rollout(responses, [torch.zeros(len(r)) for r in responses], [True] * len(responses))
+    got = {}
+    for whiten in (True, False):
+        args = train.parse_args(["--advantage", advantage, "--whiten" if whiten else "--no-whiten"])
+        got[whiten] = train.make_experience(actor, critic if advantage == "gae" else None, ref, prompts, out,
+                                            [""] * 6, [1.0] * 6, [1.0] * 6, args, 1, "cpu")
+    exp, mask = got[False], got[False].mask
+    rewards = ppo.token_rewards(torch.ones(6), ppo.kl_penalty(exp.old_logprobs, exp.ref_logprobs) * mask, mask, 0.01)
+    want = (ppo.compute_gae(rewards, exp.values, mask, 1.0, 1.0)[0] if advantage == "gae"
+            else ppo.discounted_returns(rewards, mask, 1.0))
+    torch.testing.assert_close(exp.advantages, want)
+    torch.testing.assert_close(got[True].advantages, ppo.masked_whiten(want, mask))
+    on = got[True].advantages[mask.bool()]
+    assert abs(on.mean()) < 1e-5 and abs(on.pow(2).mean() - 1) < 1e-3           # unit scale, whatever the scores
+
+
 def test_train_presets_grpo_and_dr_grpo_are_the_published_forms():
     grpo, dr = train.parse_args(["--preset", "grpo"]), train.parse_args(["--preset", "dr-grpo"])
     for a in (grpo, dr):
@@ -2142,8 +2168,9 @@ def test_demo_shipped_base_has_learned_the_lookup():
     base, tok = model.load_model(demo.SHIPPED_BASE), data.load_tokenizer(demo.SHIPPED_BASE)
     found = demo.lookup(base, tok, n=100)
     assert found["product"] >= 0.9 and found["sum"] >= 0.9, found
-    fresh = model.init_model(base.config, seed=1)
-    assert max(demo.lookup(fresh, tok, n=100).values()) <= 0.5
+    assert found["product_p"] >= 0.85 and found["sum_p"] >= 0.9, found          # the letter's mean probability
+    fresh = demo.lookup(model.init_model(base.config, seed=1), tok, n=100)
+    assert max(fresh.values()) <= 0.5 and fresh["product_p"] < 0.01, fresh      # one token of 727: about 1/727
 
 
 def test_demo_build_trains_until_the_lookup_forms(tmp_path, monkeypatch):
@@ -2155,7 +2182,7 @@ def test_demo_build_trains_until_the_lookup_forms(tmp_path, monkeypatch):
 
     def scripted(policy, tok, device="cpu", formed_at=3):
         asked.append(len(asked) + 2)                                        # the epoch it is asked after
-        return {"product": 0.95 if asked[-1] >= formed_at else 0.2, "sum": 0.95}
+        return {"product": 0.95 if asked[-1] >= formed_at else 0.2, "sum": 0.95, "product_p": 0.9, "sum_p": 0.9}
     monkeypatch.setattr(demo, "lookup", scripted)
     logs = []
     demo.build_base(tmp_path / "formed", sft.train, log=logs.append)
@@ -2175,6 +2202,7 @@ def test_demo_check_prints_the_lookup_and_evaluate_the_reasoning_table(taught_ba
     found = demo.main([str(taught_base)])
     out = capsys.readouterr().out
     assert f"after product work the letter of the product {found['product']:.1%}" in out
+    assert f"its mean probability {found['product_p']:.3f} and {found['sum_p']:.3f}" in out
     assert found == demo.lookup(model.load_model(taught_base), data.load_tokenizer(taught_base))
     evaluate.main(["--model", str(taught_base), "--dose", "8", "--samples", "2", "--max-new-tokens", "24",
                    "--out", str(tmp_path / "r.json")])

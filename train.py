@@ -13,7 +13,7 @@ One PPO step, as OpenRLHF 0.5.9 (which Med-RLVR used) does it:
   2. reward      reward.score on "<think>" + response: +1 right, `incorrect_reward` wrong, -1 broken format;
   3. experience  the frozen reference gives ref log-probs, the critic gives values; the per-token reward is
                  -beta * KL(k1) on every response token plus the score on the last one (ppo.token_rewards);
-                 GAE(gamma, lambda) gives advantages, whitened over the whole rollout batch, and returns;
+                 GAE(gamma, lambda) gives advantages, whitened over the whole rollout batch (--whiten), and returns;
   4. learn       `ppo_epochs` passes over minibatches of `train_batch`: the clipped policy loss steps the actor,
                  the clipped value loss steps the critic (AdamW, grad-norm clipping; each optimizer step at its
                  scheduled learning rate: --lr-schedule). Where the KL goes and how the loss is averaged: --kl-in
@@ -170,12 +170,13 @@ def make_experience(actor, critic, ref, prompts, out: rollout.Rollout, texts, sc
     if args.advantage == "gae":                                  # PPO: the critic's values are the baseline
         advantages, returns = ppo.compute_gae(ppo.token_rewards(score, kl, mask, beta), values, mask, args.gamma,
                                               args.lam)
-        advantages = whiten(advantages, mask, world)
+        if args.whiten:
+            advantages = whiten(advantages, mask, world)
     else:                                                        # critic-free: the group is the baseline
         if args.advantage in ("grpo", "rloo"):
             score = ppo.group_scores(score, args.samples_per_prompt, args.advantage, scale_by_std=args.group_std)
         advantages = ppo.discounted_returns(ppo.token_rewards(score, kl, mask, beta), mask, args.gamma)
-        if args.advantage == "reinforce++":
+        if args.advantage == "reinforce++" and args.whiten:
             advantages = whiten(advantages, mask, world)
     return Experience(input_ids, attn, mask, P, old_logprobs, ref_logprobs, advantages, values, returns, texts, scores,
                       kl)
