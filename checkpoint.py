@@ -262,6 +262,9 @@ def trackers(wandb_project: str | None, tensorboard_dir: str | None, config: dic
 
 
 # ------------------------------------------------------------------------------------------------ resuming
+FLAGS_ADDED_LATER = {"whiten": True}    # flags newer than some checkpoints: the value those runs had
+
+
 def find(args, world: int, trajectory_flags) -> tuple[Path | None, int]:
     """Resuming, part 1: -> (checkpoint folder, its step), or (None, 0) for a fresh run. The reference model must
     be the run's own base, so a resumed run takes --model from the checkpoint; every flag of `trajectory_flags`
@@ -285,6 +288,7 @@ def find(args, world: int, trajectory_flags) -> tuple[Path | None, int]:
     if not same_path(args.train_data, saved.get("train_data")):
         raise ValueError(f"--resume: {ckpt} was trained on --train-data {saved.get('train_data')}, "
                          f"not {args.train_data}")
+    saved = {**FLAGS_ADDED_LATER, **saved}
     changed = [k for k in trajectory_flags if k in saved and saved[k] != getattr(args, k)
                and not (k == "precision" and saved[k] == "auto")]     # (older checkpoints recorded it unresolved)
     if changed:

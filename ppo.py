@@ -15,14 +15,14 @@ The critic-free estimators replace compute_gae (and the critic) by a baseline ta
 responses to the same prompt, then the plain discounted return:
 
   gae          PPO with a critic: GAE(gamma, lambda) of the per-token rewards, whitened (Med-RLVR;
-               OpenRLHF 0.5.9's gae)
+               OpenRLHF 0.5.9's gae; train.py --no-whiten: not)
   grpo         score - group mean, / (group std + 1e-6) -> returns. With the KL in the reward (k1) this is
                OpenRLHF's group_norm (added after 0.5.9; its epsilon is 1e-9); DeepSeekMath's GRPO puts a k3 KL
                in the loss and averages per response (train.py --preset grpo); without the std, with a
                fixed-length loss and no KL, Dr. GRPO (--preset dr-grpo)
   rloo         score - mean of the group's *other* responses, per-token KL outside the baseline: OpenRLHF's
                rloo (less 0.5.9's batch whitening), not TRL's / Ahmadian et al.'s sequence-level form
-  reinforce++  the score as it is, returns whitened over the batch (Hu 2025; OpenRLHF 0.5.9's "reinforce")
+  reinforce++  the score as it is, returns whitened over the batch (Hu 2025; OpenRLHF 0.5.9's "reinforce"; or not)
   (group_scores, then token_rewards, then discounted_returns; reinforce++ then masked_whiten)
 
 Modelled on OpenRLHF (models/utils.py, models/loss.py, experience_maker.py), which Med-RLVR used, and

@@ -47,8 +47,10 @@ TRAJECTORY_FLAGS = ("advantage", "samples_per_prompt", "group_std", "whiten", "k
 
 
 def trajectory_flags(args) -> list[str]:
-    """TRAJECTORY_FLAGS less the schedule's that do not apply; with the cosine, --steps too (it sets its length)."""
+    """TRAJECTORY_FLAGS less those that do not apply (the other schedule's, --whiten for grpo and rloo); with the
+    cosine, --steps too (it sets its length)."""
     unused = ("warmup_ratio", "min_lr_ratio") if args.lr_schedule == "constant" else ("warmup",)
+    unused += ("whiten",) if args.advantage in ("grpo", "rloo") else ()              # their groups are the baseline
     return [k for k in TRAJECTORY_FLAGS if k not in unused] + (["steps"] if args.lr_schedule == "cosine" else [])
 
 
@@ -138,9 +140,9 @@ def make_parser(doc: str = __doc__):
                    help="k1 = log pi - log pi_ref (OpenRLHF's default), k2 = k1^2 / 2, k3 = Schulman's positive "
                         "unbiased estimator; as a loss k2's gradient is KL(pi||ref)'s, k3's KL(ref||pi)'s")
     g.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=True,
-                   help="gae and reinforce++: whiten the advantages over the whole rollout batch (OpenRLHF 0.5.9). When "
-                        "every response of a batch scores the same, that scales the critic's errors up to unit size "
-                        "(docs/study.md); --no-whiten keeps their own scale")
+                   help="gae and reinforce++: whiten the advantages over the whole rollout batch (OpenRLHF "
+                        "0.5.9). When every response of a batch scores the same, that scales the critic's errors up "
+                        "to unit size (docs/study.md); --no-whiten keeps their own scale")
     g.add_argument("--gamma", type=c.prob_float, default=1.0, help="GAE discount")
     g.add_argument("--lam", type=c.prob_float, default=1.0, help="GAE lambda (OpenRLHF 0.5.9's default is 1)")
     g.add_argument("--clip", type=c.positive_float, default=0.2, help="PPO ratio clip epsilon")

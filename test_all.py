@@ -1326,8 +1326,8 @@ def test_train_reward_controls_against_hand_computation():
 def test_train_whiten_flag_when_every_response_scores_the_same(tmp_path, advantage):
     """A batch whose responses all score +1 carries no signal in its scores: its GAE advantages are the critic's
     errors (and the KL), its REINFORCE++ returns the KL alone. --whiten (OpenRLHF's) scales them to unit std over the
-    batch's tokens; --no-whiten keeps them as computed. Both against the estimator computed here from the
-    experience's own log-probs and values."""
+    batch's tokens; --no-whiten keeps them as computed. Both against ppo.py's estimator applied here to the
+    experience's own log-probs and values (ppo.py's functions have their own tests against hand computations)."""
     make_checkpoint(tmp_path / "m", tied=True, heads=4, kv_heads=2, layers=2)
     actor, critic = model.load_model(tmp_path / "m"), model.load_model(tmp_path / "m", value_head=True)
     ref = model.init_model(actor.config, seed=1)                                  # so that the KL is not 0
@@ -1344,6 +1344,8 @@ def test_train_whiten_flag_when_every_response_scores_the_same(tmp_path, advanta
             else ppo.discounted_returns(rewards, mask, 1.0))
     torch.testing.assert_close(exp.advantages, want)
     torch.testing.assert_close(got[True].advantages, ppo.masked_whiten(want, mask))
+    assert "whiten" in recipe.trajectory_flags(args)                  # a resumed run keeps it; grpo and rloo ignore it
+    assert "whiten" not in recipe.trajectory_flags(train.parse_args(["--advantage", "rloo"]))
     on = got[True].advantages[mask.bool()]
     assert abs(on.mean()) < 1e-5 and abs(on.pow(2).mean() - 1) < 1e-3           # unit scale, whatever the scores
 
@@ -1522,6 +1524,11 @@ def test_train_resume_checks_flags_and_survives_torn_files(tmp_path):
     _mistake(lambda: train.main(_ppo_argv(tmp_path / "base", out, 3, "--resume", "--seed", "1",
                                           "--rollout-batch", "16")),
              "made with --rollout-batch 8, --seed 0, not --rollout-batch 16, --seed 1")
+    state = json.loads((out / "checkpoint" / "state.json").read_text())   # a checkpoint older than --whiten: its
+    del state["args"]["whiten"]                                            # run whitened, so --no-whiten is refused
+    (out / "checkpoint" / "state.json").write_text(json.dumps(state))
+    _mistake(lambda: train.main(_ppo_argv(tmp_path / "base", out, 3, "--resume", "--no-whiten")),
+             "made with --whiten True, not --whiten False")
     make_demo_like_checkpoint(tmp_path / "other", seed=1)
     _mistake(lambda: train.main(_ppo_argv(tmp_path / "other", out, 3, "--resume")), "trained from --model")
     # a kill between the checkpoint's two renames leaves only checkpoint.old; a kill mid-write tears metrics
