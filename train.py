@@ -170,14 +170,12 @@ def make_experience(actor, critic, ref, prompts, out: rollout.Rollout, texts, sc
     if args.advantage == "gae":                                  # PPO: the critic's values are the baseline
         advantages, returns = ppo.compute_gae(ppo.token_rewards(score, kl, mask, beta), values, mask, args.gamma,
                                               args.lam)
-        if args.whiten:
-            advantages = whiten(advantages, mask, world)
     else:                                                        # critic-free: the group is the baseline
         if args.advantage in ("grpo", "rloo"):
             score = ppo.group_scores(score, args.samples_per_prompt, args.advantage, scale_by_std=args.group_std)
         advantages = ppo.discounted_returns(ppo.token_rewards(score, kl, mask, beta), mask, args.gamma)
-        if args.advantage == "reinforce++" and args.whiten:
-            advantages = whiten(advantages, mask, world)
+    if args.whiten and args.advantage in ("gae", "reinforce++"):  # grpo and rloo: their groups are the baseline
+        advantages = whiten(advantages, mask, world)
     return Experience(input_ids, attn, mask, P, old_logprobs, ref_logprobs, advantages, values, returns, texts, scores,
                       kl)
 
