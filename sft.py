@@ -131,14 +131,15 @@ def make_optimizer(model, lr, weight_decay):
 
 
 def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=0.0, grad_clip=1.0, seed=0,
-          rank=0, world=1, device="cpu", log=print, after_epoch=None, opt=None, start_epoch=0):
+          rank=0, world=1, device="cpu", log=print, after_epoch=None, anneal=0, opt=None, start_epoch=0):
     """AdamW over `epochs` passes of the (prompt ids, response ids) pairs, `batch` pairs per optimizer step
     (split over the ranks, then into micro-batches; a last partial batch of a pass is left out).
     after_epoch(epoch, examples, response_tokens) is called on every rank after each pass, with the examples and
-    response tokens trained on so far; when it returns True, training stops there. The learning rate after warmup
-    is constant and pass e's order depends on seed + e alone, so the model after pass e of a longer run is the
-    model of an --epochs e run, and a run resumed after pass e (`start_epoch`, with its optimizer `opt`) goes on
-    as the uninterrupted one. Returns the mean loss of each step."""
+    response tokens trained on so far; when it returns True, training stops there, or with `anneal` = n goes on for
+    n more passes while the learning rate falls linearly to 0 (warmup-stable-decay: the demo's base builds so). The
+    learning rate after warmup is otherwise constant and pass e's order depends on seed + e alone, so the model after
+    pass e of a longer run is the model of an --epochs e run, and a run resumed after pass e (`start_epoch`, with
+    its optimizer `opt`) goes on as the uninterrupted one. Returns the mean loss of each step."""
     if batch % world:
         raise ValueError(f"--batch {batch} must be divisible by the world size {world}")
     opt = opt or make_optimizer(model, lr, weight_decay)
@@ -154,7 +155,8 @@ def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=
     first = start_epoch * steps_per_epoch                                           # resuming: the passes done
     seen = [first * batch, sum(len(pairs[j][1]) for e in range(start_epoch) for j in order(e))]  # examples, tokens
     losses, skipped_in_a_row = [], 0
-    for step in range(first, epochs * steps_per_epoch):
+    step, end, decay_from = first, epochs * steps_per_epoch, None   # annealing: the lr decays from decay_from to end
+    while step < end:
         epoch, i = divmod(step, steps_per_epoch)
         rows = order(epoch)[i * batch:(i + 1) * batch]
         seen = [seen[0] + len(rows), seen[1] + sum(len(pairs[j][1]) for j in rows)]
@@ -166,8 +168,9 @@ def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=
             loss = response_loss_sum(model, input_ids, loss_mask) / n_tokens
             (loss * world).backward()                                               # FSDP averages over ranks
             total += loss.item()
-        for group in opt.param_groups:
-            group["lr"] = common.lr_at(step, lr, warmup)
+        for group in opt.param_groups:       # annealing: linear, from lr at its first step to lr / its length
+            group["lr"] = (common.lr_at(step, lr, warmup) if decay_from is None
+                           else lr * (end - step) / (end - decay_from))
         skipped_in_a_row = 0 if common.clip_and_step([(model, opt)], grad_clip) else skipped_in_a_row + 1
         if skipped_in_a_row and rank == 0:
             log(f"sft step {step + 1}: non-finite gradient, step skipped")
@@ -175,10 +178,13 @@ def train(model, pairs, *, epochs, batch, micro_batch, lr, warmup, weight_decay=
             raise common.Abort(f"sft step {step + 1}: {skipped_in_a_row} steps in a row had a non-finite loss or "
                                "gradient; nothing was saved. Lower --lr.")
         losses.append(common.all_sum(total, world))
-        if rank == 0 and (step % 10 == 0 or step == epochs * steps_per_epoch - 1):
-            log(f"sft step {step + 1}/{epochs * steps_per_epoch}  loss {losses[-1]:.4f}")
-        if after_epoch and i == steps_per_epoch - 1 and after_epoch(epoch + 1, *seen):
-            break
+        if rank == 0 and (step % 10 == 0 or step == end - 1):
+            log(f"sft step {step + 1}/{end}  loss {losses[-1]:.4f}")
+        if after_epoch and i == steps_per_epoch - 1 and decay_from is None and after_epoch(epoch + 1, *seen):
+            if not anneal:
+                break
+            decay_from, end = step + 1, step + 1 + anneal * steps_per_epoch
+        step += 1
     return losses
 
 

@@ -2171,19 +2171,20 @@ def test_demo_shipped_base_is_the_codes_recipe():
 
 def test_demo_shipped_base_has_learned_the_lookup():
     """The premise of the miniature: the shipped base's letter follows its written work (teacher-forced, the letter
-    of the option that holds the written value), where a model that has not learned the lookup guesses."""
+    of the option that holds the written value), where a model that has not learned the lookup guesses; and,
+    annealed, it does so with a probability of at least 0.9, so that sampled at T = 1 it does too."""
     base, tok = model.load_model(demo.SHIPPED_BASE), data.load_tokenizer(demo.SHIPPED_BASE)
     found = demo.lookup(base, tok, n=100)
-    assert found["product"] >= 0.9 and found["sum"] >= 0.9, found
-    assert found["product_p"] >= 0.85 and found["sum_p"] >= 0.9, found          # the letter's mean probability
+    assert min(found.values()) >= 0.9, found                                     # argmax and mean probability
     fresh = demo.lookup(model.init_model(base.config, seed=1), tok, n=100)
     assert max(fresh.values()) <= 0.5 and fresh["product_p"] < 0.01, fresh      # one token of 727: about 1/727
 
 
 def test_demo_build_trains_until_the_lookup_forms(tmp_path, monkeypatch):
-    """A base trains min_epochs passes, then on until demo.lookup passes (checked after every pass from then on),
-    and a build whose lookup never forms by max_epochs is refused with nothing written. A scripted lookup stands in
-    for the real one (which needs thousands of steps), so the test checks the stopping rule itself."""
+    """A base trains min_epochs passes, then on until demo.lookup passes (checked after every pass from then on), then
+    anneals (one more pass, its lr falling to 0: test_sft_anneal_*); a build whose lookup never forms by max_epochs is
+    refused with nothing written. A scripted lookup stands in for the real one (which needs thousands of steps), so
+    the test checks the stopping rule itself."""
     monkeypatch.setattr(demo, "TRAINING", dict(demo.TRAINING, n_questions=64, min_epochs=2, max_epochs=4))
     asked = []
 
@@ -2193,9 +2194,9 @@ def test_demo_build_trains_until_the_lookup_forms(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "lookup", scripted)
     logs = []
     demo.build_base(tmp_path / "formed", sft.train, log=logs.append)
-    assert asked == [2, 3] and (tmp_path / "formed" / "model.safetensors").is_file()      # stopped after epoch 3
-    assert sum("sft step" in m and "/8 " in m for m in logs) > 0 and any("after epoch 3" in m and "formed" in m
-                                                                         for m in logs)
+    assert asked == [2, 3, 4] and (tmp_path / "formed" / "model.safetensors").is_file()   # formed after epoch 3,
+    assert any("after epoch 3" in m and "formed" in m for m in logs)                   # then annealed: 4 passes of
+    assert any("sft step 8/8 " in m for m in logs) and "annealed" in logs[-2]         # 2 steps; measured once more
     asked.clear()
     monkeypatch.setattr(demo, "lookup", lambda *a, **k: scripted(*a, **k, formed_at=99))
     with pytest.raises(common.Abort, match="had not formed after 4 epochs"):
@@ -2400,6 +2401,22 @@ def test_sft_after_epoch_e_is_the_model_of_an_e_epoch_run(tmp_path):
     assert counts == [(24, tokens[0]), (48, tokens[0] + tokens[1])]
     assert all(torch.equal(seen[1][k], v) for k, v in short.state_dict().items())
     assert not all(torch.equal(seen[2][k], v) for k, v in short.state_dict().items())
+
+
+def test_sft_anneal_decays_the_lr_to_zero_after_the_stop(tmp_path):
+    """With anneal = n, the pass after_epoch stops at is followed by n more, past `epochs` if need be, whose lr falls
+    linearly to 0 (warmup-stable-decay: how the demo's base builds); after_epoch is not asked again. The lr of every
+    optimizer step, by hand."""
+    tok = make_demo_like_checkpoint(tmp_path / "base")
+    pairs = data.tokenize_pairs(tok, [sft.medqa_pair(q) for q in demo.make_questions(24, seed=4)], 512)  # 3 steps a pass
+    net = model.load_model(tmp_path / "base").train()
+    opt, lrs, asked = sft.make_optimizer(net, 1e-2, 0.0), [], []
+    step = opt.step
+    opt.step = lambda *a, **k: (lrs.append(opt.param_groups[0]["lr"]), step(*a, **k))[1]
+    sft.train(net, pairs, epochs=2, batch=8, micro_batch=8, lr=1e-2, warmup=2, log=lambda msg: None, opt=opt,
+              after_epoch=lambda e, *_: asked.append(e) or e == 2, anneal=2)
+    assert asked == [1, 2]
+    assert lrs == pytest.approx([5e-3] + [1e-2] * 5 + [1e-2 * (6 - j) / 6 for j in range(6)])
 
 
 # ================================================================================================================
