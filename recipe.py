@@ -112,7 +112,9 @@ def make_parser(doc: str = __doc__):
     g.add_argument("--micro-batch", type=c.positive_int, default=32,
                    help="sequences per forward/backward on one rank (memory, not maths)")
     g.add_argument("--ppo-epochs", type=c.positive_int, default=2, help="passes over each step's experience")
-    g.add_argument("--actor-lr", type=c.positive_float, default=5e-4, help="actor AdamW learning rate")
+    g.add_argument("--actor-lr", type=c.positive_float, default=2e-4,
+                   help="actor AdamW learning rate (the demo: at 5e-4, once the policy is almost deterministic, one "
+                        "update in a few runs is large enough to break it for a step; docs/study.md)")
     g.add_argument("--critic-lr", type=c.positive_float, default=1e-3, help="critic AdamW learning rate")
     g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                    help="constant: linear warmup over --warmup PPO steps, then constant; cosine: OpenRLHF 0.5.9's, per "

@@ -1604,9 +1604,10 @@ def test_train_and_sft_help_show_the_values_that_will_apply(capsys):
         with pytest.raises(SystemExit):
             parse([*argv, "--help"])
         return " ".join(capsys.readouterr().out.split())
-    assert "--actor-lr ACTOR_LR actor AdamW learning rate (default: 1e-06)" in help_of(train.parse_args,
-                                                                                      ["--preset", "med-rlvr"])
-    assert "(default: 0.0005)" in help_of(train.parse_args, [])
+    actor_lr = "--actor-lr ACTOR_LR actor AdamW learning rate (the demo: at 5e-4, once the policy is almost " \
+               "deterministic, one update in a few runs is large enough to break it for a step; docs/study.md)"
+    assert f"{actor_lr} (default: 1e-06)" in help_of(train.parse_args, ["--preset", "med-rlvr"])
+    assert f"{actor_lr} (default: 0.0002)" in help_of(train.parse_args, [])
     assert train.parse_args(["--preset", "med-rlvr"]).actor_lr == 1e-6
     assert "--lr LR AdamW learning rate after warmup (default: 0.001)" in help_of(sft.parse_args, [])
     assert "--lr LR AdamW learning rate after warmup (default: 1e-05)" in help_of(sft.parse_args, ["--model", "x"])
