@@ -33,9 +33,10 @@ steps: just before the jump, so its letter ignored its work and RL could only le
 way, this recipe's base names the written value's option after 25.0 % of product solutions and 25.5 % of sums:
 `lookup` below). So a base trains at least four epochs (3,748 steps), then on, a pass at a time, until its lookup
 passes (the most likely letter right after 90 % of both kinds of work; at most 12 epochs, else the build is
-refused). The jump's timing varies with the seed, and even with fp32 rounding: build 1 (--base-seed 1) had not made
-it after 12 epochs, and RL on a build without it stays at chance (docs/study.md); build 0, rebuilt after sft.py's
-loss moved to the chunked LM head (the same loss up to rounding), formed it one epoch later than before.
+refused). The jump's timing varies with the seed, and even with fp32 rounding: build 2 formed it after eight
+epochs, build 1 (--base-seed 1) had not after 12, and RL on a build without it stays at chance (docs/study.md);
+build 0, rebuilt after sft.py's loss moved to the chunked LM head (the same loss up to rounding), formed it one
+epoch later than before.
 
 Formed is not yet sharp, and sampling at T = 1 draws from the letter's probability, not its argmax. An earlier
 build 0 passed after four epochs at the constant learning rate with the letter of the product the most likely one
