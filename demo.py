@@ -315,16 +315,16 @@ def build_base(out: Path, fit, rank=0, world=1, device="cpu", log=print, seed: i
 
 
 @torch.no_grad()
-def lookup(policy, tok, n: int = 400, seed: int = 99, device="cpu") -> dict:
-    """Does the letter follow the written value? For n fresh questions, a concise worked solution (the product for
+def lookup(policy, tok, n: int = 400, seed: int = 99, device="cpu", form: str = "concise") -> dict:
+    """Does the letter follow the written value? For n fresh questions, a worked solution in `form` (the product for
     half of them, the sum for the others) is fed up to its letter after "option", and the four letters are read:
     -> {"product": the share whose most likely letter is the option holding the product, "sum": holding the sum,
     "product_p", "sum_p": the mean probability of that letter, which is what sampling at T = 1 draws with}.
     A model that has not learned the lookup scores about a quarter on the shares."""
     hits, probs = {"product": [], "sum": []}, {"product": [], "sum": []}
     for i, q in enumerate(make_questions(n, seed)):
-        text = data.build_prompt(q) + solution(q, correct=i % 2 == 0)
-        at = text.rindex(", option ") + len(", option ")                  # the letter's character
+        text = data.build_prompt(q) + solution(q, correct=i % 2 == 0, form=form)
+        at = list(re.finditer(r"[Oo]ption ", text))[-1].end()              # the letter's character
         ids = {k: tok.encode(text[:at] + k).ids for k in "ABCD"}           # the text, each letter in its place
         t = len(ids["A"]) - 1                                               # the letter's token
         p = policy(torch.tensor([ids["A"][:t]], device=device))[0, -1].float().softmax(-1)
@@ -341,11 +341,17 @@ def main(argv=None):
     p.add_argument("DIR", help="a base model folder: print its teacher-forced lookup (demo.lookup)")
     args = p.parse_args(argv)
     common.check_checkpoint(args.DIR)
-    found = lookup(M.load_model(args.DIR, dtype=torch.float32), data.load_tokenizer(args.DIR))
+    policy, tok = M.load_model(args.DIR, dtype=torch.float32), data.load_tokenizer(args.DIR)
+    found = lookup(policy, tok)
     print(f"teacher-forced lookup: after product work the letter of the product {found['product']:.1%}, after sum "
           f"work the letter of the sum {found['sum']:.1%} (no lookup: ~25%; a build needs "
-          f"{TRAINING['lookup_pass']:.0%}); its mean probability {found['product_p']:.3f} and {found['sum_p']:.3f}\n"
-          f"sampled, does its reasoning pay: python evaluate.py --model {args.DIR} --dose 128 --samples 4 "
+          f"{TRAINING['lookup_pass']:.0%}); its mean probability {found['product_p']:.3f} and {found['sum_p']:.3f}")
+    # The gate probes the concise form only; a sampled response writes any of the forms whose work comes first
+    worked = [f for f in FORMS if FORMS[f].index("{work}") < FORMS[f].index("{letter}")]
+    per_form = {f: lookup(policy, tok, form=f) for f in worked}
+    print("per form, after product / sum work: " + ", ".join(f"{f} {r['product']:.1%} / {r['sum']:.1%}"
+                                                              for f, r in per_form.items()))
+    print(f"sampled, does its reasoning pay: python evaluate.py --model {args.DIR} --dose 128 --samples 4 "
           "--max-new-tokens 40")
     return found
 

@@ -2179,6 +2179,10 @@ def test_demo_shipped_base_has_learned_the_lookup():
     assert min(found.values()) >= 0.9, found                                     # argmax and mean probability
     fresh = demo.lookup(model.init_model(base.config, seed=1), tok, n=100)
     assert max(fresh.values()) <= 0.5 and fresh["product_p"] < 0.01, fresh      # one token of 727: about 1/727
+    # In the other forms whose work comes first the probe reads the letter too ("option X" wherever the form puts
+    # it): the letter after sum work is the sum's (1.0 measured in each), not a guess at the wrong token
+    for form in ("verbose", "outside", "broken"):
+        assert demo.lookup(base, tok, n=40, form=form)["sum"] >= 0.9, form
 
 
 def test_demo_build_trains_until_the_lookup_forms(tmp_path, monkeypatch):
