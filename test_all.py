@@ -355,7 +355,7 @@ HUGE = {  # 1 MB adversarial responses, built on demand
 
 
 ESTIMATOR_ARGV = {"gae": [], "grpo": ["--advantage", "grpo", "--samples-per-prompt", "2", "--cuda-graphs",
-                                      "--loss-agg", "fixed"],
+                                      "on", "--loss-agg", "fixed"],
                   "rloo": ["--advantage", "rloo", "--samples-per-prompt", "4", "--kl-in", "loss", "--kl-estimator", "k2"],
                   "reinforce++": ["--advantage", "reinforce++", "--gamma", "0.99", "--rollout-chunk", "3",
                                   "--eval-every", "2"],       # an evaluation at the checkpoint's step, redone
@@ -2651,7 +2651,7 @@ def test_gpu_report_runs_in_miniature_on_cpu(one_rank):
     assert report["parity"]["bf16_head"]["ok"] and report["parity"]["ok"]
     assert "cudnn" not in str(report["parity"]["attention_kernels"])
     assert report["rollout"]["graph_ok"] and report["rollout"]["graph_logprob_err"] <= gpu_report.BF16_LOGPROB_TOL
-    for run in ("default", "--cuda-graphs"):
+    for run in ("--cuda-graphs off", "--cuda-graphs on"):
         assert report["training"][run]["finite"] and report["training"][run]["resume_exact"]
     assert report["verdict"] == {"parity": True, "rollout": True, "ppo": True, "training": True}
 

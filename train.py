@@ -117,7 +117,7 @@ def sample(actor, prompts, tok, generator, args) -> rollout.Rollout:
         for a in range(0, len(prompts), chunk):
             part = rollout.generate(policy, prompts[a:a + chunk], args.max_new_tokens, temperature=args.temperature,
                                     top_p=args.top_p, eos_token_id=data.eos_token_id(tok), generator=generator,
-                                    static=args.cuda_graphs, cuda_graph=args.cuda_graphs)
+                                    static=args.cuda_graphs == "on", cuda_graph=args.cuda_graphs == "on")
             responses += part.responses
             logprobs += part.logprobs
             finished += part.finished
@@ -410,6 +410,8 @@ def main(argv=None):
         return print(memory.plan_table(args))
     rank, world, device = common.init_distributed(group=args.precision == "bf16" or args.offload)
     args.precision = "bf16" if common.compute_dtype(args.precision, device) == torch.bfloat16 else "fp32"  # recorded
+    if args.cuda_graphs == "auto":                                       # recorded as what runs, like the precision
+        args.cuda_graphs = "on" if device.type == "cuda" else "off"
     log = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
 
     recipe.check_flags(args, world)      # everything the user gave, before a model is loaded or an output touched
